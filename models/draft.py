@@ -1,0 +1,96 @@
+"""The EAGLE-3 draft head (DESIGN §8): fc over three target taps, one 2H-input decoder layer, own lm_head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import DraftConfig
+from .layers import MLP, Attention, RMSNorm
+
+
+class Eagle3Layer(nn.Module):
+    """The head's `midlayer`: attention reads cat(input_layernorm(embed), hidden_norm(feature))."""
+
+    def __init__(self, cfg: DraftConfig, max_seq_len: int):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.hidden_norm = RMSNorm(h, eps)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.self_attn = Attention(
+            2 * h, h, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, max_seq_len, cfg.rope, cfg.head_dim**-0.5
+        )
+        self.mlp = MLP(h, cfg.intermediate_size, cfg.hidden_act)
+
+    def attn_input(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
+
+    def finish(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Residual adds and the MLP; the result is the pre-norm feature fed to the next step."""
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, cfg: DraftConfig, max_seq_len: int, own_embedding: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        self.midlayer = Eagle3Layer(cfg, max_seq_len)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if own_embedding else None
+
+    def fuse(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """feature = fc(cat(low, mid, high)): H wide, computed inside the target methods."""
+        return self.fc(torch.cat(taps, dim=-1))
+
+    def to_target_ids(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy draft id, mapped to the target vocab (target = draft + d2t[draft]); no softmax."""
+        draft_ids = torch.argmax(logits, dim=-1)
+        return draft_ids + self.d2t[draft_ids]
+
+    def step_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+    def draft(
+        self,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        tokens: torch.Tensor,
+        feature: torch.Tensor,
+        input_pos: torch.Tensor,
+        kv_len: int,
+        k: int,
+    ) -> torch.Tensor:
+        """Catch up over R rows, then chain k-1 single-row steps; returns k target ids [1, k].
+
+        kv_len is the valid KV length after all k writes (input_pos[-1] + k), so catch-up reads
+        [:kv_len-k+1] and chained step i reads one more position each time: never an unwritten one.
+        """
+        layer = self.midlayer
+        attn = layer.self_attn
+        emb = embed(tokens)
+        x = layer.attn_input(emb, feature)
+        cos, sin = attn.rotary(input_pos, x.dtype)
+        attn.write_kv(x, input_pos, cos, sin)  # all R rows enter the draft KV ...
+        base_len = kv_len - (k - 1)
+        a = attn.query(
+            x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], base_len
+        )  # ... only the last row goes on
+        h = layer.finish(feature[:, -1:], a)
+        ids = self.to_target_ids(self.step_logits(h))  # [1, 1]
+        out = [ids]
+        pos = input_pos[-1:]
+        for i in range(1, k):
+            pos = pos + 1
+            x = layer.attn_input(embed(ids), h)  # the draft's own pre-norm h is fed back (already H wide)
+            cos, sin = attn.rotary(pos, x.dtype)
+            attn.write_kv(x, pos, cos, sin)
+            h = layer.finish(h, attn.query(x, pos, cos, sin, base_len + i))
+            ids = self.to_target_ids(self.step_logits(h))
+            out.append(ids)
+        return torch.cat(out, dim=1)

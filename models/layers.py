@@ -1,0 +1,224 @@
+"""Building blocks shared by the target decoder and the EAGLE-3 head.
+
+Attention keeps its KV cache as module buffers `[1, n_kv, max_seq_len, head_dim]`, writes the new rows at
+`input_pos` and reads back only the slice `[:kv_len]` (kv_len = the length of the kv_window tensor, a
+SymInt under export). The mask comes from `input_pos` on the device, so the slice may be an upper bound
+of the valid length (CUDA-graph buckets) without any row seeing a key past its own position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RopeConfig
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies, fp32, with the checkpoint's scaling applied (same math as transformers)."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        return inv / rope.factor
+    if rope.rope_type == "llama3":
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class Rotary(nn.Module):
+    """RoPE computed from positions on the fly: no table, so any max_seq_len is covered."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int):
+        super().__init__()
+        self.rope, self.head_dim = rope, head_dim
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        self.inv_freq = rope_inv_freq(self.rope, self.head_dim).to(self.inv_freq.device)
+
+    def forward(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = input_pos.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved (rotate_half) rotation of x [1, H, M, D] by per-row cos/sin [M, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32; Gemma scales by (1 + w) in fp32, Llama-style casts before scaling by w."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * h.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)
+        g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
+        return self.down_proj(g * self.up_proj(x))
+
+
+def attention_mask(input_pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    """Boolean [M, kv_len]: row i sees key j iff j <= input_pos[i] (and j > input_pos[i] - window)."""
+    keys = torch.arange(kv_len, device=input_pos.device)
+    mask = keys[None, :] <= input_pos[:, None]
+    if window:
+        mask = mask & (keys[None, :] > input_pos[:, None] - window)
+    return mask
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Masked attention of q [1,Hq,M,D] over k/v [1,Hkv,L,D] (GQA by repeating kv heads)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1).to(v.dtype)) @ v
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a static KV cache, GQA, optional qk-norm, softcap and sliding window."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_seq_len: int,
+        rope: RopeConfig,
+        scale: float,
+        *,
+        bias: bool = False,
+        o_bias: bool = False,
+        qk_norm_eps: float | None = None,
+        norm_offset: bool = False,
+        softcap: float | None = None,
+        window: int | None = None,
+        use_midm: bool = False,
+    ):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(in_dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(in_dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(in_dim, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, out_dim, bias=o_bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, norm_offset)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary = Rotary(rope, head_dim)
+        self.scale, self.softcap, self.window = scale, softcap, window
+        # The split-K kernel covers causal (optionally windowed) attention without a logit softcap.
+        self.use_midm = use_midm and softcap is None
+        cache_shape = (1, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.empty(cache_shape), persistent=False)
+        self.register_buffer("v_cache", torch.empty(cache_shape), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Zero the caches (after to_empty from meta): eager reads of stale rows stay finite."""
+        if self.k_cache.device.type != "meta":
+            self.k_cache.zero_()
+            self.v_cache.zero_()
+
+    def _heads(self, x: torch.Tensor, n: int, norm: RMSNorm | None) -> torch.Tensor:
+        x = x.view(1, x.shape[1], n, self.head_dim)
+        if norm is not None:
+            x = norm(x)
+        return x.transpose(1, 2)
+
+    def write_kv(
+        self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> None:
+        """Project x [1,R,in] to k/v, rotate k, and store the R rows at input_pos."""
+        k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads, self.k_norm), cos, sin)
+        v = self._heads(self.v_proj(x), self.num_kv_heads, None)
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+
+    def query(
+        self,
+        x: torch.Tensor,
+        input_pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_len: int,
+        midm: bool = False,
+    ) -> torch.Tensor:
+        """Attend rows x [1,M,in] at input_pos over the cache slice [:kv_len]; returns [1,M,out].
+
+        `midm` is set only by callers whose M is static (target_verify), so the row-count test below
+        never guards on a dynamic dimension.
+        """
+        m = x.shape[1]
+        q = apply_rope(self._heads(self.q_proj(x), self.num_heads, self.q_norm), cos, sin)
+        k = self.k_cache[:, :, :kv_len]
+        v = self.v_cache[:, :, :kv_len]
+        if midm and self.use_midm and 2 <= m <= midm_max_m():
+            o = torch.ops.etspec.sdpa_midm(q, k, v, input_pos, self.scale, self.window or 0)
+        else:
+            o = attend(q, k, v, attention_mask(input_pos, kv_len, self.window), self.scale, self.softcap)
+        return self.o_proj(o.transpose(1, 2).reshape(1, m, self.num_heads * self.head_dim))
+
+    def forward(
+        self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int, midm: bool = False
+    ) -> torch.Tensor:
+        cos, sin = self.rotary(input_pos, x.dtype)
+        self.write_kv(x, input_pos, cos, sin)
+        return self.query(x, input_pos, cos, sin, kv_len, midm)
+
+
+def midm_max_m() -> int:
+    """Largest row count the split-K kernel handles (imports the kernel, registering the op)."""
+    from etspec.kernels.sdpa_midm import MAX_M
+
+    return MAX_M

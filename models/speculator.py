@@ -1,0 +1,57 @@
+"""Target + EAGLE-3 head with the three entry points of DESIGN §4 as plain methods.
+
+Every method takes `kv_window`, an int8 tensor whose *length* is the valid KV length after the call's
+writes (a SymInt under export); its values are never read. Greedy ids are argmaxes inside the method, so
+vocab-wide logits never leave it and no softmax runs on the greedy path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .draft import Eagle3Draft
+from .target import TargetModel
+
+
+class Speculator(nn.Module):
+    def __init__(self, target: TargetModel, draft: Eagle3Draft, draft_len: int):
+        super().__init__()
+        if draft_len < 1:
+            raise ValueError(f"draft_len must be >= 1, got {draft_len}")
+        self.target = target
+        self.draft_head = draft
+        self.draft_len = draft_len
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.target.max_seq_len
+
+    def _draft_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The head's own embedding when the checkpoint has one, else the target's (unscaled) table."""
+        own = self.draft_head.embed_tokens
+        table = own if own is not None else self.target.embed_tokens
+        return table(tokens)
+
+    def prefill(
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [1,T] at input_pos [T] -> (greedy next token [1], feature [1,T,H])."""
+        h, taps = self.target.hidden(tokens, input_pos, kv_window.shape[0])
+        next_token = torch.argmax(self.target.logits(h[:, -1]), dim=-1)  # lm_head on the last row only
+        return next_token, self.draft_head.fuse(taps)
+
+    def target_verify(
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [1,M] = [pending, d1..dk] -> (greedy ids [1,M], feature [1,M,H])."""
+        h, taps = self.target.hidden(tokens, input_pos, kv_window.shape[0], midm=True)
+        return torch.argmax(self.target.logits(h), dim=-1), self.draft_head.fuse(taps)
+
+    def draft(
+        self, tokens: torch.Tensor, feature: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor
+    ) -> torch.Tensor:
+        """Catch-up rows (tokens [1,R], feature [1,R,H], input_pos [R]) -> k target-vocab draft ids [1,k]."""
+        return self.draft_head.draft(
+            self._draft_embed, tokens, feature, input_pos, kv_window.shape[0], self.draft_len
+        )

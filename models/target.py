@@ -1,0 +1,108 @@
+"""The target decoder (Llama / Qwen2 / Qwen3 / Mistral / Gemma 2 / Gemma 3 text) over static KV caches."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TargetConfig
+from .layers import MLP, Attention, RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TargetConfig, index: int, max_seq_len: int, use_midm: bool):
+        super().__init__()
+        sliding = cfg.layer_types[index] == "sliding_attention"
+        rope = cfg.local_rope if (sliding and cfg.local_rope is not None) else cfg.rope
+        self.self_attn = Attention(
+            cfg.hidden_size,
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            max_seq_len,
+            rope,
+            cfg.attn_scale,
+            bias=cfg.attention_bias,
+            o_bias=cfg.o_proj_bias,
+            qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
+            norm_offset=cfg.norm_offset,
+            softcap=cfg.attn_logit_softcap,
+            window=cfg.sliding_window if sliding else None,
+            # DESIGN §5: the split-K kernel serves full-attention layers only.
+            use_midm=use_midm and not sliding,
+        )
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+        eps, off = cfg.rms_norm_eps, cfg.norm_offset
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.sandwich = cfg.sandwich_norm
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+
+    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_len: int, midm: bool) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(h), input_pos, kv_len, midm)
+        if self.sandwich:  # Gemma: norms on both ends of each branch
+            h = h + self.post_attention_layernorm(a)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TargetModel(nn.Module):
+    """Decoder with KV caches; `hidden` returns the last hidden state and the tapped layer inputs."""
+
+    def __init__(
+        self,
+        cfg: TargetConfig,
+        max_seq_len: int,
+        tap_layers: tuple[int, ...] | None = None,
+        use_midm: bool = False,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.max_seq_len = max_seq_len
+        self.tap_layers = tuple(tap_layers if tap_layers is not None else cfg.default_tap_layers())
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, max_seq_len, use_midm) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share lm_head with the embedding when the config ties them (again after `to_empty`)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(tokens)
+        if self.cfg.embed_scale:
+            h = h * torch.tensor(self.cfg.hidden_size**0.5, dtype=h.dtype)
+        return h
+
+    def hidden(
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int, midm: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run all layers on tokens [1,T] at input_pos; returns (pre-norm last hidden, taps)."""
+        h = self.embed(tokens)
+        taps: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if i in self.tap_layers:
+                taps[i] = h  # the input to layer i == transformers' hidden_states[i]
+            h = layer(h, input_pos, kv_len, midm)
+        return h, [taps[i] for i in self.tap_layers]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(h))
+        cap = self.cfg.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor) -> torch.Tensor:
+        """Full logits [1,T,V] (for tests against transformers; the exported methods return argmaxes)."""
+        h, _ = self.hidden(tokens, input_pos, kv_window.shape[0])
+        return self.logits(h)

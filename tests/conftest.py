@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny Hugging Face checkpoints written once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from etspec.models.tiny import tiny_target_config
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_hf_target(directory: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """Save a random transformers model of the tiny config, in its own (safetensors) layout."""
+    import transformers
+
+    cfg = tiny_target_config(family)
+    cfg.update(overrides)
+    cfg.setdefault("initializer_range", 0.1)  # larger than the default 0.02, so logits separate clearly
+    torch.manual_seed(seed)
+    hf_cfg = transformers.AutoConfig.for_model(**cfg)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_targets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {fam: write_hf_target(root / fam, fam) for fam in FAMILIES}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_threads():
+    # CI machines have 2 cores; oversubscription makes tiny models slower, not faster.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))

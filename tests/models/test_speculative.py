@@ -1,0 +1,102 @@
+"""Eager greedy speculative decoding over prefill/target_verify/draft equals target-only greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from etspec.models.greedy import speculative_greedy, target_greedy
+from etspec.models.tiny import tiny_pair
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])  # mistral: every layer a sliding window of 7
+def pair(request):
+    return tiny_pair(request.param, max_seq_len=160, draft_len=6, seed=0)
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_lossless_for_every_draft_len(pair, k):
+    pair.draft_len = k
+    accepted = []
+    for plen, chunk, seed in [
+        (1, 8, 0),
+        (5, 4, 1),
+        (19, 8, 2),
+        (33, 16, 3),
+    ]:  # single token .. 5-chunk prompts
+        prompt = _prompt(plen, seed)
+        ref = target_greedy(pair, prompt, 40, chunk=chunk)
+        out = speculative_greedy(pair, prompt, 40, chunk=chunk)
+        assert out.tokens == ref.tokens, (plen, chunk)
+        assert len(out.tokens) == 40
+        assert sum(out.accepted) + out.rounds >= len(out.tokens)  # each round commits j + 1
+        accepted += out.accepted
+    print(f"k={k}: acceptance length {sum(accepted) / len(accepted) + 1:.2f} over {len(accepted)} rounds")
+    assert max(accepted) > 0  # the trained head gets drafts accepted, so the j > 0 paths ran
+
+
+def test_eos_and_context_limit(pair):
+    pair.draft_len = 4
+    prompt = _prompt(9, 7)
+    ref = target_greedy(pair, prompt, 30)
+    eos = (ref.tokens[11],)
+    cut = ref.tokens[: ref.tokens.index(eos[0]) + 1]
+    for fn in (target_greedy, speculative_greedy):
+        out = fn(pair, prompt, 30, eos=eos)
+        assert out.tokens == cut and out.stop_reason == "eos"
+    long = _prompt(150, 8)  # 160 - 4 - 150: room for 6 tokens only
+    a = target_greedy(pair, long, 100, chunk=32)
+    b = speculative_greedy(pair, long, 100, chunk=32)
+    assert a.tokens == b.tokens and len(a.tokens) == 6 and b.stop_reason == "context_limit"
+    with pytest.raises(ValueError, match="no room"):
+        target_greedy(pair, _prompt(156, 9), 10)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_lossless_other_seeds_and_sliding_gemma(seed):
+    pair = tiny_pair("gemma2", max_seq_len=96, draft_len=3, seed=seed, train_steps=30)
+    for plen in (3, 14):
+        prompt = _prompt(plen, seed + plen)
+        assert (
+            speculative_greedy(pair, prompt, 25, chunk=8).tokens
+            == target_greedy(pair, prompt, 25, chunk=8).tokens
+        )
+
+
+class _OracleDraft:
+    """Wraps a Speculator: draft() proposes the true greedy continuation with the i-th draft corrupted,
+    and checks that the catch-up rows it receives are exactly the pairs (feature at p, token at p+1)."""
+
+    def __init__(self, spec, prompt, reference, wrong_at):
+        self.spec, self.seq, self.wrong_at = spec, prompt + reference, wrong_at
+        self.max_seq_len, self.draft_len = spec.max_seq_len, spec.draft_len
+        self.prefill, self.target_verify = spec.prefill, spec.target_verify
+        self.rounds = 0
+
+    def draft(self, tokens, feature, input_pos, kv_window):
+        pos = input_pos.tolist()
+        assert pos == list(range(pos[0], pos[0] + len(pos)))
+        assert tokens[0].tolist() == self.seq[pos[0] + 1 : pos[-1] + 2]  # token at p+1 pairs with row p
+        assert feature.shape[1] == len(pos) and kv_window.shape[0] == pos[-1] + self.draft_len
+        n = pos[-1] + 1
+        d = self.seq[n + 1 : n + 1 + self.draft_len]
+        d = d + [0] * (self.draft_len - len(d))
+        w = self.wrong_at[self.rounds % len(self.wrong_at)]
+        self.rounds += 1
+        if w < self.draft_len:
+            d[w] = (d[w] + 1) % 256
+        return torch.tensor([d])
+
+
+def test_round_bookkeeping_for_every_acceptance_count(pair):
+    """j = 0..k accepted drafts, in a fixed cycle, against the target-only output."""
+    pair.draft_len = 4
+    prompt = _prompt(11, 12)
+    ref = target_greedy(pair, prompt, 45, chunk=16).tokens
+    oracle = _OracleDraft(pair, prompt, ref, wrong_at=[4, 0, 2, 1, 3, 4, 4])
+    out = speculative_greedy(oracle, prompt, 45, chunk=16)  # one catch-up call per round
+    assert out.tokens == ref
+    assert out.accepted[:7] == [4, 0, 2, 1, 3, 4, 4]
