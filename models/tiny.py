@@ -181,9 +181,9 @@ def train_draft(
     target: TargetModel,
     draft_cfg: dict[str, Any],
     seed: int,
-    steps: int = 150,
-    n_seqs: int = 12,
-    length: int = 40,
+    steps: int = 300,
+    n_seqs: int = 24,
+    length: int = 48,
 ) -> Eagle3Draft:
     """Fit a head to the target's greedy behaviour (one-step teacher forcing), so demos and tests see
     real acceptance (j > 0) instead of the ~0 of a random head. Its draft vocab is the corpus' most
@@ -226,7 +226,7 @@ def train_draft(
 
 
 def tiny_pair(
-    family: str = "llama", max_seq_len: int = 256, draft_len: int = 4, seed: int = 0, train_steps: int = 150
+    family: str = "llama", max_seq_len: int = 256, draft_len: int = 4, seed: int = 0, train_steps: int = 300
 ) -> Speculator:
     """The deterministic tiny target + trained EAGLE-3 head used by the demo and the tests."""
     target = random_target(family, max_seq_len, seed)
