@@ -68,8 +68,10 @@ class Eagle3Draft(nn.Module):
     ) -> torch.Tensor:
         """Catch up over R rows, then chain k-1 single-row steps; returns k target ids [1, k].
 
-        kv_len is the valid KV length after all k writes (input_pos[-1] + k), so catch-up reads
-        [:kv_len-k+1] and chained step i reads one more position each time: never an unwritten one.
+        kv_len is the valid KV length after the catch-up writes (input_pos[-1] + 1): catch-up reads
+        [:kv_len] and chained step i reads [:kv_len + i], never an unwritten position. (Counting the
+        catch-up rather than all k writes keeps every slice length a plain symbol or symbol + i under
+        export; `kv_len - (k - 1)` could be 1 and makes export specialise.)
         """
         layer = self.midlayer
         attn = layer.self_attn
@@ -77,10 +79,7 @@ class Eagle3Draft(nn.Module):
         x = layer.attn_input(emb, feature)
         cos, sin = attn.rotary(input_pos, x.dtype)
         attn.write_kv(x, input_pos, cos, sin)  # all R rows enter the draft KV ...
-        base_len = kv_len - (k - 1)
-        a = attn.query(
-            x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], base_len
-        )  # ... only the last row goes on
+        a = attn.query(x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], kv_len)  # ... only the last row goes on
         h = layer.finish(feature[:, -1:], a)
         ids = self.to_target_ids(self.step_logits(h))  # [1, 1]
         out = [ids]
@@ -90,7 +89,7 @@ class Eagle3Draft(nn.Module):
             x = layer.attn_input(embed(ids), h)  # the draft's own pre-norm h is fed back (already H wide)
             cos, sin = attn.rotary(pos, x.dtype)
             attn.write_kv(x, pos, cos, sin)
-            h = layer.finish(h, attn.query(x, pos, cos, sin, base_len + i))
+            h = layer.finish(h, attn.query(x, pos, cos, sin, kv_len + i))
             ids = self.to_target_ids(self.step_logits(h))
             out.append(ids)
         return torch.cat(out, dim=1)

@@ -93,7 +93,7 @@ def speculative_greedy(
             e = min(s + chunk, len(rows))
             pos = torch.tensor(rows[s:e])
             drafts = spec.draft(
-                torch.tensor([next_tokens[s:e]]), feats[:, s:e], pos, _window(rows[e - 1] + k)
+                torch.tensor([next_tokens[s:e]]), feats[:, s:e], pos, _window(rows[e - 1] + 1)
             )
         d = drafts[0].tolist()
         ids, feats_v = spec.target_verify(

@@ -93,11 +93,16 @@ class MLP(nn.Module):
 
 
 def attention_mask(input_pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
-    """Boolean [M, kv_len]: row i sees key j iff j <= input_pos[i] (and j > input_pos[i] - window)."""
-    keys = torch.arange(kv_len, device=input_pos.device)
-    mask = keys[None, :] <= input_pos[:, None]
+    """Boolean [1, 1, M, kv_len]: row i sees key j iff j <= input_pos[i] (and j > input_pos[i] - window).
+
+    4-D because ExecuTorch's CUDA backend swaps SDPA for its own Triton kernel, which takes only a
+    [B, H|1, Lq, Lkv] boolean mask.
+    """
+    keys = torch.arange(kv_len, device=input_pos.device)[None, None, None, :]
+    pos = input_pos[None, None, :, None]
+    mask = keys <= pos
     if window:
-        mask = mask & (keys[None, :] > input_pos[:, None] - window)
+        mask = mask & (keys > pos - window)
     return mask
 
 
@@ -196,14 +201,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attend rows x [1,M,in] at input_pos over the cache slice [:kv_len]; returns [1,M,out].
 
-        `midm` is set only by callers whose M is static (target_verify), so the row-count test below
-        never guards on a dynamic dimension.
+        `midm` is set by target_verify only, whose row count the Speculator bounds by the kernel's
+        MAX_M at construction, so no test on the (possibly dynamic) M is needed here.
         """
         m = x.shape[1]
         q = apply_rope(self._heads(self.q_proj(x), self.num_heads, self.q_norm), cos, sin)
         k = self.k_cache[:, :, :kv_len]
         v = self.v_cache[:, :, :kv_len]
-        if midm and self.use_midm and 2 <= m <= midm_max_m():
+        if midm and self.use_midm:
             o = torch.ops.etspec.sdpa_midm(q, k, v, input_pos, self.scale, self.window or 0)
         else:
             o = attend(q, k, v, attention_mask(input_pos, kv_len, self.window), self.scale, self.softcap)
@@ -215,10 +220,3 @@ class Attention(nn.Module):
         cos, sin = self.rotary(input_pos, x.dtype)
         self.write_kv(x, input_pos, cos, sin)
         return self.query(x, input_pos, cos, sin, kv_len, midm)
-
-
-def midm_max_m() -> int:
-    """Largest row count the split-K kernel handles (imports the kernel, registering the op)."""
-    from etspec.kernels.sdpa_midm import MAX_M
-
-    return MAX_M

@@ -19,6 +19,14 @@ class Speculator(nn.Module):
         super().__init__()
         if draft_len < 1:
             raise ValueError(f"draft_len must be >= 1, got {draft_len}")
+        if any(layer.self_attn.use_midm for layer in target.layers):
+            from etspec.kernels.sdpa_midm import MAX_M  # importing registers etspec::sdpa_midm
+
+            if draft_len + 1 > MAX_M:
+                raise ValueError(
+                    f"draft_len {draft_len} verifies {draft_len + 1} rows; the split-K verify kernel "
+                    f"handles at most {MAX_M}: use a smaller draft_len or turn the kernel off"
+                )
         self.target = target
         self.draft_head = draft
         self.draft_len = draft_len
@@ -51,7 +59,9 @@ class Speculator(nn.Module):
     def draft(
         self, tokens: torch.Tensor, feature: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor
     ) -> torch.Tensor:
-        """Catch-up rows (tokens [1,R], feature [1,R,H], input_pos [R]) -> k target-vocab draft ids [1,k]."""
+        """kv_window's length is the valid draft-KV length after the catch-up writes (input_pos[-1] + 1).
+
+        Catch-up rows (tokens [1,R], feature [1,R,H], input_pos [R]) -> k target-vocab draft ids [1,k]."""
         return self.draft_head.draft(
             self._draft_embed, tokens, feature, input_pos, kv_window.shape[0], self.draft_len
         )

@@ -237,3 +237,30 @@ def tiny_pair(
     draft.load_state_dict(head.state_dict(), strict=False)
     draft.midlayer.self_attn.reset_buffers()
     return Speculator(target, draft.eval().requires_grad_(False), draft_len)
+
+
+def write_target_checkpoint(directory: str | Path, family: str, model: TargetModel) -> Path:
+    """Save a target in the Hugging Face layout (config.json + model.safetensors, `model.` prefixes)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(tiny_target_config(family), indent=2))
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            if not model.cfg.tie_word_embeddings:
+                sd[k] = v.detach().clone().contiguous()
+        else:
+            sd["model." + k] = v.detach().clone().contiguous()
+    save_file(sd, str(d / "model.safetensors"))
+    return d
+
+
+def write_tiny_pair(directory: str | Path, family: str = "llama", seed: int = 0) -> tuple[Path, Path]:
+    """Write the tiny pair of `tiny_pair` as two checkpoint directories (target/, draft/)."""
+    spec = tiny_pair(family, max_seq_len=64, seed=seed)  # training needs a cache of the corpus length
+    d = Path(directory)
+    target = write_target_checkpoint(d / "target", family, spec.target)
+    draft = write_draft_checkpoint(
+        d / "draft", tiny_draft_config(tiny_target_config(family)), spec.draft_head
+    )
+    return target, draft

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from etspec.models.checkpoint import CheckpointError, load_draft
 from etspec.models.config import ConfigError, parse_draft_config
 from etspec.models.tiny import (
@@ -15,7 +17,6 @@ from etspec.models.tiny import (
     tiny_target_config,
     write_draft_checkpoint,
 )
-from safetensors.torch import load_file
 
 H = 64
 STANDARD_KEYS = {
@@ -187,8 +188,8 @@ def test_draft_round_matches_formulas(tmp_path, own_embedding):
     pre_tokens = torch.randint(0, 256, (1, n0), generator=gen)
     pre_feats = torch.randn(1, n0, H, generator=gen, dtype=torch.float64) * 3
     with torch.no_grad():
-        loaded.draft(embed, pre_tokens, pre_feats, torch.arange(n0), n0 + k - 1, k)
-        ours = loaded.draft(embed, tokens, feats, torch.tensor(positions), positions[-1] + k, k)[0].tolist()
+        loaded.draft(embed, pre_tokens, pre_feats, torch.arange(n0), n0, k)
+        ours = loaded.draft(embed, tokens, feats, torch.tensor(positions), positions[-1] + 1, k)[0].tolist()
     ref = _reference_draft(
         sd,
         embed.weight.detach(),

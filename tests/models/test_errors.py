@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from etspec.models.checkpoint import CheckpointError, load_speculator, load_target
 from etspec.models.config import ConfigError, parse_target_config
 from etspec.models.tiny import random_draft, tiny_draft_config, tiny_target_config, write_draft_checkpoint
-from safetensors.torch import load_file, save_file
-
 from tests.conftest import write_hf_target
 
 
@@ -110,6 +110,6 @@ def test_paired_load_runs(tmp_path):
     with torch.no_grad():
         nxt, feat = spec.prefill(torch.tensor([[5, 6, 7]]), torch.arange(3), torch.empty(3, dtype=torch.int8))
         ids = spec.draft(
-            torch.tensor([[6, 7, int(nxt)]]), feat, torch.arange(3), torch.empty(2 + 3, dtype=torch.int8)
+            torch.tensor([[6, 7, int(nxt)]]), feat, torch.arange(3), torch.empty(3, dtype=torch.int8)
         )
     assert feat.shape == (1, 3, 64) and feat.dtype == torch.bfloat16 and ids.shape == (1, 3)

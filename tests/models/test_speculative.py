@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from etspec.models.greedy import speculative_greedy, target_greedy
 from etspec.models.tiny import tiny_pair
 
@@ -80,7 +81,7 @@ class _OracleDraft:
         pos = input_pos.tolist()
         assert pos == list(range(pos[0], pos[0] + len(pos)))
         assert tokens[0].tolist() == self.seq[pos[0] + 1 : pos[-1] + 2]  # token at p+1 pairs with row p
-        assert feature.shape[1] == len(pos) and kv_window.shape[0] == pos[-1] + self.draft_len
+        assert feature.shape[1] == len(pos) and kv_window.shape[0] == pos[-1] + 1
         n = pos[-1] + 1
         d = self.seq[n + 1 : n + 1 + self.draft_len]
         d = d + [0] * (self.draft_len - len(d))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from etspec.models.checkpoint import load_target
 
+from etspec.models.checkpoint import load_target
 from tests.conftest import FAMILIES, write_hf_target
 
 MAX_SEQ = 64

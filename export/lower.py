@@ -1,0 +1,388 @@
+"""Backend lowering: exported methods -> one ExecuTorch program (``model.pte`` [+ ``.ptd``]).
+
+Independent of the model code: callers hand in ``nn.Module`` wrappers (one per method, all
+holding the *same* model object so parameter/buffer FQNs agree across methods) and get files.
+
+Why the flags are what they are (ExecuTorch 1.5.1 source; 1.2.0 behaves the same unless noted):
+
+* XNNPACK, shared KV cache. ``MemoryPlanningPass(share_mutable_buffers=True)`` leaves mutated
+  buffers out of each method's activation plan and, in ``run_multimethod`` (called by
+  ``EdgeProgramManager.to_executorch`` once every method is planned), gives every spec with
+  the same FQN the same ``mem_id=2`` and offset (``exir/passes/memory_planning_pass.py``
+  ``run_multimethod``). The runtime backs mem_id 2 with one allocation for all host-only
+  methods (``runtime/__init__.py`` ``Program.load_method`` docstring), so ``prefill`` writes
+  the KV that ``target_verify`` reads. Without the flag each method has its own cache and
+  ``target_verify`` reads KV nobody wrote (tests/export/test_lower.py fails at the first
+  verify). All methods must go through ONE ``to_edge_transform_and_lower`` call, and the
+  wrappers must hold the same model object (same FQNs). Seen working on 1.5.1 and 1.2.0.
+* ``emit_mutable_buffer_names=True`` stores each mutable buffer's FQN in the program, so a
+  runtime can match state across methods by name (and the emitter requires names or a plan).
+* Weights are deduplicated across methods for free: XNNPACK stores each constant in the named
+  data store under its sha256 (``backends/xnnpack/operators/node_visitor.py``
+  ``get_serialized_buffer_index``), ``NamedDataStore`` maps equal bytes to one buffer
+  (``exir/_serialize/_named_data_store.py``), and non-delegated constants are hash-deduplicated
+  by the emitter (``exir/emit/_emitter.py`` ``cached_spec_hash_values``).
+* CUDA: one ``CudaPartitioner`` per method carrying its method name: the AOTI backend (1.2.0)
+  writes ``<method>_so_blob`` into the .pte and ``<method>_weights_blob`` (every constant the
+  method uses, its mutated buffers too) into ``aoti_cuda_blob.ptd``
+  (``backends/aoti/aoti_backend.py`` ``preprocess``). Blobs are deduplicated only when
+  byte-identical (e.g. prefill and target_verify over the same weights); otherwise each method
+  carries its own copy. The delegate owns its buffers as AOTI constants, so nothing is left at
+  the graph level for ``share_mutable_buffers``; the etspec runtime shares them by FQN.
+  ``alloc_graph_input=False``: the delegate reads the caller's tensors, no planned host copy.
+* Constant methods: the emitter accepts bool/int/float/str/dtype/tensor and lists of them
+  (``exir/emit/_emitter.py`` ``_emit_prim_getters``); the manifest is a ``str`` method, which
+  ``executorch.runtime`` returns as a Python ``str`` and the flatbuffer holds as ``String``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+
+from .manifest import MANIFEST_METHOD, Manifest, MethodSig, method_signature
+
+Backend = Literal["xnnpack", "cuda"]
+Progress = Callable[[str], None]
+#: One method to export: (wrapper module, example args, torch.export dynamic_shapes or None).
+MethodSpec = tuple[nn.Module, tuple, Any]
+
+PTE_NAME = "model.pte"
+CUDA_DATA_NAME = "aoti_cuda_blob.ptd"  # the AOTI CUDA backend's external_tag + ".ptd"
+
+_CONST_SCALARS = (bool, int, float, str, torch.dtype)
+
+
+def _print(msg: str) -> None:
+    print(f"[etspec-export] {msg}", flush=True)
+
+
+@contextmanager
+def _timed(progress: Progress, what: str):
+    progress(f"{what} ...")
+    t0 = time.perf_counter()
+    yield
+    progress(f"{what} done in {time.perf_counter() - t0:.1f}s")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.export
+# --------------------------------------------------------------------------------------------
+
+
+def _freeze(module: nn.Module) -> None:
+    # Lowering deep-copies the graph's constants; parameters that require grad make that fail
+    # (probe lesson) and would put autograd ops into the graph.
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def export_methods(
+    methods: Mapping[str, MethodSpec],
+    strict: bool = True,
+    progress: Progress | None = _print,
+) -> dict[str, ExportedProgram]:
+    """``torch.export`` each method under ``no_grad``; returns {method name: program}.
+
+    Methods are exported one by one but must be *lowered* together (see :func:`lower`) for
+    their buffers to be shared. The exported programs keep references to the module's
+    parameters (no copies), so exporting three wrappers of one 8B model costs 1x weights.
+    """
+    progress = progress or (lambda _msg: None)
+    out: dict[str, ExportedProgram] = {}
+    for name, (module, args, dynamic_shapes) in methods.items():
+        if not name.isidentifier():
+            raise ValueError(f"method name {name!r} must be an identifier")
+        _freeze(module)
+        with _timed(progress, f"torch.export {name}"), torch.no_grad():
+            out[name] = torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes, strict=strict)
+    return out
+
+
+def method_signatures(
+    methods: Mapping[str, MethodSpec], exported: Mapping[str, ExportedProgram]
+) -> dict[str, MethodSig]:
+    """Manifest signatures for each exported method, with the ``Dim`` names of its spec."""
+    return {name: method_signature(exported[name], methods[name][2]) for name in exported}
+
+
+# --------------------------------------------------------------------------------------------
+# Constant methods
+# --------------------------------------------------------------------------------------------
+
+
+def manifest_constant_methods(manifest: Manifest) -> dict[str, Any]:
+    """The constant methods every etspec program carries: the manifest and the scalars a
+    runner wants without parsing JSON (same names as ExecuTorch's LLM runners use where one
+    exists, e.g. ``get_max_seq_len``)."""
+    consts: dict[str, Any] = {
+        MANIFEST_METHOD: manifest.to_json(),
+        "get_format_version": manifest.format_version,
+        "get_max_seq_len": manifest.max_seq_len,
+        "get_max_prefill_chunk": manifest.max_prefill_chunk,
+        "get_draft_len": manifest.draft_len,
+        "get_vocab_size": manifest.vocab_size,
+        "get_hidden_size": manifest.hidden_size,
+    }
+    if manifest.eos_token_ids:
+        consts["get_eos_ids"] = list(manifest.eos_token_ids)
+    return consts
+
+
+def _check_constant_methods(consts: Mapping[str, Any], exported: Mapping[str, Any]) -> None:
+    def ok(v: Any) -> bool:
+        if isinstance(v, _CONST_SCALARS) or isinstance(v, torch.Tensor):
+            return True
+        if isinstance(v, (list, tuple)):
+            return all(ok(x) for x in v)
+        return False
+
+    for name, value in consts.items():
+        if name in exported:
+            raise ValueError(f"constant method {name!r} clashes with an exported method")
+        if not ok(value):
+            raise TypeError(
+                f"constant method {name!r}: {type(value).__name__} is not emittable "
+                "(use bool/int/float/str/dtype/tensor or a list of them)"
+            )
+        if isinstance(value, (list, tuple)) and len(value) == 0:
+            # An empty list flattens to no values; the runtime would return nothing at all.
+            raise ValueError(f"constant method {name!r} is an empty list")
+
+
+# --------------------------------------------------------------------------------------------
+# Lowering
+# --------------------------------------------------------------------------------------------
+
+
+def _executorch_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("executorch")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _require(backend: str, what: str, exc: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"backend {backend!r} needs {what}, which this ExecuTorch ({_executorch_version()}) "
+        f"does not provide: {type(exc).__name__}: {exc}"
+    )
+
+
+def lower(
+    exported: Mapping[str, ExportedProgram],
+    backend: Backend,
+    constant_methods: Mapping[str, Any] | None,
+    out_dir: str | os.PathLike[str],
+    progress: Progress | None = _print,
+    *,
+    cuda_triton_kernels: bool = True,
+) -> list[Path]:
+    """Lower all methods into one program in ``out_dir``; returns the files written.
+
+    ``constant_methods`` maps method names to values returned by argument-less methods
+    (typically :func:`manifest_constant_methods`). Writes ``model.pte``, and for ``cuda``
+    also ``aoti_cuda_blob.ptd`` (weights outside the program).
+
+    ``cuda_triton_kernels=False`` sets the CUDA backend's ``triton_kernel_mode=OFF``: by default
+    it replaces every ``aten.scaled_dot_product_attention`` with its own Triton SDPA, which
+    requires bf16, a 4-D bool mask ``[B, H|1, L_q, L_kv]`` and ``enable_gqa=False``
+    (``backends/cuda/triton/kernels/sdpa.py``); OFF leaves SDPA to AOTInductor.
+    """
+    progress = progress or (lambda _msg: None)
+    if not exported:
+        raise ValueError("no methods to lower")
+    consts = dict(constant_methods or {})
+    _check_constant_methods(consts, exported)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if backend == "xnnpack":
+        et = _lower_xnnpack(dict(exported), consts, progress)
+    elif backend == "cuda":
+        et = _lower_cuda(dict(exported), consts, progress, triton_kernels=cuda_triton_kernels)
+    else:
+        raise ValueError(f"unknown backend {backend!r} (xnnpack or cuda)")
+
+    written: list[Path] = []
+    with _timed(progress, f"write {PTE_NAME}"):
+        pte = out / PTE_NAME
+        with open(pte, "wb") as f:
+            et.write_to_file(f)
+        written.append(pte)
+        if backend == "cuda":
+            # Named by the backend's external tag; list what actually appeared.
+            before = {p.name for p in out.glob("*.ptd")}
+            et.write_tensor_data_to_file(str(out))
+            after = sorted(out.glob("*.ptd"))
+            written += [p for p in after if p.name not in before or p.name == CUDA_DATA_NAME]
+            if not (out / CUDA_DATA_NAME).exists():
+                raise RuntimeError(f"CUDA lowering wrote no {CUDA_DATA_NAME} (got {[p.name for p in after]})")
+    for p in written:
+        progress(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
+    return written
+
+
+def _lower_xnnpack(exported: dict[str, ExportedProgram], consts: dict[str, Any], progress: Progress):
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import (
+            EdgeCompileConfig,
+            ExecutorchBackendConfig,
+            to_edge_transform_and_lower,
+        )
+        from executorch.exir.passes import MemoryPlanningPass
+    except ImportError as e:
+        raise _require("xnnpack", "executorch.backends.xnnpack", e) from e
+
+    names = ", ".join(exported)
+    with _timed(progress, f"to_edge_transform_and_lower (XNNPACK) [{names}]"):
+        edge = to_edge_transform_and_lower(
+            exported,
+            partitioner=[XnnpackPartitioner()],
+            # index_copy_ on a buffer and the SymInt slice are fine in edge IR, but we do not
+            # want the verifier's dim-order / op-set checks to reject a custom kernel's fallback.
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            constant_methods=consts or None,
+        )
+    with _timed(progress, "to_executorch (shared mutable buffers)"):
+        return edge.to_executorch(
+            ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                memory_planning_pass=MemoryPlanningPass(
+                    alloc_graph_input=False,
+                    share_mutable_buffers=True,
+                ),
+                emit_mutable_buffer_names=True,
+            )
+        )
+
+
+def _lower_cuda(
+    exported: dict[str, ExportedProgram],
+    consts: dict[str, Any],
+    progress: Progress,
+    *,
+    triton_kernels: bool,
+):
+    try:
+        from executorch.backends.cuda.cuda_backend import CudaBackend
+        from executorch.backends.cuda.cuda_partitioner import CudaPartitioner
+        from executorch.exir import (
+            EdgeCompileConfig,
+            ExecutorchBackendConfig,
+            to_edge_transform_and_lower,
+        )
+        from executorch.exir.backend.compile_spec_schema import CompileSpec
+        from executorch.exir.passes import MemoryPlanningPass
+    except ImportError as e:
+        raise _require("cuda", "executorch.backends.cuda (CudaBackend/CudaPartitioner)", e) from e
+    if not torch.cuda.is_available():
+        # AOTInductor compiles and autotunes for the device it runs on.
+        raise RuntimeError("backend 'cuda' lowering needs a CUDA GPU (AOTInductor compiles on it)")
+
+    def specs(name: str) -> list:
+        # The method name keys the backend's blobs ("<name>_so_blob"), so one spec per method.
+        out = [CudaBackend.generate_method_name_compile_spec(name)]
+        if not triton_kernels:
+            out.append(CompileSpec("triton_kernel_mode", b"OFF"))
+        return out
+
+    partitioner = {name: [CudaPartitioner(specs(name))] for name in exported}
+    names = ", ".join(exported)
+    with _timed(progress, f"to_edge_transform_and_lower (CUDA/AOTI) [{names}]"):
+        edge = to_edge_transform_and_lower(
+            exported,
+            partitioner=partitioner,
+            # AOTI consumes the graph as-is: no dim-order ops, no edge op-set check.
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+            constant_methods=consts or None,
+        )
+    with _timed(progress, "to_executorch"):
+        return edge.to_executorch(
+            ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                emit_mutable_buffer_names=True,
+            )
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Inspection (tests, reports, debugging artifacts)
+# --------------------------------------------------------------------------------------------
+
+
+def describe_program(
+    pte: str | os.PathLike[str] | bytes, ptd: list[str | os.PathLike[str]] | tuple = ()
+) -> dict[str, Any]:
+    """What an artifact holds: per method its inputs/outputs, delegates, planned arena sizes and
+    mutable buffers as FQN -> (mem_id, offset, numel); plus every named-data key with its size
+    (in the .pte and in the given ``.ptd`` files).
+
+    Two methods share a mutable buffer iff its FQN maps to the same (mem_id, offset) in both.
+    Parses the flatbuffer only, so it works on CUDA programs without a CUDA runtime.
+    """
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    data = pte if isinstance(pte, bytes) else Path(pte).read_bytes()
+    result = deserialize_pte_binary(data)
+    program = result.program
+    info: dict[str, Any] = {
+        "pte_bytes": len(data),
+        "methods": {},
+        "named_data": {},
+        "constant_buffer_bytes": sum(len(b.storage) for b in program.constant_buffer),
+    }
+    for plan in program.execution_plan:
+        mutable = {}
+        for v in plan.values:
+            t = v.val
+            extra = getattr(t, "extra_tensor_info", None)
+            alloc = getattr(t, "allocation_info", None)
+            if extra is not None and extra.fully_qualified_name and alloc is not None:
+                numel = 1
+                for s in t.sizes:
+                    numel *= s
+                mutable[extra.fully_qualified_name] = {
+                    "mem_id": alloc.memory_id,
+                    "offset": alloc.memory_offset_low | (alloc.memory_offset_high << 32),
+                    "numel": numel,
+                }
+        info["methods"][plan.name] = {
+            "inputs": len(plan.inputs),
+            "outputs": len(plan.outputs),
+            "delegates": [d.id for d in plan.delegates],
+            "non_const_buffer_sizes": list(plan.non_const_buffer_sizes),
+            "mutable_buffers": mutable,
+        }
+    stores = [("pte", result.named_data)]
+    for path in ptd:
+        stores.append((Path(path).name, _read_ptd(Path(path))))
+    for where, store in stores:
+        if store is None:
+            continue
+        entries = dict(store.pte_data)
+        for tagged in (getattr(store, "external_data", None) or {}).values():
+            entries.update(tagged)
+        for key, entry in entries.items():
+            info["named_data"][key] = {"where": where, "bytes": len(store.buffers[entry.buffer_index])}
+    return info
+
+
+def _read_ptd(path: Path):
+    """A .ptd's named data (FlatTensor); same call in ExecuTorch 1.2.0 and 1.5.1."""
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    return FlatTensorSerializer().deserialize_to_named_data_store_output(path.read_bytes(), path.stem)

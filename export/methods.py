@@ -1,0 +1,78 @@
+"""The three program methods as export-ready modules, with example inputs and dynamic shapes.
+
+Each wrapper holds the *same* Speculator, so parameter and buffer names are identical across methods:
+that is what lets the lowering share one KV cache (and one copy of the weights where the backend allows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from etspec.models.speculator import Speculator
+
+METHOD_NAMES = ("prefill", "target_verify", "draft")
+
+
+class _Method(nn.Module):
+    def __init__(self, spec: Speculator):
+        super().__init__()
+        self.spec = spec
+
+
+class Prefill(_Method):
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor):
+        return self.spec.prefill(tokens, input_pos, kv_window)
+
+
+class TargetVerify(_Method):
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor):
+        return self.spec.target_verify(tokens, input_pos, kv_window)
+
+
+class Draft(_Method):
+    def forward(
+        self, tokens: torch.Tensor, feature: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor
+    ):
+        return self.spec.draft(tokens, feature, input_pos, kv_window)
+
+
+def method_specs(spec: Speculator, max_prefill_chunk: int) -> dict[str, tuple[nn.Module, tuple, tuple]]:
+    """{name: (module, example args, dynamic shapes)} for `export_methods`.
+
+    T (prefill rows), R (draft catch-up rows) and every kv_window length are dynamic. target_verify's M
+    is dynamic in [1, k+1]: k+1 rows in a speculative round, 1 row for target-only decoding (--no-spec)
+    and fewer drafts (--draft-len below the exported k), all served by one compiled method.
+    """
+    k, max_seq = spec.draft_len, spec.max_seq_len
+    hidden = spec.draft_head.cfg.hidden_size
+    device = spec.target.embed_tokens.weight.device
+    dtype = spec.target.embed_tokens.weight.dtype
+    i64 = dict(dtype=torch.long, device=device)
+
+    def window(n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.int8, device=device)
+
+    # Example sizes avoid 0/1 (export specialises on them) and sit inside every range.
+    t = min(3, max_prefill_chunk)
+    m = min(2, k + 1)
+    prefill = (torch.zeros(1, t, **i64), torch.arange(t, **i64), window(t + 2))
+    verify = (torch.zeros(1, m, **i64), torch.arange(5, 5 + m, **i64), window(5 + m))
+    draft = (
+        torch.zeros(1, t, **i64),
+        torch.zeros(1, t, hidden, dtype=dtype, device=device),
+        torch.arange(4, 4 + t, **i64),
+        window(4 + t),
+    )
+    rows = Dim("T", min=1, max=max_prefill_chunk)
+    kv_p = Dim("kv_len", min=1, max=max_seq)
+    m_dim = Dim("M", min=1, max=k + 1)
+    kv_v = Dim("kv_len", min=1, max=max_seq)
+    r_dim = Dim("R", min=1, max=max_prefill_chunk)
+    kv_d = Dim("kv_len", min=1, max=max_seq - k + 1)  # chained steps read up to kv_len + k - 1
+    return {
+        "prefill": (Prefill(spec), prefill, ({1: rows}, {0: rows}, {0: kv_p})),
+        "target_verify": (TargetVerify(spec), verify, ({1: m_dim}, {0: m_dim}, {0: kv_v})),
+        "draft": (Draft(spec), draft, ({1: r_dim}, {1: r_dim}, {0: r_dim}, {0: kv_d})),
+    }

@@ -1,0 +1,144 @@
+"""`etspec-export --backend xnnpack` on tiny pairs, run through ExecuTorch for several rounds vs eager."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from etspec.export.cli import main as export_main
+from etspec.export.lower import export_methods
+from etspec.export.manifest import Manifest, read_manifest_from_pte
+from etspec.export.methods import method_specs
+from etspec.models.checkpoint import load_speculator
+from etspec.models.greedy import speculative_greedy, target_greedy
+from etspec.models.tiny import write_tiny_pair
+from etspec.runtime.program import Program
+
+MAX_SEQ, CHUNK, K = 96, 16, 3
+
+
+class _Recorder:
+    """Runs each call on the exported program and on the eager model and compares the outputs."""
+
+    def __init__(self, program: Program, eager):
+        self.program, self.eager = program, eager
+        self.max_seq_len, self.draft_len = program.manifest.max_seq_len, program.manifest.draft_len
+        self.calls = 0
+
+    def _both(self, name, *args):
+        ours = self.program.method(name)(*args)
+        with torch.no_grad():
+            ref = getattr(self.eager, name)(*args)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        assert len(ours) == len(ref)
+        for o, r in zip(ours, ref):
+            if r.is_floating_point():
+                torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
+            else:
+                assert torch.equal(o, r), (name, o, r)
+        self.calls += 1
+        return ours if len(ours) > 1 else ours[0]
+
+    def prefill(self, *a):
+        return self._both("prefill", *a)
+
+    def target_verify(self, *a):
+        return self._both("target_verify", *a)
+
+    def draft(self, *a):
+        return self._both("draft", *a)
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])  # mistral: sliding-window layers
+def artifact(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"export_{request.param}")
+    target, draft = write_tiny_pair(root / "ckpt", request.param)
+    out = root / "art"
+    argv = ["--target", str(target), "--draft", str(draft), "--out", str(out), "--backend", "xnnpack"]
+    argv += ["--dtype", "fp32", "--max-seq-len", str(MAX_SEQ), "--max-prefill-chunk", str(CHUNK)]
+    assert export_main(argv + ["--draft-len", str(K)]) == 0
+    return target, draft, out
+
+
+@pytest.mark.slow
+def test_rounds_match_eager(artifact):
+    target, draft, out = artifact
+    program = Program.load(out)
+    eager = load_speculator(target, draft, MAX_SEQ, K)
+    rec = _Recorder(program, eager)
+    for plen, seed in [(5, 0), (37, 1)]:  # 37: a three-chunk prefill
+        prompt = torch.randint(3, 256, (plen,), generator=torch.Generator().manual_seed(seed)).tolist()
+        spec = speculative_greedy(rec, prompt, 30, chunk=CHUNK)
+        base = target_greedy(rec, prompt, 30, chunk=CHUNK)  # M = 1 through the same target_verify
+        assert spec.tokens == base.tokens
+    assert rec.calls > 40
+
+
+@pytest.mark.slow
+def test_manifest_roundtrip(artifact):
+    _, _, out = artifact
+    on_disk = Manifest.read(out / "manifest.json")
+    assert read_manifest_from_pte(out / "model.pte") == on_disk
+    program = Program.load(out)
+    assert program.manifest == on_disk
+    assert on_disk.draft_len == K and on_disk.max_seq_len == MAX_SEQ and on_disk.backend == "xnnpack"
+    assert on_disk.tap_layers == [2, 4, 5] and on_disk.eos_token_ids == [2]
+    assert not on_disk.midm_sdpa and on_disk.kv_bucket is None
+    assert on_disk.methods["target_verify"].dims["M"] == [1, K + 1]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pte"]
+
+
+def test_no_softmax_over_the_vocabulary(tmp_path):
+    """Greedy ids are argmaxes inside the graphs: no (log_)softmax over a vocab-sized dim anywhere."""
+    target, draft = write_tiny_pair(tmp_path, "gemma2")  # gemma2 attention has a real softmax (softcap)
+    spec = load_speculator(target, draft, 64, 2)
+    exported = export_methods(method_specs(spec, 8), progress=None)
+    vocabs = {spec.target.cfg.vocab_size, spec.draft_head.cfg.draft_vocab_size}
+    softmaxes = 0
+    for name, ep in exported.items():
+        for node in ep.graph.nodes:
+            if node.op == "call_function" and "softmax" in str(node.target):
+                softmaxes += 1
+                last = node.args[0].meta["val"].shape[-1]
+                assert not (isinstance(last, int) and last in vocabs), (name, node)
+    assert softmaxes > 0  # the check above did look at real softmax nodes
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.__setitem__(1, "/nonexistent"), "--target /nonexistent: not a directory"),
+        (lambda a: a.extend(["--backend", "cuda"]), "--backend cuda needs an NVIDIA GPU"),
+        (
+            lambda a: a.extend(["--max-seq-len", "100000"]),
+            "exceeds the target's max_position_embeddings 4096",
+        ),
+        (lambda a: a.extend(["--max-prefill-chunk", "0"]), "--max-prefill-chunk must be between"),
+    ],
+)
+def test_cli_errors(tmp_path, capsys, change, message):
+    if torch.cuda.is_available() and "cuda" in message:
+        pytest.skip("a GPU is present")
+    target, draft = write_tiny_pair(tmp_path / "ckpt", "llama")
+    argv = ["--target", str(target), "--draft", str(draft), "--out", str(tmp_path / "o")]
+    change(argv)
+    assert export_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_models_and_non_empty_out(tmp_path, capsys):
+    target, draft = write_tiny_pair(tmp_path / "ckpt", "llama")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert export_main(["--target", str(target), "--draft", str(draft), "--out", str(out)]) == 2
+    assert "not empty (use --force" in capsys.readouterr().err
+    cfg = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    assert export_main(["--target", str(target), "--draft", str(draft), "--out", str(tmp_path / "o2")]) == 2
+    assert "unsupported model_type 'gpt2'" in capsys.readouterr().err
+    (target / "config.json").write_text(json.dumps({**cfg, "hidden_size": 32}))
+    assert export_main(["--target", str(target), "--draft", str(draft), "--out", str(tmp_path / "o3")]) == 2
+    assert "draft head does not match the target" in capsys.readouterr().err
