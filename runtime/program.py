@@ -53,7 +53,7 @@ def read_manifest(directory: Path) -> Manifest:
 
 
 def check_inputs(name: str, sig: MethodSig, inputs: Sequence[torch.Tensor]) -> None:
-    """Refuse a call whose inputs do not fit the exported signature (count, dtype, static and symbolic dims)."""
+    """Refuse a call whose inputs do not fit the exported signature (count, dtype, dims)."""
     if len(inputs) != len(sig.inputs):
         raise MethodInputError(f"[{name}] expects {len(sig.inputs)} inputs, got {len(inputs)}")
     bound: dict[str, int] = {}
