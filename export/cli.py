@@ -16,7 +16,7 @@ from etspec.models.checkpoint import DTYPES, CheckpointError, load_speculator
 from etspec.models.config import ConfigError, parse_target_config, read_config_json
 
 from .lower import export_methods, lower, manifest_constant_methods, method_signatures
-from .manifest import Manifest, checkpoint_hash, dtype_name, toolchain_versions
+from .manifest import Manifest, checkpoint_hash, constant_table, dtype_name, toolchain_versions
 from .methods import method_specs
 
 TOKENIZER_FILES = (
@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not use the split-K Triton verify-attention kernel (CUDA only; XNNPACK never uses it)",
     )
+    p.add_argument(
+        "--cuda-triton-sdpa",
+        action="store_true",
+        help="CUDA, bf16 only: let ExecuTorch replace the remaining scaled_dot_product_attention calls "
+        "(prefill, draft, sliding layers) with its own Triton SDPA instead of AOTInductor's",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
     return p
 
@@ -89,6 +95,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--max-seq-len must leave room for a prompt token and a verify round")
     if args.backend == "cuda" and not torch.cuda.is_available():
         raise UsageError("--backend cuda needs an NVIDIA GPU and a CUDA build of torch; none is visible here")
+    if args.cuda_triton_sdpa and (args.backend != "cuda" or args.dtype != "bf16"):
+        raise UsageError("--cuda-triton-sdpa needs --backend cuda and --dtype bf16")
     if args.backend == "xnnpack" and args.dtype == "bf16":
         print("[etspec-export] note: XNNPACK runs bf16 slowly; --dtype fp32 is the usual CPU choice")
     limit = parse_target_config(read_config_json(args.target)).max_position_embeddings
@@ -159,6 +167,7 @@ def run(args: argparse.Namespace) -> Path:
         kv_bucket=CUDA_KV_BUCKET if args.backend == "cuda" else None,
         checkpoints={"target": checkpoint_hash(args.target), "draft": checkpoint_hash(args.draft)},
         versions=toolchain_versions(),
+        constants=constant_table(specs["prefill"][0]),
         extra={"target_family": tcfg.family, "num_layers": tcfg.num_layers},
     )
     lower(
@@ -167,6 +176,7 @@ def run(args: argparse.Namespace) -> Path:
         manifest_constant_methods(manifest),
         out,
         progress=lambda m: print(m, flush=True),
+        cuda_triton_kernels=args.cuda_triton_sdpa,
     )
     manifest.write(out / "manifest.json")
     for name in TOKENIZER_FILES:

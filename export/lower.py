@@ -301,7 +301,10 @@ def _lower_cuda(
 
     partitioner = {name: [CudaPartitioner(specs(name))] for name in exported}
     names = ", ".join(exported)
-    with _timed(progress, f"to_edge_transform_and_lower (CUDA/AOTI) [{names}]"):
+    with (
+        _timed(progress, f"to_edge_transform_and_lower (CUDA/AOTI) [{names}]"),
+        _mutation_outputs_first_in_partitions(),
+    ):
         edge = to_edge_transform_and_lower(
             exported,
             partitioner=partitioner,
@@ -317,6 +320,59 @@ def _lower_cuda(
                 emit_mutable_buffer_names=True,
             )
         )
+
+
+@contextmanager
+def _mutation_outputs_first_in_partitions():
+    """ExecuTorch < 1.4: make each partition's output tuple list buffer mutations first.
+
+    The fused submodule orders its outputs by graph position, but the ExportedProgram verifier finds
+    mutations by position (the first N outputs). With KV caches written layer by layer and a feature
+    output whose inputs are ready before the last layers run, the two disagree ("Mutation node
+    aten_linear_default_57 is neither a buffer nor a user input"). 1.4+ reorders the tuple itself
+    (``lowered_backend_module.arrange_graph_outputs``); for older versions we permute the tuple and
+    the owning graph's getitem indices the same way before the signature is built.
+    """
+    import operator
+
+    from executorch.exir import lowered_backend_module as lbm
+    from executorch.exir.backend import backend_api
+    from torch.export.graph_signature import OutputKind
+
+    if hasattr(lbm, "arrange_graph_outputs"):
+        yield
+        return
+    original = backend_api.create_exported_program_from_submodule
+
+    def patched(submodule, owning_program, tag, call_module_node, *args, **kwargs):
+        mutated = {
+            s.arg.name
+            for s in owning_program.graph_signature.output_specs
+            if s.kind == OutputKind.BUFFER_MUTATION
+        }
+        out = next(n for n in reversed(submodule.graph.nodes) if n.op == "output")
+        values = list(out.args[0])
+        getitems = {
+            u.args[1]: u for u in call_module_node.users if u.target is operator.getitem
+        }
+        first = [i for i in range(len(values)) if i in getitems and getitems[i].name in mutated]
+        order = first + [i for i in range(len(values)) if i not in set(first)]
+        if order != list(range(len(values))):
+            out.args = (tuple(values[i] for i in order),)
+            new_index = {old: new for new, old in enumerate(order)}
+            for old, g in getitems.items():
+                g.args = (g.args[0], new_index[old])
+            val = call_module_node.meta.get("val")
+            if isinstance(val, (tuple, list)) and len(val) == len(values):
+                call_module_node.meta["val"] = type(val)(val[i] for i in order)
+            submodule.recompile()
+        return original(submodule, owning_program, tag, call_module_node, *args, **kwargs)
+
+    backend_api.create_exported_program_from_submodule = patched
+    try:
+        yield
+    finally:
+        backend_api.create_exported_program_from_submodule = original
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,6 +76,16 @@ class MethodSig:
         )
 
 
+def constant_table(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """The `constants` entry of the manifest for a module's parameters and buffers (by FQN)."""
+    named = dict(module.named_parameters(remove_duplicate=False))
+    named.update(module.named_buffers(remove_duplicate=False))
+    return {
+        k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "stride": list(t.stride())}
+        for k, t in sorted(named.items())
+    }
+
+
 @dataclass
 class Manifest:
     """Everything a runtime needs besides the program itself.
@@ -100,6 +110,9 @@ class Manifest:
     kv_bucket: int | None = None  # kv_window rounding for CUDA graphs; None = exact
     checkpoints: dict[str, str] = field(default_factory=dict)  # role -> "sha256:<hex>"
     versions: dict[str, str] = field(default_factory=dict)  # package -> version
+    # FQN -> {"dtype", "shape", "stride"} of every weight and buffer: lets a runtime load a dense AOTI
+    # weights blob (ExecuTorch 1.2) once per FQN and share it across methods.
+    constants: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # forward-compatible free-form data
     format_version: int = FORMAT_VERSION
 

@@ -135,11 +135,11 @@ def random_draft(
 
 def draft_state_dict(head: Eagle3Draft) -> dict[str, torch.Tensor]:
     """The head's weights under the standard EAGLE-3 checkpoint key names (DESIGN §8), plus t2d."""
-    sd = {k: v.detach().clone().contiguous() for k, v in head.state_dict().items() if "cache" not in k}
+    sd = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items() if "cache" not in k}
     sd.pop("midlayer.self_attn.rotary.inv_freq", None)
     vocab = head.cfg.vocab_size
     t2d = torch.zeros(vocab, dtype=torch.bool)
-    t2d[torch.arange(head.cfg.draft_vocab_size) + head.d2t] = True
+    t2d[torch.arange(head.cfg.draft_vocab_size) + sd["d2t"]] = True
     sd["t2d"] = t2d
     return sd
 
@@ -239,18 +239,18 @@ def tiny_pair(
     return Speculator(target, draft.eval().requires_grad_(False), draft_len)
 
 
-def write_target_checkpoint(directory: str | Path, family: str, model: TargetModel) -> Path:
+def write_target_checkpoint(directory: str | Path, config: dict[str, Any], model: TargetModel) -> Path:
     """Save a target in the Hugging Face layout (config.json + model.safetensors, `model.` prefixes)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(tiny_target_config(family), indent=2))
+    (d / "config.json").write_text(json.dumps(config, indent=2))
     sd = {}
     for k, v in model.state_dict().items():
         if k == "lm_head.weight":
             if not model.cfg.tie_word_embeddings:
-                sd[k] = v.detach().clone().contiguous()
+                sd[k] = v.detach().contiguous().cpu()
         else:
-            sd["model." + k] = v.detach().clone().contiguous()
+            sd["model." + k] = v.detach().contiguous().cpu()
     save_file(sd, str(d / "model.safetensors"))
     return d
 
@@ -259,8 +259,46 @@ def write_tiny_pair(directory: str | Path, family: str = "llama", seed: int = 0)
     """Write the tiny pair of `tiny_pair` as two checkpoint directories (target/, draft/)."""
     spec = tiny_pair(family, max_seq_len=64, seed=seed)  # training needs a cache of the corpus length
     d = Path(directory)
-    target = write_target_checkpoint(d / "target", family, spec.target)
+    target = write_target_checkpoint(d / "target", tiny_target_config(family), spec.target)
+    cfg = spec.target.cfg
+    write_byte_tokenizer(target, eos_token_id=int(cfg.eos_token_ids[0]) if cfg.eos_token_ids else 2)
     draft = write_draft_checkpoint(
         d / "draft", tiny_draft_config(tiny_target_config(family)), spec.draft_head
     )
     return target, draft
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in for each byte used by byte-level BPE (GPT-2's mapping)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def write_byte_tokenizer(directory: str | Path, eos_token_id: int = 2) -> None:
+    """A 256-token byte-level tokenizer (token id = byte) with a minimal chat template, so the tiny
+    pair takes and prints text through the same transformers path as a real checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    symbols = _byte_symbols()
+    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    d = Path(directory)
+    tok.save(str(d / "tokenizer.json"))
+    template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": symbols[eos_token_id],
+        "chat_template": template,
+    }
+    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

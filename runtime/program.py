@@ -21,8 +21,9 @@ PTE_NAME = "model.pte"
 MANIFEST_NAME = "manifest.json"
 CUDA_DATA_NAME = "aoti_cuda_blob.ptd"
 REQUIRED_METHODS = ("prefill", "target_verify", "draft")
-_DTYPES = {"int64": torch.int64, "int8": torch.int8, "float32": torch.float32, "bfloat16": torch.bfloat16}
-_DTYPES["float16"] = torch.float16
+_DTYPES = {
+    n: getattr(torch, n) for n in ("int64", "int32", "int8", "bool", "float32", "bfloat16", "float16")
+}
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -137,18 +138,35 @@ class Program:
                 raise ArtifactError(f"{d}: missing {CUDA_DATA_NAME} (the CUDA weights) beside {PTE_NAME}")
             if not torch.cuda.is_available():
                 raise ArtifactError(f"{d}: a CUDA artifact needs an NVIDIA GPU; none is visible")
-            from .cuda_executor import CudaProgram
+            from .cuda_executor import ConstantMeta, CudaProgram
 
-            return cls(d, manifest, CudaProgram(str(pte), data_paths=[str(ptd)]), torch.device("cuda"))
+            meta = {
+                fqn: ConstantMeta(_DTYPES[c["dtype"]], tuple(c["shape"]), tuple(c["stride"]))
+                for fqn, c in manifest.constants.items()
+            }
+            executor = CudaProgram(str(pte), data_paths=[str(ptd)], constant_meta=meta)
+            return cls(d, manifest, executor, torch.device("cuda"))
         raise UnsupportedLayoutError(f"{d}: backend {manifest.backend!r} is not supported (cuda, xnnpack)")
 
-    def method(self, name: str, check: bool = True) -> Callable[..., tuple[torch.Tensor, ...]]:
-        """The method as a callable; with `check`, inputs are validated against the manifest first."""
+    def method(
+        self, name: str, check: bool = True, cuda_graph: bool = False
+    ) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """The method as a callable; with `check`, inputs are validated against the manifest first.
+
+        `cuda_graph` (CUDA artifacts): replay one captured graph per input-shape set; outputs are then
+        static buffers, valid until the next call of this method with the same shapes.
+        """
         if name not in self.manifest.methods:
             raise MethodInputError(f"no method {name!r} (has {sorted(self.manifest.methods)})")
-        key = f"{name}:{check}"
+        if cuda_graph and self.device.type != "cuda":
+            raise MethodInputError(f"CUDA graphs need a CUDA artifact; this one is {self.manifest.backend}")
+        key = f"{name}:{check}:{cuda_graph}"
         if key not in self._methods:
             run = self._executor.method(name)
+            if cuda_graph:
+                from .cuda_graphs import GraphedMethod
+
+                run = GraphedMethod(run, name)
             if check:
                 sig = self.manifest.methods[name]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from etspec.models.tiny import tiny_target_config
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
@@ -45,3 +46,44 @@ def hf_targets(tmp_path_factory) -> dict[str, Path]:
 def _quiet_threads():
     # CI machines have 2 cores; oversubscription makes tiny models slower, not faster.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+TINY_MAX_SEQ, TINY_CHUNK, TINY_K = 96, 16, 3
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{family: (target_dir, draft_dir)} written on first use (the head is trained, so it costs seconds)."""
+    from etspec.models.tiny import write_tiny_pair
+
+    root = tmp_path_factory.mktemp("ckpt")
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in cache:
+            cache[family] = write_tiny_pair(root / family, family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_checkpoints, tmp_path_factory):
+    """{family: artifact dir}: `etspec-export --backend xnnpack` of the tiny pair, once per session."""
+    from etspec.export.cli import main as export_main
+
+    root = tmp_path_factory.mktemp("art")
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            target, draft = tiny_checkpoints(family)
+            out = root / family
+            argv = ["--target", str(target), "--draft", str(draft), "--out", str(out), "--backend", "xnnpack"]
+            argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ)]
+            argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
+            assert export_main(argv) == 0
+            cache[family] = out
+        return cache[family]
+
+    return get

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,51 +17,16 @@ from etspec.models.checkpoint import load_speculator
 from etspec.models.greedy import speculative_greedy, target_greedy
 from etspec.models.tiny import write_tiny_pair
 from etspec.runtime.program import Program
-
-MAX_SEQ, CHUNK, K = 96, 16, 3
-
-
-class _Recorder:
-    """Runs each call on the exported program and on the eager model and compares the outputs."""
-
-    def __init__(self, program: Program, eager):
-        self.program, self.eager = program, eager
-        self.max_seq_len, self.draft_len = program.manifest.max_seq_len, program.manifest.draft_len
-        self.calls = 0
-
-    def _both(self, name, *args):
-        ours = self.program.method(name)(*args)
-        with torch.no_grad():
-            ref = getattr(self.eager, name)(*args)
-        ref = ref if isinstance(ref, tuple) else (ref,)
-        assert len(ours) == len(ref)
-        for o, r in zip(ours, ref):
-            if r.is_floating_point():
-                torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
-            else:
-                assert torch.equal(o, r), (name, o, r)
-        self.calls += 1
-        return ours if len(ours) > 1 else ours[0]
-
-    def prefill(self, *a):
-        return self._both("prefill", *a)
-
-    def target_verify(self, *a):
-        return self._both("target_verify", *a)
-
-    def draft(self, *a):
-        return self._both("draft", *a)
+from tests.conftest import TINY_CHUNK as CHUNK
+from tests.conftest import TINY_K as K
+from tests.conftest import TINY_MAX_SEQ as MAX_SEQ
+from tests.recorder import Recorder
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])  # mistral: sliding-window layers
-def artifact(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"export_{request.param}")
-    target, draft = write_tiny_pair(root / "ckpt", request.param)
-    out = root / "art"
-    argv = ["--target", str(target), "--draft", str(draft), "--out", str(out), "--backend", "xnnpack"]
-    argv += ["--dtype", "fp32", "--max-seq-len", str(MAX_SEQ), "--max-prefill-chunk", str(CHUNK)]
-    assert export_main(argv + ["--draft-len", str(K)]) == 0
-    return target, draft, out
+def artifact(request, tiny_checkpoints, tiny_artifacts):
+    target, draft = tiny_checkpoints(request.param)
+    return target, draft, tiny_artifacts(request.param)
 
 
 @pytest.mark.slow
@@ -67,7 +34,7 @@ def test_rounds_match_eager(artifact):
     target, draft, out = artifact
     program = Program.load(out)
     eager = load_speculator(target, draft, MAX_SEQ, K)
-    rec = _Recorder(program, eager)
+    rec = Recorder(program, eager)
     for plen, seed in [(5, 0), (37, 1)]:  # 37: a three-chunk prefill
         prompt = torch.randint(3, 256, (plen,), generator=torch.Generator().manual_seed(seed)).tolist()
         spec = speculative_greedy(rec, prompt, 30, chunk=CHUNK)
@@ -87,7 +54,8 @@ def test_manifest_roundtrip(artifact):
     assert on_disk.tap_layers == [2, 4, 5] and on_disk.eos_token_ids == [2]
     assert not on_disk.midm_sdpa and on_disk.kv_bucket is None
     assert on_disk.methods["target_verify"].dims["M"] == [1, K + 1]
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pte"]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["manifest.json", "model.pte", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_no_softmax_over_the_vocabulary(tmp_path):
@@ -118,18 +86,19 @@ def test_no_softmax_over_the_vocabulary(tmp_path):
         (lambda a: a.extend(["--max-prefill-chunk", "0"]), "--max-prefill-chunk must be between"),
     ],
 )
-def test_cli_errors(tmp_path, capsys, change, message):
+def test_cli_errors(tmp_path, capsys, tiny_checkpoints, change, message):
     if torch.cuda.is_available() and "cuda" in message:
         pytest.skip("a GPU is present")
-    target, draft = write_tiny_pair(tmp_path / "ckpt", "llama")
+    target, draft = tiny_checkpoints("llama")
     argv = ["--target", str(target), "--draft", str(draft), "--out", str(tmp_path / "o")]
     change(argv)
     assert export_main(argv) == 2
     assert message in capsys.readouterr().err
 
 
-def test_cli_refuses_bad_models_and_non_empty_out(tmp_path, capsys):
-    target, draft = write_tiny_pair(tmp_path / "ckpt", "llama")
+def test_cli_refuses_bad_models_and_non_empty_out(tmp_path, capsys, tiny_checkpoints):
+    src_target, draft = tiny_checkpoints("llama")
+    target = Path(shutil.copytree(src_target, tmp_path / "target"))
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep").write_text("x")

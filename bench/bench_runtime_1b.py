@@ -1,0 +1,204 @@
+"""GPU box: a Llama-3.2-1B-shaped random pair through export -> CUDA runtime -> runner, at long context.
+
+Records, in one JSON (default bench/results/runtime_1b_<gpu>.json):
+- export wall time and artifact sizes (`etspec-export --backend cuda`, bf16, midm on);
+- GPU memory after `Program.load` against 1x weights + KV caches (constants shared across methods);
+- per-call latency of target_verify (M = 1 and M = k+1) eager vs CUDA-graph replay, with the
+  bandwidth floor (weight + valid-KV bytes / measured copy bandwidth) for reference;
+- a long-context generation (prompt >= 32K tokens, max_seq_len 64K) target-only and speculative, with
+  and without CUDA graphs, and whether their outputs are identical.
+
+    python bench/bench_runtime_1b.py [--work DIR] [--prompt-len 32768] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from etspec.models.shaped import SHAPES, write_random_pair
+from etspec.runner.generator import SpeculativeGenerator
+from etspec.runtime.program import Program
+
+SHAPE, MAX_SEQ, CHUNK, K = "llama-3.2-1b", 65536, 1024, 4
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), 1 GiB buffers."""
+    a = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(20):
+        b.copy_(a)
+    e1.record()
+    torch.cuda.synchronize()
+    gbs = 2 * a.numel() * 2 * 20 / (e0.elapsed_time(e1) / 1e3) / 1e9
+    del a, b
+    torch.cuda.empty_cache()
+    return gbs
+
+
+def export(work: Path) -> tuple[Path, dict]:
+    ckpt, art = work / "ckpt", work / "art"
+    if not (ckpt / "draft" / "model.safetensors").is_file():
+        t0 = time.perf_counter()
+        write_random_pair(ckpt, SHAPE, device="cuda")
+        log(f"wrote random {SHAPE} pair in {time.perf_counter() - t0:.1f}s")
+    info: dict = {}
+    if not (art / "manifest.json").is_file():
+        cmd = [sys.executable, "-m", "etspec.export.cli", "--target", str(ckpt / "target"), "--draft"]
+        cmd += [str(ckpt / "draft"), "--out", str(art), "--backend", "cuda", "--dtype", "bf16", "--force"]
+        cmd += ["--max-seq-len", str(MAX_SEQ), "--max-prefill-chunk", str(CHUNK), "--draft-len", str(K)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        info["export_s"] = time.perf_counter() - t0
+    info["files_mib"] = {f.name: f.stat().st_size / 2**20 for f in sorted(art.iterdir())}
+    return art, info
+
+
+def time_call(fn, n: int = 50) -> float:
+    """Median µs per call, each call bracketed by CUDA events."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(n):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3)
+    return statistics.median(times)
+
+
+def verify_latency(program: Program, ctx: int, copy_gbs: float, weight_bytes: int, kv_bytes_per_tok: int):
+    """target_verify at context ctx (prefilled), M=1 and M=k+1, eager vs graph replay."""
+    prefill = program.method("prefill", check=False)
+    eager = program.method("target_verify", check=False)
+    graphed = program.method("target_verify", check=False, cuda_graph=True)
+    pos = torch.arange(MAX_SEQ, device="cuda")
+    win = torch.zeros(MAX_SEQ, dtype=torch.int8, device="cuda")
+    toks = torch.randint(0, 128000, (1, ctx + K + 1), device="cuda")
+    for s in range(0, ctx, CHUNK):
+        e = min(s + CHUNK, ctx)
+        prefill(toks[:, s:e], pos[s:e], win[:e])
+    bucket = program.manifest.kv_bucket or 1
+    rows = []
+    for m in (1, K + 1):
+        args = (toks[:, ctx : ctx + m], pos[ctx : ctx + m], win[: -(-(ctx + m) // bucket) * bucket])
+        exact = (toks[:, ctx : ctx + m], pos[ctx : ctx + m], win[: ctx + m])
+        floor_us = (weight_bytes + kv_bytes_per_tok * (ctx + m)) / (copy_gbs * 1e9 / 2) * 1e6
+        row = {"ctx": ctx, "M": m, "floor_us": floor_us}
+        row["eager_us"] = time_call(lambda a=exact: eager(*a))
+        row["graph_us"] = time_call(lambda a=args: graphed(*a))
+        row["graph_vs_floor"] = row["graph_us"] / floor_us
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def generate(program: Program, prompt: list[int], n: int, **kw) -> tuple[list[int], dict]:
+    gen = SpeculativeGenerator(program, **kw)
+    gen.eos = set()  # random weights: run the full budget
+    out = [t for c in gen.generate(prompt, n) for t in c]
+    return out, gen.stats.to_dict()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("out/bench_1b"), help="checkpoint + artifact cache")
+    ap.add_argument("--prompt-len", type=int, default=32768)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    gpu = torch.cuda.get_device_name()
+    res: dict = {"device": gpu, "torch": torch.__version__, "python": platform.python_version()}
+    res["command"] = " ".join(["python", *sys.argv])
+    copy_gbs = copy_bandwidth_gbs()
+    res["copy_gbs"] = copy_gbs
+    log(f"{gpu}: copy bandwidth {copy_gbs:.0f} GB/s")
+    art, res["export"] = export(args.work)
+    log(json.dumps(res["export"]))
+
+    free0, total = torch.cuda.mem_get_info()
+    alloc0 = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    program = Program.load(art)
+    torch.cuda.synchronize()
+    cfg = SHAPES[SHAPE]
+    n_layers, kv_heads, hd = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
+    target_bytes = (args.work / "ckpt" / "target" / "model.safetensors").stat().st_size
+    head_bytes = (args.work / "ckpt" / "draft" / "model.safetensors").stat().st_size
+    kv_tok = 2 * n_layers * kv_heads * hd * 2  # target K+V bytes per position (bf16)
+    kv_all = kv_tok * MAX_SEQ + 2 * kv_heads * hd * 2 * MAX_SEQ  # + the draft's one layer
+    free1, _ = torch.cuda.mem_get_info()
+    mem = {
+        "load_s": time.perf_counter() - t0,
+        "torch_allocated_gib": (torch.cuda.memory_allocated() - alloc0) / 2**30,
+        "device_used_gib": (free0 - free1) / 2**30,
+        "ptd_gib": (art / "aoti_cuda_blob.ptd").stat().st_size / 2**30,
+        "weights_gib": (target_bytes + head_bytes) / 2**30,
+        "kv_caches_gib": kv_all / 2**30,
+    }
+    res["memory_after_load"] = mem
+    log(json.dumps(mem))
+    mem["used_vs_weights_plus_kv"] = mem["device_used_gib"] / (mem["weights_gib"] + mem["kv_caches_gib"])
+    res["verify_latency"] = []
+    for ctx in (1024, 16384):
+        res["verify_latency"] += verify_latency(program, ctx, copy_gbs, target_bytes, kv_tok)
+
+    prompt = torch.randint(0, 128000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    runs = {}
+    outs = {}
+    for label, kw in [
+        ("target-only", {"spec": False}),
+        ("speculative", {}),
+        ("target-only+graph", {"spec": False, "cuda_graph": True}),
+        ("speculative+graph", {"cuda_graph": True}),
+    ]:
+        t0 = time.perf_counter()
+        outs[label], runs[label] = generate(program, prompt, args.new_tokens, **kw)
+        runs[label]["wall_s"] = time.perf_counter() - t0
+        st = runs[label]
+        log(
+            f"{label:20s} prompt {st['prompt_tokens']} prefill {st['prefill_s']:.2f}s "
+            f"({st['prefill_tok_s']:.0f} tok/s) decode {st['decode_tok_s']:.1f} tok/s "
+            f"acc.len {st['acceptance_length']:.2f} rounds {st['rounds']}"
+        )
+    res["long_context"] = runs
+    res["identical"] = {k: outs[k] == outs["target-only"] for k in outs}
+    log("identical to target-only:", res["identical"])
+    program.close()
+    name = gpu.replace(" ", "_")
+    out = args.out or Path(__file__).parent / "results" / f"runtime_1b_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], out.name).write_text(json.dumps(res, indent=1))
+    log(f"\n{'ctx':>6} {'M':>2} {'eager µs':>9} {'graph µs':>9} {'floor µs':>9} {'graph/floor':>11}")
+    for r in res["verify_latency"]:
+        log(
+            f"{r['ctx']:>6} {r['M']:>2} {r['eager_us']:>9.0f} {r['graph_us']:>9.0f} {r['floor_us']:>9.0f} "
+            f"{r['graph_vs_floor']:>11.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

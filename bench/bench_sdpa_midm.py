@@ -1,0 +1,493 @@
+"""Benchmark etspec::sdpa_midm against F.scaled_dot_product_attention (GPU box).
+
+Shapes: Llama-3.1-8B layer (Hq=32, Hkv=8, D=128) and Gemma-2-9B global layer (Hq=16, Hkv=8, D=256), bf16,
+M in {1,2,4,8}, L in {4K..128K}, KV caches of max_seq_len 128K. Implementations:
+- midm: torch.ops.etspec.sdpa_midm on the bounded slice cache[:, :, :L] (Lb = L here);
+- sdpa_<backend>: F.scaled_dot_product_attention on the bounded slice, one backend forced (flash, efficient,
+  cudnn, math), enable_gqa=True, a causal-block bool mask when M > 1 (n/a where the backend refuses);
+- naive: SDPA (default backend choice) over the whole 128K buffer with a mask.
+Timing: every call is captured in a CUDA graph that cycles through N_SETS input sets (so the KV is not
+served from L2), the graph is replayed and timed with CUDA events; median per call. The device-to-device
+copy bandwidth (bytes read + written) and a bf16 matmul rate are measured in the same run.
+KV GB/s counts 2*Hkv*L*D*2 bytes (the valid KV read once); ratio = that over the copy bandwidth.
+
+    python bench/bench_sdpa_midm.py [--sweep] [--quick] [--out DIR]
+writes DIR/sdpa_midm_<gpu>.csv, .json and .png, then prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import etspec.kernels  # noqa: F401
+from etspec.kernels import sdpa_midm as sm
+
+MODELS = {"llama3.1-8b": (32, 8, 128), "gemma2-9b-global": (16, 8, 256)}
+MS = (1, 2, 4, 8)
+LS = (4096, 16384, 32768, 65536, 131072)
+MAX_SEQ = 131072
+N_SETS = 8
+BACKENDS = {
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_math": SDPBackend.MATH,
+}
+DT = torch.bfloat16
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def time_calls(calls, target_ms=3.0, replays=11):
+    """Median device time per call (µs) of a list of zero-arg callables, via CUDA-graph replay."""
+    for c in calls:  # eager warm-up (compiles, refusals raise here)
+        c()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    est_ms = (time.perf_counter() - t0) * 1e3 / len(calls)
+    inner = max(1, min(8, int(target_ms / max(est_ms, 1e-3) / len(calls))))
+    seq = calls * inner
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    try:
+        with torch.cuda.graph(g):
+            for c in seq:
+                c()
+    except Exception as e:  # not capturable: time eagerly, back to back
+        log(f"   (graph capture failed: {type(e).__name__}; eager timing)")
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for c in seq:
+                c()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) * 1e3 / len(seq))
+        return statistics.median(times)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / len(seq))
+    del g
+    return statistics.median(times)
+
+
+@triton.jit
+def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+
+@triton.jit
+def _empty_kernel(p):
+    tl.store(p, 1.0)
+
+
+def copy_bandwidth():
+    """Device-to-device copy of 1 GiB (bytes read + written), three ways; the max is the ceiling."""
+    n = 1 << 30  # bytes per buffer
+    src = torch.randn(n // 2, device="cuda", dtype=DT)
+    dst = torch.empty_like(src)
+    res = {}
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(20):
+        dst.copy_(src)
+    e1.record()
+    e1.synchronize()
+    res["copy_eager"] = 2 * n / (e0.elapsed_time(e1) / 20 * 1e-3) / 1e9
+    res["copy_graph"] = 2 * n / (time_calls([lambda s=src, d=dst: d.copy_(s)], target_ms=20) * 1e-6) / 1e9
+    blk = 8192
+    grid = (triton.cdiv(src.numel(), blk),)
+    us = time_calls([lambda s=src, d=dst: _copy_kernel[grid](s, d, s.numel(), BLOCK=blk, num_warps=8)], 20)
+    res["copy_triton"] = 2 * n / (us * 1e-6) / 1e9
+    return res
+
+
+def empty_node_us():
+    x = torch.empty(1, device="cuda")
+    return time_calls([lambda: _empty_kernel[(1,)](x)] * 8, target_ms=0.5)
+
+
+def matmul_tflops():
+    a = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    b = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    us = time_calls([lambda: a @ b], target_ms=20)
+    return 2 * 8192**3 / (us * 1e-6) / 1e12
+
+
+class Sets:
+    """N_SETS independent (q per M, k cache, v cache) of max_seq_len 128K for one model shape."""
+
+    def __init__(self, hq, hkv, d):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        self.hq, self.hkv, self.d = hq, hkv, d
+        self.k = [torch.randn(1, hkv, MAX_SEQ, d, device="cuda", generator=g).to(DT) for _ in range(N_SETS)]
+        self.v = [torch.randn(1, hkv, MAX_SEQ, d, device="cuda", generator=g).to(DT) for _ in range(N_SETS)]
+        self.q = {
+            m: [torch.randn(1, hq, m, d, device="cuda", generator=g).to(DT) for _ in range(N_SETS)]
+            for m in MS
+        }
+
+    def free(self):
+        self.k = self.v = self.q = None
+
+
+def make_calls(sets, impl, m, L):
+    d = sets.d
+    scale = 1.0 / math.sqrt(d)
+    pos = torch.arange(L - m, L, device="cuda")
+    calls = []
+    if impl == "midm":
+        for i in range(N_SETS):
+            q, k, v = sets.q[m][i], sets.k[i][:, :, :L], sets.v[i][:, :, :L]
+            calls.append(lambda q=q, k=k, v=v: torch.ops.etspec.sdpa_midm(q, k, v, pos, scale))
+        return calls
+    if impl == "diag_split_only":  # the split kernel alone (no reduce): how much the reduce costs
+        out = torch.empty(sets.q[m][0].shape, device="cuda", dtype=DT)
+        for i in range(N_SETS):
+            q, k, v = sets.q[m][i], sets.k[i][:, :, :L], sets.v[i][:, :, :L]
+            calls.append(lambda q=q, k=k, v=v: sm._launch(q, k, v, pos, scale, 0, out, _skip_reduce=True))
+        return calls
+    if impl == "naive":
+        j = torch.arange(MAX_SEQ, device="cuda")
+        mask = (j[None, :] <= pos[:, None])[None, None]
+        for i in range(N_SETS):
+            q, k, v = sets.q[m][i], sets.k[i], sets.v[i]
+            calls.append(
+                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
+                )
+            )
+        return calls
+    backend = BACKENDS[impl]
+    j = torch.arange(L, device="cuda")
+    mask = (j[None, :] <= pos[:, None])[None, None] if m > 1 else None
+    for i in range(N_SETS):
+        q, k, v = sets.q[m][i], sets.k[i][:, :, :L], sets.v[i][:, :, :L]
+
+        def call(q=q, k=k, v=v):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+        calls.append(call)
+    return calls
+
+
+def measure(sets, impl, m, L):
+    try:
+        return time_calls(make_calls(sets, impl, m, L)), ""
+    except Exception as e:  # backend refuses (mask / GQA / head dim) or runs out of memory
+        torch.cuda.synchronize()
+        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        return None, msg
+
+
+def check_midm(sets, m, L):
+    """Relative error of midm vs the math backend in fp32 (sanity check inside the benchmark)."""
+    hq, hkv, d = sets.hq, sets.hkv, sets.d
+    pos = torch.arange(L - m, L, device="cuda")
+    q, k, v = sets.q[m][0], sets.k[0][:, :, :L], sets.v[0][:, :, :L]
+    out = torch.ops.etspec.sdpa_midm(q, k, v, pos, 1.0 / math.sqrt(d)).float()
+    qf = q.float().view(hkv, hq // hkv * m, d)
+    s = torch.einsum("hrd,hld->hrl", qf, k[0].float()) / math.sqrt(d)
+    j = torch.arange(L, device="cuda")
+    allowed = (j[None, :] <= pos[:, None]).repeat(hq // hkv, 1)
+    s = s.masked_fill(~allowed[None], float("-inf"))
+    ref = torch.einsum("hrl,hld->hrd", s.softmax(-1), v[0].float()).view(1, hq, m, d)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def sweep(models, copy_gbs, results):
+    """Kernel variants (tile, warps, stages), then split plans, per head dim; sets sm._CFG."""
+    chosen = {}
+    for name, (hq, hkv, d) in models.items():
+        sets = Sets(hq, hkv, d)
+        m = 4
+        base = dict(sm._CFG[d])
+        best, best_score = None, float("inf")
+        for bn, nw, ns in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+            cfg = dict(base, block_n=bn, num_warps=nw, num_stages=ns)
+            sm._CFG[d] = cfg
+            ts = []
+            for L in (16384, 131072):
+                t, err = measure(sets, "midm", m, L)
+                ts.append(t)
+            if None in ts:
+                log(f"  sweep {name} bn={bn} nw={nw} ns={ns}: fails ({err})")
+                continue
+            score = sum(ts[i] / (2 * hkv * L * d * 2 / copy_gbs / 1e3) for i, L in enumerate((16384, 131072)))
+            log(
+                f"  sweep {name} bn={bn} nw={nw} ns={ns}: 16K {ts[0]:.1f} us, 128K {ts[1]:.1f} us  "
+                f"score {score:.3f}"
+            )
+            results.append(
+                dict(
+                    model=name,
+                    stage="kernel",
+                    block_n=bn,
+                    num_warps=nw,
+                    num_stages=ns,
+                    t16k_us=ts[0],
+                    t128k_us=ts[1],
+                )
+            )
+            if score < best_score:
+                best, best_score = cfg, score
+        best2, best2_score = best, float("inf")
+        for ppsm, mt in itertools.product((1, 2, 3, 4), (1, 2, 4, 8)):
+            cfg = dict(best, ppsm=ppsm, min_tiles=mt)
+            sm._CFG[d] = cfg
+            ts = [measure(sets, "midm", m, L)[0] for L in (4096, 16384)]
+            if None in ts:
+                continue
+            score = sum(ts[i] / (2 * hkv * L * d * 2 / copy_gbs / 1e3) for i, L in enumerate((4096, 16384)))
+            log(
+                f"  sweep {name} ppsm={ppsm} min_tiles={mt}: 4K {ts[0]:.1f} us, 16K {ts[1]:.1f} us "
+                f"score {score:.3f}"
+            )
+            results.append(
+                dict(model=name, stage="plan", ppsm=ppsm, min_tiles=mt, t4k_us=ts[0], t16k_us=ts[1])
+            )
+            if score < best2_score:
+                best2, best2_score = cfg, score
+        sm._CFG[d] = best2
+        chosen[d] = best2
+        log(f"  sweep {name}: chosen D={d}: {best2}")
+        sets.free()
+        torch.cuda.empty_cache()
+    return chosen
+
+
+def sweep_big_r(copy_gbs, results):
+    """Config for programs of >= 32 rows (Llama GQA 4 x M=8); sets sm._CFG_BIG_R[128]."""
+    hq, hkv, d = MODELS["llama3.1-8b"]
+    sets = Sets(hq, hkv, d)
+    best, best_score = None, float("inf")
+    for bn, nw, ns, pp in [
+        (64, 4, 3, 1),  # = the D=128 default
+        (64, 4, 4, 1),
+        (64, 8, 3, 1),
+        (64, 8, 4, 1),
+        (64, 4, 3, 2),
+        (64, 8, 3, 2),
+        (32, 4, 4, 1),
+        (32, 4, 4, 2),
+        (128, 8, 3, 1),
+    ]:
+        cfg = dict(block_n=bn, num_warps=nw, num_stages=ns, ppsm=pp)
+        sm._CFG_BIG_R[d] = cfg
+        ts = [measure(sets, "midm", 8, L)[0] for L in (16384, 131072)]
+        if None in ts:
+            continue
+        score = sum(ts[i] / (2 * hkv * L * d * 2 / copy_gbs / 1e3) for i, L in enumerate((16384, 131072)))
+        log(f"  sweep big-R {cfg}: 16K {ts[0]:.1f} us, 128K {ts[1]:.1f} us score {score:.3f}")
+        results.append(dict(model="llama3.1-8b", stage="big_r", M=8, **cfg, t16k_us=ts[0], t128k_us=ts[1]))
+        if score < best_score:
+            best, best_score = cfg, score
+    sm._CFG_BIG_R[d] = best
+    log(f"  sweep big-R: chosen D={d} rows>=32: {best}")
+    sets.free()
+    torch.cuda.empty_cache()
+    return best
+
+
+COLORS = {
+    "midm": "C0",
+    "sdpa_flash": "C1",
+    "sdpa_efficient": "C2",
+    "sdpa_cudnn": "C3",
+    "sdpa_math": "C4",
+    "naive": "C5",
+}
+
+
+def plot(rows, path, copy_gbs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), len(MS), figsize=(4.2 * len(MS), 3.8 * len(models)), squeeze=False)
+    for a, model in enumerate(models):
+        for b, m in enumerate(MS):
+            ax = axes[a][b]
+            sub = [r for r in rows if r["model"] == model and r["M"] == m]
+            for impl in dict.fromkeys(r["impl"] for r in sub if not r["impl"].startswith("diag")):
+                pts = [(r["L"], r["time_us"]) for r in sub if r["impl"] == impl and r["time_us"]]
+                if pts:
+                    lw = 2.5 if impl == "midm" else 1.2
+                    ax.plot(*zip(*pts, strict=True), marker="o", lw=lw, label=impl, color=COLORS.get(impl))
+            floor = [(r["L"], r["kv_bytes"] / copy_gbs / 1e3) for r in sub if r["impl"] == "midm"]
+            ax.plot(*zip(*floor, strict=True), "k--", lw=1, label="KV bytes / copy BW")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{model} M={m}", fontsize=10)
+            ax.set_xlabel("L (valid keys)")
+            ax.set_ylabel("time per call (us)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--sweep", action="store_true", help="tune tile/warps/stages and split plan first")
+    ap.add_argument("--sweep-big-r", action="store_true", help="tune the >= 32-row config (Llama M=8) first")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(0)
+    slug = dev.replace("NVIDIA ", "").split()[0].lower() + (f"_{args.tag}" if args.tag else "")
+    meta = dict(
+        device=dev,
+        sms=props.multi_processor_count,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version(),
+        python=platform.python_version(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    log("meta", meta)
+    t_start = time.time()
+    copies = copy_bandwidth()
+    copy_gbs = max(copies.values())
+    tflops = matmul_tflops()
+    node_us = empty_node_us()
+    meta.update(
+        copy_GBps=copy_gbs, copy_detail_GBps=copies, bf16_matmul_TFLOPs=tflops, empty_graph_node_us=node_us
+    )
+    log(
+        f"copy bandwidth {copy_gbs:.0f} GB/s (read+written; "
+        + ", ".join(f"{k} {v:.0f}" for k, v in copies.items())
+        + f"), bf16 matmul {tflops:.0f} TFLOP/s, empty kernel node in a graph {node_us:.2f} us"
+    )
+    models = dict(MODELS)
+    ms, ls = (MS, LS) if not args.quick else ((1, 4), (4096, 131072))
+    sweep_rows = []
+    if args.sweep:
+        meta["chosen_cfg"] = {str(k): v for k, v in sweep(models, copy_gbs, sweep_rows).items()}
+    if args.sweep_big_r:
+        meta["chosen_cfg_big_r"] = sweep_big_r(copy_gbs, sweep_rows)
+    meta["cfg"] = {str(k): v for k, v in sm._CFG.items()}
+    meta["cfg_big_r"] = {str(k): v for k, v in sm._CFG_BIG_R.items()}
+    rows = []
+    impls = ["midm", "diag_split_only", *BACKENDS, "naive"]
+    for name, (hq, hkv, d) in models.items():
+        sets = Sets(hq, hkv, d)
+        for m in ms:
+            for L in ls:
+                kv_bytes = 2 * hkv * L * d * 2
+                err = check_midm(sets, m, L) if L <= 32768 else float("nan")
+                for impl in impls:
+                    t, why = measure(sets, impl, m, L)
+                    gbs = kv_bytes / (t * 1e-6) / 1e9 if t else None
+                    rows.append(
+                        dict(
+                            model=name,
+                            Hq=hq,
+                            Hkv=hkv,
+                            D=d,
+                            M=m,
+                            L=L,
+                            impl=impl,
+                            time_us=t,
+                            kv_bytes=kv_bytes,
+                            kv_GBps=gbs,
+                            ratio_copy=(gbs / copy_gbs) if gbs else None,
+                            note=why,
+                            midm_rel_err=err if impl == "midm" else None,
+                        )
+                    )
+                    log(
+                        f"{name} M={m} L={L} {impl}: "
+                        + (f"{t:.1f} us {gbs:.0f} GB/s {gbs / copy_gbs:.0%}" if t else f"n/a ({why})")
+                    )
+        sets.free()
+        torch.cuda.empty_cache()
+    base = os.path.join(args.out, f"sdpa_midm_{slug}")
+    with open(base + ".csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["# " + json.dumps(meta)])
+        keys = list(rows[0])
+        w.writerow(keys)
+        for r in rows:
+            w.writerow([("" if r[k] is None else r[k]) for k in keys])
+    with open(base + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows, sweep=sweep_rows), f, indent=1)
+    try:
+        plot(rows, base + ".png", copy_gbs)
+    except Exception as e:
+        log("plot failed:", e)
+    # short table last
+    log(
+        f"\n{dev}  torch {torch.__version__}  triton {triton.__version__}  copy {copy_gbs:.0f} GB/s  "
+        f"({time.time() - t_start:.0f} s)"
+    )
+    log(
+        f"{'model':18s} {'M':>2s} {'L':>7s} | {'midm us':>8s} {'GB/s':>6s} {'%copy':>6s} | "
+        f"{'best SDPA(slice)':>24s} | {'naive us':>9s} | {'x SDPA':>6s} {'err':>8s} | {'split-only':>10s}"
+    )
+    for name in models:
+        for m in ms:
+            for L in ls:
+                sub = {r["impl"]: r for r in rows if r["model"] == name and r["M"] == m and r["L"] == L}
+                mi = sub["midm"]
+                sd = [(r["time_us"], k) for k, r in sub.items() if k.startswith("sdpa_") and r["time_us"]]
+                bt, bk = min(sd) if sd else (None, "-")
+                nv = sub["naive"]["time_us"]
+                mt = mi["time_us"]
+                log(
+                    f"{name:18s} {m:2d} {L:7d} | {mt or float('nan'):8.1f} {mi['kv_GBps'] or 0:6.0f} "
+                    f"{(mi['ratio_copy'] or 0):6.1%} | {(bt or float('nan')):8.1f} {bk[5:]:>15s} | "
+                    f"{(nv or float('nan')):9.1f} | {((bt / mt) if (bt and mt) else float('nan')):6.1f} "
+                    f"{mi['midm_rel_err']:8.1e} | {sub['diag_split_only']['time_us'] or float('nan'):10.1f}"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Split-K "mid-M" attention for the target's verify pass (flash-decoding style).
+
+``torch.ops.etspec.sdpa_midm(q, k, v, input_pos, scale, window=0) -> Tensor``
+
+- ``q`` ``[1, Hq, M, D]``: the M query rows (1 <= M <= MAX_M) of one verify call.
+- ``k``/``v`` ``[1, Hkv, Lb, D]``: views into the KV cache (``cache[:, :, :Lb]``; any strides with a
+  unit stride on D). ``Lb`` is an *upper bound* of the valid length (a CUDA-graph bucket).
+- ``input_pos`` int64 ``[M]``: the consecutive positions of the M rows. The exact valid length
+  ``L = input_pos[M-1] + 1 <= Lb`` is read on the device by the kernels (never with ``.item()``), so a
+  captured graph stays correct while L grows inside its bucket. Keys at positions >= L are never read
+  (they may hold NaN).
+- Row i sees keys ``j <= input_pos[i]``, and with ``window > 0`` only keys ``j > input_pos[i] - window``.
+- GQA: ``Hq = G * Hkv``; the G query heads of one KV head are processed together (G*M rows), so each KV
+  tile is read once per KV head.
+- Output ``[1, Hq, M, D]`` contiguous, in q's dtype; fp32 accumulation.
+
+CUDA: two Triton kernels. The split kernel runs on a grid (Hkv, num_splits) whose size depends only on
+Lb (and the SM count): each program covers a contiguous run of ``S`` keys (a multiple of the key tile)
+of the device-read range ``[lo, L)`` and writes an unnormalised partial (acc, running max, running sum);
+programs whose run starts past L exit at once. The reduce kernel combines the valid splits (their number
+is again computed on the device from L) by log-sum-exp. CPU: the reference math in fp32 (eager CPU runs).
+
+``_launch(q, k, v, input_pos, scale, window, out)`` is the plain launcher used by the op on CUDA; the
+CPU tests call it directly under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+__all__ = ["MAX_M", "sdpa_midm", "sdpa_midm_reference", "plan_splits"]
+
+MAX_M = 8
+"""Largest number of query rows the op accepts (verify block k+1 <= MAX_M)."""
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_LOG2E = 1.4426950408889634
+
+# Tuning knobs, per head dim. "block_n": key tile; "ppsm": programs of the split kernel per SM that the
+# split count aims for; "min_tiles": fewest key tiles per split (bounds the partial-buffer traffic).
+# Chosen by the H100 sweep (bench --sweep, 2026-11-25; docs/kernels.md): the variants were within a few %
+# of each other; one program per SM (ppsm=1) was best at 4K-16K.
+_CFG = {
+    64: dict(block_n=64, num_warps=4, num_stages=3, ppsm=1, min_tiles=2),
+    128: dict(block_n=64, num_warps=4, num_stages=3, ppsm=1, min_tiles=2),
+    256: dict(block_n=64, num_warps=4, num_stages=2, ppsm=1, min_tiles=4),
+}
+# Overrides for programs of >= 32 rows (G*M >= 17, e.g. Llama GQA 4 with M >= 5), per head dim.
+_CFG_BIG_R: dict = {}
+# Global override (benchmark sweeps).
+_CFG_OVERRIDE: dict = {}
+_REDUCE_BLOCK_S = 32  # splits combined per step by the reduce kernel
+
+
+def _cfg(d: int, block_r: int = 16) -> dict:
+    key = d if d in _CFG else (256 if d > 128 else 64 if d < 128 else 128)
+    c = dict(_CFG[key])
+    if block_r >= 32:
+        c.update(_CFG_BIG_R.get(key, {}))
+    c.update(_CFG_OVERRIDE)
+    return c
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_update(
+    q,
+    k,
+    v,
+    offs_key,
+    pos_r,
+    m_i,
+    l_i,
+    acc,
+    QK_SCALE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # q [BR, D], k/v [BN, D]; offs_key [BN] absolute key positions; pos_r [BR] row positions.
+    if UPCAST:
+        # interpreter only: its bf16 tl.dot is wrong (triton 3.9); same rounding of p kept below
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    elif FP32_DOT:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * QK_SCALE  # log2 domain: scale * log2(e)
+    valid = offs_key[None, :] <= pos_r[:, None]
+    if WINDOW > 0:
+        valid = valid & (offs_key[None, :] > pos_r[:, None] - WINDOW)
+    # select (never multiply): masked scores become -inf whatever the loaded values were
+    qk = tl.where(valid, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # a row with no valid key so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    elif FP32_DOT:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _midm_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    po_ptr,
+    pm_ptr,
+    pl_ptr,
+    M,
+    R,
+    G,
+    S,
+    NSPLIT,
+    sq_h,
+    sq_m,
+    sk_h,
+    sk_n,
+    sv_h,
+    sv_n,
+    D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    kvh = tl.program_id(0)
+    sid = tl.program_id(1)
+    # exact valid length, read on the device
+    L = (tl.load(pos_ptr + M - 1) + 1).to(tl.int32)
+    if WINDOW > 0:
+        lo = tl.maximum(tl.load(pos_ptr).to(tl.int32) - WINDOW + 1, 0)
+    else:
+        lo = 0
+    s0 = lo + sid * S
+    n = tl.maximum(tl.minimum(s0 + S, L) - s0, 0)  # keys of this split; 0: past L, nothing to do
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    rmask = offs_r < R
+    g = offs_r // M
+    mm = offs_r % M
+    pos_r = tl.load(pos_ptr + mm, mask=rmask, other=0).to(tl.int32)
+    qh = (kvh * G + g).to(tl.int64)
+    q = tl.load(
+        q_ptr + qh[:, None] * sq_h + mm[:, None] * sq_m + offs_d[None, :], mask=rmask[:, None], other=0.0
+    )
+    k_base = k_ptr + kvh.to(tl.int64) * sk_h
+    v_base = v_ptr + kvh.to(tl.int64) * sv_h
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    n_full = n // BLOCK_N
+    # full tiles: every key inside [s0, s0 + n), a subset of [0, L): unmasked (vectorised) loads
+    for t in range(0, n_full):
+        offs_key = s0 + t * BLOCK_N + offs_n
+        k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :])
+        v = tl.load(v_base + offs_key[:, None] * sv_n + offs_d[None, :])
+        m_i, l_i, acc = _tile_update(
+            q, k, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
+        )
+    if n_full * BLOCK_N < n:
+        # ragged last tile: keys past the split end (and so past L) are never loaded
+        offs_key = s0 + n_full * BLOCK_N + offs_n
+        kmask = offs_key < s0 + n
+        k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(v_base + offs_key[:, None] * sv_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        m_i, l_i, acc = _tile_update(
+            q, k, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
+        )
+    # partials of rows (kvh*R + r) for split sid; empty splits store nothing (the reduce skips them)
+    smask = offs_r < tl.where(n > 0, R, 0)
+    prow = (kvh * R + offs_r).to(tl.int64) * NSPLIT + sid
+    tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=smask[:, None])
+    tl.store(pm_ptr + prow, m_i, mask=smask)
+    tl.store(pl_ptr + prow, l_i, mask=smask)
+
+
+@triton.jit
+def _midm_reduce_kernel(
+    po_ptr,
+    pm_ptr,
+    pl_ptr,
+    pos_ptr,
+    o_ptr,
+    M,
+    S,
+    NSPLIT,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # kvh*R + r  == flat (q head, m) row of the output
+    base = row * NSPLIT
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    # first chunk: loads issued before L is known (no dependent latency), then filtered by validity
+    in_buf = offs_s < NSPLIT
+    m_c = tl.load(pm_ptr + base + offs_s, mask=in_buf, other=float("-inf"))
+    l_c = tl.load(pl_ptr + base + offs_s, mask=in_buf, other=0.0)
+    o_c = tl.load(po_ptr + (base + offs_s)[:, None] * D + offs_d[None, :], mask=in_buf[:, None], other=0.0)
+    L = (tl.load(pos_ptr + M - 1) + 1).to(tl.int32)
+    if WINDOW > 0:
+        lo = tl.maximum(tl.load(pos_ptr).to(tl.int32) - WINDOW + 1, 0)
+    else:
+        lo = 0
+    nvalid = tl.minimum((L - lo + S - 1) // S, NSPLIT)  # splits that hold keys (the others stored nothing)
+    valid = offs_s < nvalid
+    m_c = tl.where(valid, m_c, float("-inf"))
+    m_run = tl.max(m_c, 0)  # finite: split 0 holds every row's own key
+    w = tl.where(valid, tl.math.exp2(m_c - m_run), 0.0)
+    l_run = tl.sum(tl.where(valid, w * l_c, 0.0), 0)
+    acc = tl.sum(tl.where(valid[:, None], w[:, None] * o_c, 0.0), 0)
+    # further chunks (only when the grid has more than BLOCK_S splits per KV head)
+    for c in range(BLOCK_S, nvalid, BLOCK_S):
+        sidx = c + offs_s
+        valid = sidx < nvalid
+        m_c = tl.load(pm_ptr + base + sidx, mask=valid, other=float("-inf"))
+        l_c = tl.load(pl_ptr + base + sidx, mask=valid, other=0.0)
+        o_c = tl.load(po_ptr + (base + sidx)[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m_c, 0))
+        w = tl.where(valid, tl.math.exp2(m_c - m_new), 0.0)
+        alpha = tl.math.exp2(m_run - m_new)
+        l_run = l_run * alpha + tl.sum(tl.where(valid, w * l_c, 0.0), 0)
+        acc = acc * alpha + tl.sum(tl.where(valid[:, None], w[:, None] * o_c, 0.0), 0)
+        m_run = m_new
+    # every row sees at least its own key, so l_run > 0
+    out = acc / l_run
+    tl.store(o_ptr + row * D + offs_d, out.to(o_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher (CUDA and interpreter)
+# --------------------------------------------------------------------------------------------------
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits so the tests cover the cross-split reduce
+
+
+def plan_splits(span, hkv: int, n_sm: int, block_n: int, ppsm: int, min_tiles: int):
+    """(num_splits, split_len, max_splits) for a key span (an int or a SymInt: uses only SymInt-safe ops).
+
+    The split count aims at ``ppsm`` programs per SM over ``hkv`` KV heads; each split covers a multiple
+    of ``block_n`` keys and at least ``min_tiles`` tiles. Depends only on the span bound, never on L.
+    """
+    nblk = (span + block_n - 1) // block_n
+    want = max(1, (ppsm * n_sm + hkv - 1) // hkv)
+    tiles = torch.sym_max((nblk + want - 1) // want, min_tiles)
+    split_len = tiles * block_n
+    nsplit = (span + split_len - 1) // split_len
+    return nsplit, split_len, want  # want: a static upper bound of nsplit
+
+
+def _launch(q, k, v, input_pos, scale, window, out, *, n_sm=None, cfg=None, _skip_reduce=False):
+    """Run the split + reduce kernels; writes ``out`` ([1, Hq, M, D], contiguous).
+
+    ``n_sm``/``cfg`` override the SM count and tuning (tests); ``_skip_reduce`` is a benchmark diagnostic.
+    """
+    _, hq, m, d = q.shape
+    hkv, lb = k.shape[1], k.shape[2]
+    g = hq // hkv
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    # rows per program: G*M padded to a power of two >= 16 (tl.dot needs >= 16); M may be symbolic
+    # under export/AOTInductor, then size for MAX_M
+    m_static = m if isinstance(m, int) else MAX_M
+    block_r = max(16, _next_pow2(g * m_static))
+    c = _cfg(d, block_r)
+    if cfg:
+        c.update(cfg)
+    r = g * m
+    span = lb if window <= 0 else torch.sym_min(lb, window + m - 1)
+    nsplit, split_len, max_splits = plan_splits(
+        span, hkv, n_sm or _num_sms(q.device), c["block_n"], c["ppsm"], c["min_tiles"]
+    )
+    po = torch.empty((hkv * r, nsplit, d), dtype=torch.float32, device=q.device)
+    pm = torch.empty((hkv * r, nsplit), dtype=torch.float32, device=q.device)
+    pl = torch.empty((hkv * r, nsplit), dtype=torch.float32, device=q.device)
+    fp32_dot = q.dtype == torch.float32
+    qk_scale = float(scale) * _LOG2E
+    split_k = _midm_split_kernel if _INTERPRET else wrap_triton(_midm_split_kernel)
+    reduce_k = _midm_reduce_kernel if _INTERPRET else wrap_triton(_midm_reduce_kernel)
+    split_k[(hkv, nsplit, 1)](
+        q,
+        k,
+        v,
+        input_pos,
+        po,
+        pm,
+        pl,
+        m,
+        r,
+        g,
+        split_len,
+        nsplit,
+        q.stride(1),
+        q.stride(2),
+        k.stride(1),
+        k.stride(2),
+        v.stride(1),
+        v.stride(2),
+        D=d,
+        BLOCK_R=block_r,
+        BLOCK_N=c["block_n"],
+        QK_SCALE=qk_scale,
+        WINDOW=int(window),
+        FP32_DOT=fp32_dot,
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        num_warps=c["num_warps"],
+        num_stages=c["num_stages"],
+    )
+    if _skip_reduce:
+        return out
+    reduce_k[(hkv * r, 1, 1)](
+        po,
+        pm,
+        pl,
+        input_pos,
+        out,
+        m,
+        split_len,
+        nsplit,
+        D=d,
+        BLOCK_S=max(2, min(_REDUCE_BLOCK_S, _next_pow2(max_splits))),
+        WINDOW=int(window),
+        num_warps=4 if d >= 128 else 2,
+        num_stages=2,
+    )
+    return out
+
+
+def _check(q, k, v, input_pos):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "sdpa_midm: 4-d q/k/v expected")
+    torch._check(q.shape[0] == 1, lambda: "sdpa_midm: batch 1 only")
+    torch._check(
+        k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0,
+        lambda: "sdpa_midm: Hq must be a multiple of Hkv",
+    )
+    torch._check(q.shape[3] == k.shape[3] and k.shape[3] == v.shape[3], lambda: "sdpa_midm: head dims")
+    torch._check(q.dtype == k.dtype and k.dtype == v.dtype, lambda: "sdpa_midm: q/k/v dtypes differ")
+    torch._check(input_pos.dtype == torch.int64, lambda: "sdpa_midm: input_pos must be int64")
+
+
+# --------------------------------------------------------------------------------------------------
+# The op
+# --------------------------------------------------------------------------------------------------
+
+
+@triton_op("etspec::sdpa_midm", mutates_args={})
+def sdpa_midm(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, scale: float, window: int = 0
+) -> torch.Tensor:
+    _check(q, k, v, input_pos)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch(q, k, v, input_pos, scale, window, out)
+    return out
+
+
+@sdpa_midm.register_fake
+def _sdpa_midm_fake(q, k, v, input_pos, scale, window=0):
+    _check(q, k, v, input_pos)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def sdpa_midm_reference(q, k, v, input_pos, scale, window=0, acc_dtype=torch.float32):
+    """Reference math (also the CPU implementation): reads only keys [0, L), L = input_pos[-1] + 1."""
+    hq, hkv = q.shape[1], k.shape[1]
+    L = int(input_pos[-1].item()) + 1
+    kk = k[:, :, :L].to(acc_dtype).repeat_interleave(hq // hkv, dim=1)
+    vv = v[:, :, :L].to(acc_dtype).repeat_interleave(hq // hkv, dim=1)
+    s = (q.to(acc_dtype) @ kk.transpose(-1, -2)) * scale
+    j = torch.arange(L, device=q.device)
+    pos = input_pos.to(q.device)[:, None]
+    valid = j[None, :] <= pos
+    if window > 0:
+        valid = valid & (j[None, :] > pos - window)
+    s = s.masked_fill(~valid, float("-inf"))
+    return (torch.softmax(s, dim=-1) @ vv).to(q.dtype)
+
+
+@sdpa_midm.register_kernel("cpu")
+def _sdpa_midm_cpu(q, k, v, input_pos, scale, window=0):
+    _check(q, k, v, input_pos)
+    return sdpa_midm_reference(q, k, v, input_pos, scale, window).contiguous()

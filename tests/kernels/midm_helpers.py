@@ -1,0 +1,119 @@
+"""Shared pieces of the sdpa_midm tests: an independent float64 reference, case builders, and the
+Triton-interpreter check (run as a script in its own process: ``TRITON_INTERPRET=1 python midm_helpers.py``,
+because TRITON_INTERPRET must be set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+def ref64(q, k, v, input_pos, scale, window=0):
+    """Float64 attention written independently of the kernel module: per query head, per row."""
+    hq, m_rows, d = q.shape[1], q.shape[2], q.shape[3]
+    hkv = k.shape[1]
+    grp = hq // hkv
+    pos = [int(p) for p in input_pos.tolist()]
+    L = pos[-1] + 1
+    out = torch.empty((1, hq, m_rows, d), dtype=torch.float64, device=q.device)
+    kk = k[0, :, :L].to(torch.float64)
+    vv = v[0, :, :L].to(torch.float64)
+    qq = q[0].to(torch.float64)
+    for h in range(hq):
+        kh = h // grp
+        for i in range(m_rows):
+            lo = max(0, pos[i] - window + 1) if window > 0 else 0
+            hi = pos[i] + 1
+            s = (kk[kh, lo:hi] @ qq[h, i]) * scale
+            p = torch.softmax(s, dim=0)
+            out[0, h, i] = p @ vv[kh, lo:hi]
+    return out
+
+
+def make_case(hq, hkv, m, d, L, lb, dtype, device="cpu", seed=0, max_seq=None, q_strided=False):
+    """q, k, v (views [1, Hkv, Lb, D] into a larger cache, NaN at positions >= L), input_pos."""
+    assert L >= m and lb >= L
+    g = torch.Generator(device=device).manual_seed(seed)
+    max_seq = max_seq or lb + 7
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    kc = rnd(1, hkv, max_seq, d)
+    vc = rnd(1, hkv, max_seq, d)
+    kc[:, :, L:] = float("nan")  # never written: must never reach the output
+    vc[:, :, L:] = float("nan")
+    if q_strided:  # as produced by a Linear: [1, M, Hq, D] viewed as [1, Hq, M, D]
+        q = rnd(1, m, hq, d).transpose(1, 2)
+    else:
+        q = rnd(1, hq, m, d)
+    pos = torch.arange(L - m, L, dtype=torch.int64, device=device)
+    return q, kc[:, :, :lb], vc[:, :, :lb], pos
+
+
+def rel_err(out, ref):
+    return ((out.to(torch.float64) - ref).norm() / ref.norm()).item()
+
+
+# hq, hkv, M, D, L, Lb, window, dtype, n_sm, cfg, note
+INTERP_CASES = [
+    (4, 1, 4, 64, 37, 64, 0, torch.float32, 4, {"block_n": 16}, "ragged L, GQA 4, tiles+tail"),
+    (2, 2, 1, 64, 50, 50, 0, torch.bfloat16, 4, {"block_n": 16}, "M=1, GQA 1"),
+    (8, 1, 3, 64, 5, 40, 0, torch.float32, 4, {}, "L < one block, Lb > L, GQA 8"),
+    (4, 4, 4, 128, 4, 4, 0, torch.float16, 4, {"block_n": 16}, "L == M == Lb, D=128"),
+    (8, 1, 8, 64, 100, 200, 0, torch.bfloat16, 4, {"block_n": 32}, "GQA 8 x M=8 (64 rows)"),
+    (4, 2, 2, 256, 40, 48, 0, torch.bfloat16, 4, {"block_n": 16}, "D=256"),
+    (4, 1, 4, 64, 150, 256, 16, torch.float32, 4, {"block_n": 16}, "sliding window 16"),
+    (4, 1, 4, 64, 10, 256, 16, torch.float32, 4, {"block_n": 16}, "window > L"),
+    (2, 1, 3, 64, 30, 64, 1, torch.float32, 4, {"block_n": 16}, "window 1"),
+    (4, 2, 5, 64, 90, 128, 40, torch.bfloat16, 8, {"block_n": 16, "min_tiles": 1}, "window 40 over 3 splits"),
+    (
+        2,
+        1,
+        2,
+        64,
+        600,
+        1024,
+        0,
+        torch.float32,
+        64,
+        {"block_n": 16, "min_tiles": 1},
+        "64 splits (38 hold keys) > reduce chunk",
+    ),
+    (4, 1, 1, 128, 3, 300, 0, torch.float32, 4, {"block_n": 16}, "tiny L, big bucket"),
+    (4, 2, 4, 64, 77, 128, 0, torch.float16, 4, {"block_n": 16}, "strided q (Linear layout)"),
+]
+
+
+def run_interp_cases() -> int:
+    from etspec.kernels.sdpa_midm import _INTERPRET, _launch
+
+    assert _INTERPRET, "set TRITON_INTERPRET=1 before importing triton"
+    fails = 0
+    for i, (hq, hkv, m, d, L, lb, win, dtype, n_sm, cfg, note) in enumerate(INTERP_CASES):
+        t0 = time.time()
+        q, k, v, pos = make_case(hq, hkv, m, d, L, lb, dtype, seed=100 + i, q_strided="strided" in note)
+        out = torch.full((1, hq, m, d), float("nan"), dtype=dtype)
+        scale = 1.0 / math.sqrt(d)
+        _launch(q, k, v, pos, scale, win, out, n_sm=n_sm, cfg=cfg)
+        ref = ref64(q, k, v, pos, scale, win)
+        err = rel_err(out, ref)
+        ok = bool(torch.isfinite(out).all()) and err < TOL[dtype]
+        fails += not ok
+        print(
+            f"{'OK  ' if ok else 'FAIL'} {note:38s} hq={hq} hkv={hkv} M={m} D={d} L={L} Lb={lb} w={win} "
+            f"{str(dtype)[6:]:8s} rel_err={err:.2e} ({time.time() - t0:.2f}s)",
+            flush=True,
+        )
+    print(f"{len(INTERP_CASES) - fails}/{len(INTERP_CASES)} interpreter cases passed")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_interp_cases())

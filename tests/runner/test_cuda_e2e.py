@@ -1,0 +1,127 @@
+"""GPU: `etspec-export --backend cuda` of the tiny pair, run by the CUDA executor and the runner.
+
+Each artifact (midm on / off) is exported once per session (set ETSPEC_CUDA_ART_CACHE to keep them
+between runs). fp32 so that the compiled program and the eager model agree on every argmax; the bf16
+path is exercised by the benchmarks and tests/kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from etspec.export.cli import main as export_main
+from etspec.export.lower import describe_program
+from etspec.models.checkpoint import load_speculator
+from etspec.models.greedy import speculative_greedy, target_greedy
+from etspec.runner.generator import SpeculativeGenerator
+from etspec.runtime.program import Program
+from tests.conftest import TINY_CHUNK, TINY_K, TINY_MAX_SEQ
+from tests.recorder import Recorder
+
+pytestmark = [pytest.mark.cuda, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", params=["midm", "no-midm"])
+def cuda_art(request, tiny_checkpoints, tmp_path_factory):
+    target, draft = tiny_checkpoints("llama")
+    root = Path(os.environ.get("ETSPEC_CUDA_ART_CACHE") or tmp_path_factory.mktemp("cuda_art"))
+    out = root / request.param
+    if not (out / "manifest.json").is_file():
+        argv = ["--target", str(target), "--draft", str(draft), "--out", str(out), "--backend", "cuda"]
+        argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ), "--force"]
+        argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
+        t0 = time.perf_counter()
+        assert export_main(argv + (["--no-midm-sdpa"] if request.param == "no-midm" else [])) == 0
+        print(f"[{request.param}] cuda export took {time.perf_counter() - t0:.1f}s")
+    return target, draft, out, request.param == "midm"
+
+
+def test_artifact_files_and_delegates(cuda_art):
+    _, _, out, midm = cuda_art
+    files = {f.name: f.stat().st_size for f in out.iterdir()}
+    print("artifact:", files)
+    assert {"model.pte", "aoti_cuda_blob.ptd", "manifest.json", "tokenizer.json"} <= set(files)
+    info = describe_program(out / "model.pte", [out / "aoti_cuda_blob.ptd"])
+    for name in ("prefill", "target_verify", "draft"):
+        assert info["methods"][name]["delegates"] == ["CudaBackend"], info["methods"][name]
+    with Program.load(out) as p:
+        assert p.manifest.midm_sdpa == midm and p.manifest.backend == "cuda"
+
+
+def test_rounds_match_eager(cuda_art):
+    """20+ rounds of the DESIGN §4 protocol, every call compared with the eager model (ids exact)."""
+    target, draft, out, midm = cuda_art
+    eager = load_speculator(target, draft, TINY_MAX_SEQ, TINY_K, use_midm=midm, device="cuda")
+    with Program.load(out) as program:
+        torch.cuda.reset_peak_memory_stats()
+        rec = Recorder(program, eager, atol=2e-3)
+        for plen, seed in [(5, 0), (37, 1)]:  # 37: a three-chunk prefill
+            prompt = torch.randint(3, 256, (plen,), generator=torch.Generator().manual_seed(seed)).tolist()
+            spec = speculative_greedy(rec, prompt, 40, chunk=TINY_CHUNK)
+            base = target_greedy(rec, prompt, 40, chunk=TINY_CHUNK)
+            assert spec.tokens == base.tokens
+            assert spec.rounds >= 10
+        assert rec.calls > 60
+
+
+def test_prefill_kv_is_seen_by_verify(cuda_art):
+    """Shared KV: target_verify after prefill of prompt A and of prompt B (same last token, same
+    position) must differ, as the cache written by prefill differs."""
+    _, _, out, _ = cuda_art
+    with Program.load(out) as p:
+        prefill, verify = p.method("prefill"), p.method("target_verify")
+        win = torch.zeros(TINY_MAX_SEQ, dtype=torch.int8, device="cuda")
+        pos = torch.arange(TINY_MAX_SEQ, device="cuda")
+        feats = []
+        for seed in (0, 1):
+            toks = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(seed)).cuda()
+            prefill(toks, pos[:12], win[:12])
+            _, f = verify(torch.tensor([[7]], device="cuda"), pos[12:13], win[:13])
+            feats.append(f.clone())
+        assert not torch.allclose(feats[0], feats[1])
+
+
+def _generate(program, prompt, n, **kw):
+    gen = SpeculativeGenerator(program, **kw)
+    return [t for c in gen.generate(prompt, n) for t in c], gen.stats
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
+def test_runner_lossless(cuda_art, cuda_graph):
+    _, _, out, _ = cuda_art
+    with Program.load(out) as program:
+        accepted = 0
+        for plen, seed in [(1, 0), (16, 1), (17, 2), (45, 3)]:
+            prompt = torch.randint(3, 256, (plen,), generator=torch.Generator().manual_seed(seed)).tolist()
+            ref, _ = _generate(program, prompt, 32, spec=False)
+            for k in range(1, TINY_K + 1):
+                got, stats = _generate(program, prompt, 32, draft_len=k, cuda_graph=cuda_graph)
+                assert got == ref, (plen, k, cuda_graph)
+                accepted += sum(stats.accepted)
+            base, _ = _generate(program, prompt, 32, spec=False, cuda_graph=cuda_graph)
+            assert base == ref
+        assert accepted > 0
+
+
+def test_graph_replay_equals_eager_per_call(cuda_art):
+    _, _, out, _ = cuda_art
+    with Program.load(out) as program:
+        eager = program.method("target_verify")
+        graphed = program.method("target_verify", cuda_graph=True)
+        prefill = program.method("prefill")
+        win = torch.zeros(TINY_MAX_SEQ, dtype=torch.int8, device="cuda")
+        pos = torch.arange(TINY_MAX_SEQ, device="cuda")
+        toks = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(5)).cuda()
+        prefill(toks[:, :16], pos[:16], win[:16])
+        prefill(toks[:, 16:32], pos[16:32], win[:32])
+        for n in range(32, 38):  # the same bucket-sized window while the valid length grows
+            block = toks[:, n - 32 : n - 28]
+            a = [t.clone() for t in eager(block, pos[n : n + 4], win[:64])]
+            b = [t.clone() for t in graphed(block, pos[n : n + 4], win[:64])]
+            assert torch.equal(a[0], b[0])
+            torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)

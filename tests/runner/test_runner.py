@@ -1,0 +1,128 @@
+"""etspec-run / SpeculativeGenerator on exported tiny pairs (XNNPACK through ExecuTorch)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from etspec.runner.cli import main as run_main
+from etspec.runner.generator import ContextLimitError, SpeculativeGenerator
+from etspec.runtime.program import Program
+from tests.conftest import TINY_K, TINY_MAX_SEQ
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def program(request, tiny_artifacts):
+    with Program.load(tiny_artifacts(request.param)) as p:
+        yield p
+
+
+def _generate(program, prompt, n, **kw):
+    gen = SpeculativeGenerator(program, **kw)
+    chunks = list(gen.generate(prompt, n))
+    return [t for c in chunks for t in c], gen.stats, chunks
+
+
+def _prompt(n, seed):
+    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.slow
+def test_lossless_over_prompts_lengths_and_k(program):
+    accepted = 0
+    for plen, seed in [(1, 0), (2, 1), (15, 2), (16, 3), (17, 4), (40, 5), (63, 6)]:  # up to 4 prefill chunks
+        prompt = _prompt(plen, seed)
+        ref, base_stats, _ = _generate(program, prompt, 24, spec=False)
+        assert base_stats.rounds == len(ref) == 24
+        for k in range(1, TINY_K + 1):
+            out, stats, chunks = _generate(program, prompt, 24, draft_len=k)
+            assert out == ref, (plen, k)
+            # every round commits j + 1 tokens (the last one may be cut by the budget)
+            assert stats.generated == len(out) == sum(len(c) for c in chunks)
+            assert [len(c) for c in chunks[:-1]] == [j + 1 for j in stats.accepted[:-1]]
+            assert len(stats.histogram()) == k + 1 and sum(stats.histogram()) == stats.rounds
+            accepted += sum(stats.accepted)
+    assert accepted > 0
+
+
+def test_eos_max_new_tokens_and_context_limit(program):
+    prompt = _prompt(9, 7)
+    ref, _, _ = _generate(program, prompt, 30, spec=False)
+    gen = SpeculativeGenerator(program)
+    gen.eos = {ref[10]}
+    out = [t for c in gen.generate(prompt, 30) for t in c]
+    assert out == ref[: ref.index(ref[10]) + 1] and gen.stats.stop_reason == "eos"
+    out, stats, _ = _generate(program, prompt, 5)
+    assert out == ref[:5] and stats.stop_reason == "max_new_tokens"
+    long = _prompt(TINY_MAX_SEQ - TINY_K - 4, 8)  # room for 4 tokens
+    a, sa, _ = _generate(program, long, 50, spec=False)
+    b, sb, _ = _generate(program, long, 50)
+    assert a == b and len(a) == 4 and sb.stop_reason == "context_limit"
+    with pytest.raises(ContextLimitError, match="no room"):
+        _generate(program, _prompt(TINY_MAX_SEQ - TINY_K, 9), 5)
+
+
+def test_steady_state_round_has_no_allocations_and_fixed_op_count(program):
+    """Profile decode rounds: the runner's own work per round is a fixed, small set of ops with no
+    new device tensors (CPU here: host tensors), i.e. buffers are reused."""
+    gen = SpeculativeGenerator(program)
+    prompt = _prompt(12, 10)
+    it = gen.generate(prompt, 60)
+    for _ in range(3):
+        next(it)
+    per_round = []
+    allocs = []
+    for _ in range(6):
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
+            next(it)
+        events = [e for e in prof.events() if e.name.startswith("aten::")]
+        per_round.append(sorted(e.name for e in events))
+        allocs.append(sum(1 for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0))
+    counts = {name: per_round[0].count(name) for name in set(per_round[0])}
+    print(f"runner ops per round: {len(per_round[0])} {counts}; host allocations per round: {allocs}")
+    creators = {"aten::empty", "aten::zeros", "aten::arange", "aten::tensor", "aten::full", "aten::cat"}
+    for ops in per_round:
+        assert not creators & set(ops), ops
+        assert len(ops) <= 40
+
+
+def test_cli_compare_and_stats(tiny_artifacts, tmp_path, capsys):
+    art = tiny_artifacts("llama")
+    stats = tmp_path / "stats.json"
+    argv = ["--model", str(art), "--prompt", "Hello tiny model", "--max-new-tokens", "20", "--compare"]
+    assert run_main(argv + ["--stats-json", str(stats)]) == 0
+    captured = capsys.readouterr()
+    assert "outputs identical: True" in captured.err
+    report = json.loads(stats.read_text())
+    assert report["identical"] and report["speculative"]["generated"] == 20
+    assert report["speculative"]["acceptance_length"] >= 1.0 and report["prompt_tokens"] == 16
+    assert (
+        run_main(["--model", str(art), "--prompt", "hi", "--chat", "--max-new-tokens", "3", "--quiet"]) == 0
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--draft-len", "9"], "--draft-len must be between 1 and the exported 3"),
+        (["--cuda-graph"], "--cuda-graph needs a CUDA artifact"),
+        (["--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
+        (["--prompt-file", "/nonexistent"], "no such file"),
+        (["--prompt", "x" * 200], "the prompt has 200 tokens"),
+    ],
+)
+def test_cli_errors(tiny_artifacts, capsys, extra, message):
+    argv = ["--model", str(tiny_artifacts("llama"))]
+    if not any(a.startswith("--prompt") for a in extra):
+        argv += ["--prompt", "hi"]
+    assert run_main(argv + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bad_artifact(tmp_path, capsys):
+    assert run_main(["--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
