@@ -29,7 +29,8 @@ from etspec.models.shaped import SHAPES, write_random_pair
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
 
-SHAPE, MAX_SEQ, CHUNK, K = "llama-3.2-1b", 65536, 1024, 4
+SHAPE, MAX_SEQ, K = "llama-3.2-1b", 65536, 4
+CHUNK = 256
 
 
 def log(*a) -> None:
@@ -126,7 +127,9 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=32768)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--chunk", type=int, default=CHUNK, help="--max-prefill-chunk of the export")
     args = ap.parse_args()
+    globals()["CHUNK"] = args.chunk
     gpu = torch.cuda.get_device_name()
     res: dict = {"device": gpu, "torch": torch.__version__, "python": platform.python_version()}
     res["command"] = " ".join(["python", *sys.argv])

@@ -29,7 +29,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-CUDA_KV_BUCKET = 256  # kv_window rounding the runtime may use for CUDA graphs
+CUDA_KV_BUCKET = 1024  # kv_window rounding the runtime may use for CUDA graphs (one graph per bucket)
 
 
 class UsageError(ValueError):

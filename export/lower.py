@@ -352,9 +352,7 @@ def _mutation_outputs_first_in_partitions():
         }
         out = next(n for n in reversed(submodule.graph.nodes) if n.op == "output")
         values = list(out.args[0])
-        getitems = {
-            u.args[1]: u for u in call_module_node.users if u.target is operator.getitem
-        }
+        getitems = {u.args[1]: u for u in call_module_node.users if u.target is operator.getitem}
         first = [i for i in range(len(values)) if i in getitems and getitems[i].name in mutated]
         order = first + [i for i in range(len(values)) if i not in set(first)]
         if order != list(range(len(values))):

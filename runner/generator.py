@@ -80,6 +80,10 @@ class SpeculativeGenerator:
         self._window = torch.zeros(m.max_seq_len, dtype=torch.int8, device=dev)
         self._prompt = torch.zeros(1, m.max_seq_len + 1, dtype=torch.long, device=dev)
         self._verify_tokens = torch.zeros(1, m.draft_len + 1, dtype=torch.long, device=dev)
+        # Decode-round positions get buffers of their own: slices of _positions at odd offsets are not
+        # 16-byte aligned, and AOTI copies misaligned inputs (with a warning) on every call.
+        self._verify_pos = torch.zeros(m.draft_len + 1, dtype=torch.long, device=dev)
+        self._draft_pos = torch.zeros(m.draft_len + 1, dtype=torch.long, device=dev)
         self._host = torch.zeros(2 * (m.draft_len + 1), dtype=torch.long, pin_memory=dev.type == "cuda")
         self._prefill = program.method("prefill", check=False)
         self._verify = program.method("target_verify", check=False, cuda_graph=cuda_graph)
@@ -158,7 +162,8 @@ class SpeculativeGenerator:
                 finished = stats.stop_reason == "eos" or emitted >= budget
                 if not finished:
                     if self.spec:
-                        rows = self._positions[n : n + j + 1]
+                        rows = self._draft_pos[: j + 1]
+                        rows.copy_(self._positions[n : n + j + 1])
                         with timer.span("draft"):
                             (drafts,) = self._draft(
                                 a[:, : j + 1], feature[:, : j + 1], rows, self._win(n + j + 1, "draft")
@@ -198,12 +203,10 @@ class SpeculativeGenerator:
         k, kk, cuda, host = self.k, self.manifest.draft_len, self.device.type == "cuda", self._host
         self._verify_tokens[:, :1].copy_(pending.view(1, 1))
         self._verify_tokens[:, 1 : k + 1].copy_(drafts[:, :k])
+        pos = self._verify_pos[: k + 1]
+        pos.copy_(self._positions[n : n + k + 1])
         with timer.span("verify"):
-            a, feature = self._verify(
-                self._verify_tokens[:, : k + 1],
-                self._positions[n : n + k + 1],
-                self._win(n + k + 1, "verify"),
-            )
+            a, feature = self._verify(self._verify_tokens[:, : k + 1], pos, self._win(n + k + 1, "verify"))
         host[: k + 1].copy_(a[0], non_blocking=cuda)  # the one device->host read of the round
         host[kk + 1 : kk + 1 + k].copy_(drafts[0, :k], non_blocking=cuda)
         self._sync(cuda)
@@ -217,10 +220,10 @@ class SpeculativeGenerator:
         """Target-only: one row through target_verify (M = 1)."""
         cuda, host = self.device.type == "cuda", self._host
         self._verify_tokens[:, :1].copy_(pending.view(1, 1))
+        pos = self._verify_pos[:1]
+        pos.copy_(self._positions[n : n + 1])
         with timer.span("verify"):
-            a, _ = self._verify(
-                self._verify_tokens[:, :1], self._positions[n : n + 1], self._win(n + 1, "verify")
-            )
+            a, _ = self._verify(self._verify_tokens[:, :1], pos, self._win(n + 1, "verify"))
         host[:1].copy_(a[0, :1], non_blocking=cuda)
         self._sync(cuda)
         return a[0, :1], int(host[0])

@@ -329,24 +329,50 @@ class AotiContainer:
                 f_.restype = ctypes.c_int32
                 self._fns[fn] = f_
             st.lib = lib
-            handle = ctypes.c_void_p()
-            dev_str = str(dev) if dev.type == "cuda" else "cpu"
-            with self._device_guard():
-                self._call(
-                    "AOTInductorModelContainerCreateWithDevice",
-                    ctypes.byref(handle),
-                    num_models,
-                    dev_str.encode(),
-                    cubin_dir.encode() if cubin_dir else None,
-                )
-            if not handle.value:
-                raise AotiCallError(name, "AOTInductorModelContainerCreateWithDevice", 0, "null handle")
-            st.handle = handle
-            self.num_inputs = self._get_size("AOTInductorModelContainerGetNumInputs")
-            self.num_outputs = self._get_size("AOTInductorModelContainerGetNumOutputs")
+            self._create(num_models, cubin_dir)
         except BaseException:
             self.close()
             raise
+
+    def _create(self, num_models: int, cubin_dir: str | None) -> None:
+        handle = ctypes.c_void_p()
+        dev_str = str(self.device) if self.device.type == "cuda" else "cpu"
+        with self._device_guard():
+            self._call(
+                "AOTInductorModelContainerCreateWithDevice",
+                ctypes.byref(handle),
+                num_models,
+                dev_str.encode(),
+                cubin_dir.encode() if cubin_dir else None,
+            )
+        if not handle.value:
+            raise AotiCallError(self.name, "AOTInductorModelContainerCreateWithDevice", 0, "null handle")
+        self._state.handle = handle
+        self.num_inputs = self._get_size("AOTInductorModelContainerGetNumInputs")
+        self.num_outputs = self._get_size("AOTInductorModelContainerGetNumOutputs")
+
+    def sibling(self, name: str | None = None) -> AotiContainer:
+        """A new container from the same loaded library (no new file, no constants bound yet).
+
+        Why: an AOTI container whose run was captured in a CUDA graph cannot run again (its next run
+        queries a completion event that only exists inside the graph: "The model did not finish
+        successfully. Error: invalid argument"), so every capture gets a container of its own.
+        """
+        twin = object.__new__(AotiContainer)
+        twin.name = name or self.name
+        twin.device = self.device
+        twin._state = _State()
+        twin._state.lib = self._state.lib
+        twin._state.keepalive.append(self)  # the library file belongs to the original
+        twin._finalizer = weakref.finalize(twin, _release, twin._state)
+        twin._constants = self._constants
+        twin._fns = self._fns
+        try:
+            twin._create(1, None)
+        except BaseException:
+            twin.close()
+            raise
+        return twin
 
     # -- plumbing --------------------------------------------------------------------------
     def has(self, fn: str) -> bool:

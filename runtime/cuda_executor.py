@@ -210,6 +210,8 @@ class CudaProgram:
         self._constants: dict[str, torch.Tensor] = {}  # identity (FQN) -> shared tensor
         self._storages: dict[str, torch.Tensor] = {}  # FQN-manifest storage key -> uint8 device tensor
         self._methods: dict[str, CudaMethod] = {}
+        self._binds: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # container key -> bound constants
+        self._copies: list[AotiContainer] = []  # containers of graph copies (see graph_copy)
         self.closed = False
         try:
             names = list(methods) if methods is not None else self.program.executable_methods()
@@ -383,6 +385,7 @@ class CudaProgram:
                 f"({len(by_fqn)} entries)"
             )
         c.bind_constants(bind)
+        self._binds[key] = bind
 
     def _dense_blob(self, key: tuple[str, int], c: AotiContainer, payload: AotiPayload) -> Any:
         if payload.weights_key is None:
@@ -494,6 +497,7 @@ class CudaProgram:
             if probe is not None:
                 probe.close()
         c.bind_constants(bind)
+        self._binds[key] = bind
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -530,9 +534,31 @@ class CudaProgram:
     def constant_methods(self) -> dict[str, Any]:
         return self.program.constant_methods
 
+    def graph_copy(self, name: str) -> CudaMethod:
+        """The method on fresh containers bound to the same shared constants, for one CUDA-graph capture
+        (a captured AOTI container cannot run again; see AotiContainer.sibling)."""
+        info = self.method(name).info
+        fresh: dict[int, AotiContainer] = {}  # id(original container) -> its copy
+        for key, original in self._containers.items():
+            if key[0] != name:
+                continue
+            if key not in self._binds:
+                raise ConstantBindingError(
+                    f"[{name}] CUDA graphs need constants shared by FQN; this program loaded private copies"
+                )
+            c = original.sibling()
+            self._copies.append(c)
+            c.bind_constants(self._binds[key])
+            fresh[id(original)] = c
+        steps = [
+            _Step(st.kind, fresh[id(st.container)] if st.container else None, st.in_args, st.out_args)
+            for st in self._methods[name]._steps
+        ]
+        return CudaMethod(self, info, steps)
+
     def close(self) -> None:
         """Delete every container, release the shared constants and remove the temp .so files."""
-        for c in list(getattr(self, "_containers", {}).values()):
+        for c in list(getattr(self, "_copies", [])) + list(getattr(self, "_containers", {}).values()):
             c.close()
         if hasattr(self, "_containers"):
             self._containers.clear()

@@ -16,18 +16,20 @@ Shapes = tuple[tuple[int, ...], ...]
 
 
 class _Graph:
-    def __init__(self, run: Callable, inputs: Sequence[torch.Tensor], pool, warmup: int):
+    def __init__(
+        self, run: Callable, capture_run: Callable, inputs: Sequence[torch.Tensor], pool, warmup: int
+    ):
         self.inputs = [t.clone() for t in inputs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(warmup):  # lets the container allocate and autotune outside the capture
+            for _ in range(warmup):  # lazy initialisation and allocator warm-up outside the capture
                 run(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        # relaxed: the AOTI container queries events while capturing
+        # relaxed: the AOTI container records and queries events while capturing
         with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="relaxed"):
-            self.outputs = tuple(run(*self.inputs))
+            self.outputs = tuple(capture_run(*self.inputs))
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         for static, t in zip(self.inputs, inputs):
@@ -37,8 +39,17 @@ class _Graph:
 
 
 class GraphedMethod:
-    def __init__(self, run: Callable[..., Sequence[torch.Tensor]], name: str, warmup: int = 2):
-        self.run, self.name, self.warmup = run, name, warmup
+    """`run` serves the warm-up calls; `fresh()` gives a callable for one capture (AOTI containers
+    cannot run again once captured, so each graph is recorded on containers of its own)."""
+
+    def __init__(
+        self,
+        run: Callable[..., Sequence[torch.Tensor]],
+        fresh: Callable[[], Callable[..., Sequence[torch.Tensor]]],
+        name: str,
+        warmup: int = 2,
+    ):
+        self.run, self.fresh, self.name, self.warmup = run, fresh, name, warmup
         self.graphs: dict[Shapes, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -46,5 +57,5 @@ class GraphedMethod:
         key = tuple(tuple(t.shape) for t in inputs)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = _Graph(self.run, inputs, self.pool, self.warmup)
+            graph = self.graphs[key] = _Graph(self.run, self.fresh(), inputs, self.pool, self.warmup)
         return graph(inputs)

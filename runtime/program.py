@@ -21,9 +21,7 @@ PTE_NAME = "model.pte"
 MANIFEST_NAME = "manifest.json"
 CUDA_DATA_NAME = "aoti_cuda_blob.ptd"
 REQUIRED_METHODS = ("prefill", "target_verify", "draft")
-_DTYPES = {
-    n: getattr(torch, n) for n in ("int64", "int32", "int8", "bool", "float32", "bfloat16", "float16")
-}
+_DTYPES = {n: getattr(torch, n) for n in ("int64", "int32", "int8", "bool", "float32", "bfloat16", "float16")}
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -166,7 +164,7 @@ class Program:
             if cuda_graph:
                 from .cuda_graphs import GraphedMethod
 
-                run = GraphedMethod(run, name)
+                run = GraphedMethod(run, lambda: self._executor.graph_copy(name), name)
             if check:
                 sig = self.manifest.methods[name]
 

@@ -64,30 +64,34 @@ def test_eos_max_new_tokens_and_context_limit(program):
         _generate(program, _prompt(TINY_MAX_SEQ - TINY_K, 9), 5)
 
 
+VIEW_OPS = {"aten::as_strided", "aten::slice", "aten::select", "aten::alias", "aten::view"}
+VIEW_OPS |= {"aten::resolve_conj", "aten::resolve_neg", "aten::detach"}
+
+
 def test_steady_state_round_has_no_allocations_and_fixed_op_count(program):
-    """Profile decode rounds: the runner's own work per round is a fixed, small set of ops with no
-    new device tensors (CPU here: host tensors), i.e. buffers are reused."""
+    """Profile decode rounds: the runner's own work per round is a fixed, small set of ops that creates
+    no tensors (CPU here: host tensors), i.e. its buffers are reused. Views cost no kernel and are left
+    out of the count; ExecuTorch's pybindings return each output as a fresh tensor (clone), which is the
+    executor's, not the runner's."""
     gen = SpeculativeGenerator(program)
     prompt = _prompt(12, 10)
     it = gen.generate(prompt, 60)
     for _ in range(3):
         next(it)
     per_round = []
-    allocs = []
     for _ in range(6):
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-        ) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             next(it)
-        events = [e for e in prof.events() if e.name.startswith("aten::")]
-        per_round.append(sorted(e.name for e in events))
-        allocs.append(sum(1 for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0))
+        ops = [e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS]
+        per_round.append(sorted(ops))
     counts = {name: per_round[0].count(name) for name in set(per_round[0])}
-    print(f"runner ops per round: {len(per_round[0])} {counts}; host allocations per round: {allocs}")
+    print(f"runner ops per round (views excluded): {len(per_round[0])} {counts}")
     creators = {"aten::empty", "aten::zeros", "aten::arange", "aten::tensor", "aten::full", "aten::cat"}
+    outputs = 3  # verify returns 2 tensors, draft 1
     for ops in per_round:
         assert not creators & set(ops), ops
-        assert len(ops) <= 40
+        assert ops.count("aten::clone") <= outputs and ops.count("aten::empty_strided") <= outputs, ops
+        assert len(ops) <= 20, ops
 
 
 def test_cli_compare_and_stats(tiny_artifacts, tmp_path, capsys):
