@@ -31,6 +31,7 @@ from etspec.runtime.program import Program
 
 SHAPE, MAX_SEQ, K = "llama-3.2-1b", 65536, 4
 CHUNK = 256
+UNTIED = False
 
 
 def log(*a) -> None:
@@ -59,7 +60,7 @@ def export(work: Path) -> tuple[Path, dict]:
     ckpt, art = work / "ckpt", work / "art"
     if not (ckpt / "draft" / "model.safetensors").is_file():
         t0 = time.perf_counter()
-        write_random_pair(ckpt, SHAPE, device="cuda")
+        write_random_pair(ckpt, SHAPE, device="cuda", **({"tie_word_embeddings": False} if UNTIED else {}))
         log(f"wrote random {SHAPE} pair in {time.perf_counter() - t0:.1f}s")
     info: dict = {}
     if not (art / "manifest.json").is_file():
@@ -128,8 +129,10 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--chunk", type=int, default=CHUNK, help="--max-prefill-chunk of the export")
+    ap.add_argument("--untied", action="store_true", help="separate lm_head (not tied to the embedding)")
     args = ap.parse_args()
     globals()["CHUNK"] = args.chunk
+    globals()["UNTIED"] = args.untied
     gpu = torch.cuda.get_device_name()
     res: dict = {"device": gpu, "torch": torch.__version__, "python": platform.python_version()}
     res["command"] = " ".join(["python", *sys.argv])

@@ -100,11 +100,13 @@ def write_random_pair(
     device: str = "cpu",
     seed: int = 0,
     draft_vocab_size: int = 32000,
+    **overrides: Any,
 ) -> tuple[Path, Path]:
-    """Write `shape`'s target and a matching head as directories target/ and draft/ (HF layout)."""
+    """Write `shape`'s target (config entries replaced by `overrides`) and a matching head as
+    directories target/ and draft/ (HF layout)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r} (have {sorted(SHAPES)})")
-    tcfg = copy.deepcopy(SHAPES[shape])
+    tcfg = {**copy.deepcopy(SHAPES[shape]), **overrides}
     dcfg = head_config(tcfg, draft_vocab_size)
     gen = torch.Generator(device=device).manual_seed(seed)
     d = Path(directory)
