@@ -13,15 +13,27 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m etspec.models.demo
+# The main job: the embedded tiny pair, exported once for the CPU (XNNPACK) and cached under $(DEMO)
+# (rebuilt when the model or export code changes), then generated from target-only and speculatively.
+DEMO ?= out/demo
+DEMO_PROMPT ?= Once upon a time, a tiny model
+$(DEMO)/ckpt/.written: $(STAMP) $(wildcard models/*.py)
+	$(PY) -m etspec.models.tiny $(DEMO)/ckpt
+	touch $@
+
+$(DEMO)/art/manifest.json: $(DEMO)/ckpt/.written $(wildcard models/*.py kernels/*.py export/*.py)
+	$(VENV)/bin/etspec-export --target $(DEMO)/ckpt/target --draft $(DEMO)/ckpt/draft --out $(DEMO)/art \
+		--backend xnnpack --dtype fp32 --max-seq-len 512 --max-prefill-chunk 64 --draft-len 4 --force
+
+demo: $(DEMO)/art/manifest.json
+	$(VENV)/bin/etspec-run --model $(DEMO)/art --prompt "$(DEMO_PROMPT)" --max-new-tokens 64 --compare
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(DEMO)

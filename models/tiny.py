@@ -302,3 +302,24 @@ def write_byte_tokenizer(directory: str | Path, eos_token_id: int = 2) -> None:
         "chat_template": template,
     }
     (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m etspec.models.tiny",
+        description="Write the deterministic tiny target + trained EAGLE-3 head as Hugging Face checkpoint "
+        "directories OUT/target and OUT/draft (with a byte-level tokenizer), e.g. to export them.",
+    )
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--family", default="llama", choices=sorted(TINY_TARGETS), help="tiny target family")
+    p.add_argument("--seed", type=int, default=0, help="seed for the weights and the head's training")
+    args = p.parse_args(argv)
+    target, draft = write_tiny_pair(args.out, args.family, args.seed)
+    print(f"wrote {target} and {draft}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

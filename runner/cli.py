@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from etspec.runtime.errors import RuntimeErrorBase
-from etspec.runtime.program import Program
+from etspec.runtime.program import Program, read_manifest
 
 from .generator import ContextLimitError, SpeculativeGenerator
 from .stats import GenerationStats
@@ -87,7 +87,9 @@ def _prompt_ids(args: argparse.Namespace) -> tuple[list[int], object | None]:
         ids = tok.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
         )
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        ids = list(ids)
     else:
         ids = tok(text)["input_ids"]
     return list(ids), tok
@@ -120,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-new-tokens must be >= 1")
     if args.no_spec and args.compare:
         raise UsageError("--compare already runs --no-spec; pass one of them")
+    if not args.model.is_dir():
+        raise UsageError(f"--model {args.model}: no such artifact directory")
+    read_manifest(args.model)  # a clear error for a wrong directory before any tokenizer work
     ids, tok = _prompt_ids(args)
     if not ids:
         raise UsageError("the prompt is empty")

@@ -44,8 +44,16 @@ def hf_targets(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_threads():
-    # CI machines have 2 cores; oversubscription makes tiny models slower, not faster.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # CI machines have 2 cores and `make test` runs 2 xdist workers; oversubscription makes tiny models
+    # slower, not faster.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
+
+
+def exported_families() -> list:
+    """The families whose tiny pair is exported (with / without sliding-window layers), each pinned to
+    one xdist worker (`--dist loadgroup`) so that every worker does not export every artifact."""
+    return [pytest.param(f, marks=pytest.mark.xdist_group(f"art-{f}")) for f in ("llama", "mistral")]
 
 
 TINY_MAX_SEQ, TINY_CHUNK, TINY_K = 96, 16, 3
@@ -69,20 +77,25 @@ def tiny_checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_checkpoints, tmp_path_factory):
-    """{family: artifact dir}: `etspec-export --backend xnnpack` of the tiny pair, once per session."""
+    """{family: artifact dir}: `etspec-export --backend xnnpack` of the tiny pair, once per session
+    (ETSPEC_TEST_ART_CACHE=DIR keeps them between local runs; CI always exports afresh)."""
     from etspec.export.cli import main as export_main
 
-    root = tmp_path_factory.mktemp("art")
+    keep = os.environ.get("ETSPEC_TEST_ART_CACHE")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("art")
     cache: dict[str, Path] = {}
 
     def get(family: str) -> Path:
         if family not in cache:
             target, draft = tiny_checkpoints(family)
             out = root / family
+            if keep and (out / "manifest.json").is_file():
+                cache[family] = out
+                return out
             argv = ["--target", str(target), "--draft", str(draft), "--out", str(out), "--backend", "xnnpack"]
             argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ)]
             argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
-            assert export_main(argv) == 0
+            assert export_main(argv + ["--force"]) == 0
             cache[family] = out
         return cache[family]
 

@@ -20,10 +20,11 @@ from etspec.runtime.program import Program
 from tests.conftest import TINY_CHUNK as CHUNK
 from tests.conftest import TINY_K as K
 from tests.conftest import TINY_MAX_SEQ as MAX_SEQ
+from tests.conftest import exported_families
 from tests.recorder import Recorder
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral"])  # mistral: sliding-window layers
+@pytest.fixture(scope="module", params=exported_families())  # mistral: sliding-window layers
 def artifact(request, tiny_checkpoints, tiny_artifacts):
     target, draft = tiny_checkpoints(request.param)
     return target, draft, tiny_artifacts(request.param)

@@ -10,10 +10,10 @@ import torch
 from etspec.runner.cli import main as run_main
 from etspec.runner.generator import ContextLimitError, SpeculativeGenerator
 from etspec.runtime.program import Program
-from tests.conftest import TINY_K, TINY_MAX_SEQ
+from tests.conftest import TINY_K, TINY_MAX_SEQ, exported_families
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral"])
+@pytest.fixture(scope="module", params=exported_families())
 def program(request, tiny_artifacts):
     with Program.load(tiny_artifacts(request.param)) as p:
         yield p
@@ -35,7 +35,10 @@ def test_lossless_over_prompts_lengths_and_k(program):
     for plen, seed in [(1, 0), (2, 1), (15, 2), (16, 3), (17, 4), (40, 5), (63, 6)]:  # up to 4 prefill chunks
         prompt = _prompt(plen, seed)
         ref, base_stats, _ = _generate(program, prompt, 24, spec=False)
-        assert base_stats.rounds == len(ref) == 24
+        assert base_stats.rounds == len(ref)
+        assert len(ref) == 24 or (
+            ref[-1] in program.manifest.eos_token_ids and base_stats.stop_reason == "eos"
+        )
         for k in range(1, TINY_K + 1):
             out, stats, chunks = _generate(program, prompt, 24, draft_len=k)
             assert out == ref, (plen, k)
@@ -94,6 +97,7 @@ def test_steady_state_round_has_no_allocations_and_fixed_op_count(program):
         assert len(ops) <= 20, ops
 
 
+@pytest.mark.xdist_group("art-llama")
 def test_cli_compare_and_stats(tiny_artifacts, tmp_path, capsys):
     art = tiny_artifacts("llama")
     stats = tmp_path / "stats.json"
@@ -119,6 +123,7 @@ def test_cli_compare_and_stats(tiny_artifacts, tmp_path, capsys):
         (["--prompt", "x" * 200], "the prompt has 200 tokens"),
     ],
 )
+@pytest.mark.xdist_group("art-llama")
 def test_cli_errors(tiny_artifacts, capsys, extra, message):
     argv = ["--model", str(tiny_artifacts("llama"))]
     if not any(a.startswith("--prompt") for a in extra):
