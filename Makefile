@@ -22,11 +22,11 @@ $(DEMO)/ckpt/.written: $(STAMP) $(wildcard models/*.py)
 	touch $@
 
 $(DEMO)/art/manifest.json: $(DEMO)/ckpt/.written $(wildcard models/*.py kernels/*.py export/*.py)
-	$(VENV)/bin/etspec-export --target $(DEMO)/ckpt/target --draft $(DEMO)/ckpt/draft --out $(DEMO)/art \
+	PYTHONWARNINGS=ignore $(VENV)/bin/etspec-export --target $(DEMO)/ckpt/target --draft $(DEMO)/ckpt/draft --out $(DEMO)/art \
 		--backend xnnpack --dtype fp32 --max-seq-len 512 --max-prefill-chunk 64 --draft-len 4 --force
 
 demo: $(DEMO)/art/manifest.json
-	$(VENV)/bin/etspec-run --model $(DEMO)/art --prompt "$(DEMO_PROMPT)" --max-new-tokens 64 --compare
+	PYTHONWARNINGS=ignore $(VENV)/bin/etspec-run --model $(DEMO)/art --prompt "$(DEMO_PROMPT)" --max-new-tokens 64 --compare
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
