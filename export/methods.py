@@ -54,16 +54,21 @@ def method_specs(spec: Speculator, max_prefill_chunk: int) -> dict[str, tuple[nn
     def window(n: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.int8, device=device)
 
-    # Example sizes avoid 0/1 (export specialises on them) and sit inside every range.
-    t = min(3, max_prefill_chunk)
-    m = min(2, k + 1)
-    prefill = (torch.zeros(1, t, **i64), torch.arange(t, **i64), window(t + 2))
-    verify = (torch.zeros(1, m, **i64), torch.arange(5, 5 + m, **i64), window(5 + m))
+    # Example sizes avoid 0/1 (export specialises on them) and sit inside every range. They are also the
+    # hints AOTInductor autotunes its GEMM/attention kernels at, so they are the hot path's sizes: a full
+    # prefill chunk, a k+1-row verify, a short draft catch-up, a few thousand keys.
+    t = max_prefill_chunk if max_prefill_chunk >= 2 else 1
+    m = k + 1
+    r = max(1, min(k + 1, max_prefill_chunk))
+    kv = min(max_seq, max(4096, t + 2))
+    prefill = (torch.zeros(1, t, **i64), torch.arange(kv - t, kv, **i64), window(kv))
+    verify = (torch.zeros(1, m, **i64), torch.arange(kv - m, kv, **i64), window(kv))
+    kv_draft = min(kv, max_seq - k + 1)
     draft = (
-        torch.zeros(1, t, **i64),
-        torch.zeros(1, t, hidden, dtype=dtype, device=device),
-        torch.arange(4, 4 + t, **i64),
-        window(4 + t),
+        torch.zeros(1, r, **i64),
+        torch.zeros(1, r, hidden, dtype=dtype, device=device),
+        torch.arange(kv_draft - r, kv_draft, **i64),
+        window(kv_draft),
     )
     rows = Dim("T", min=1, max=max_prefill_chunk)
     kv_p = Dim("kv_len", min=1, max=max_seq)

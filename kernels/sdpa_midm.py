@@ -133,7 +133,7 @@ def _midm_split_kernel(
     R,
     G,
     S,
-    NSPLIT,
+    MAX_SPLITS,
     sq_h,
     sq_m,
     sk_h,
@@ -194,7 +194,7 @@ def _midm_split_kernel(
         )
     # partials of rows (kvh*R + r) for split sid; empty splits store nothing (the reduce skips them)
     smask = offs_r < tl.where(n > 0, R, 0)
-    prow = (kvh * R + offs_r).to(tl.int64) * NSPLIT + sid
+    prow = (kvh * R + offs_r).to(tl.int64) * MAX_SPLITS + sid
     tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=smask[:, None])
     tl.store(pm_ptr + prow, m_i, mask=smask)
     tl.store(pl_ptr + prow, l_i, mask=smask)
@@ -209,17 +209,17 @@ def _midm_reduce_kernel(
     o_ptr,
     M,
     S,
-    NSPLIT,
+    MAX_SPLITS,
     D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     WINDOW: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # kvh*R + r  == flat (q head, m) row of the output
-    base = row * NSPLIT
+    base = row * MAX_SPLITS
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
     # first chunk: loads issued before L is known (no dependent latency), then filtered by validity
-    in_buf = offs_s < NSPLIT
+    in_buf = offs_s < MAX_SPLITS
     m_c = tl.load(pm_ptr + base + offs_s, mask=in_buf, other=float("-inf"))
     l_c = tl.load(pl_ptr + base + offs_s, mask=in_buf, other=0.0)
     o_c = tl.load(po_ptr + (base + offs_s)[:, None] * D + offs_d[None, :], mask=in_buf[:, None], other=0.0)
@@ -228,7 +228,9 @@ def _midm_reduce_kernel(
         lo = tl.maximum(tl.load(pos_ptr).to(tl.int32) - WINDOW + 1, 0)
     else:
         lo = 0
-    nvalid = tl.minimum((L - lo + S - 1) // S, NSPLIT)  # splits that hold keys (the others stored nothing)
+    nvalid = tl.minimum(
+        (L - lo + S - 1) // S, MAX_SPLITS
+    )  # splits that hold keys (the others stored nothing)
     valid = offs_s < nvalid
     m_c = tl.where(valid, m_c, float("-inf"))
     m_run = tl.max(m_c, 0)  # finite: split 0 holds every row's own key
@@ -304,9 +306,14 @@ def _launch(q, k, v, input_pos, scale, window, out, *, n_sm=None, cfg=None, _ski
     nsplit, split_len, max_splits = plan_splits(
         span, hkv, n_sm or _num_sms(q.device), c["block_n"], c["ppsm"], c["min_tiles"]
     )
-    po = torch.empty((hkv * r, nsplit, d), dtype=torch.float32, device=q.device)
-    pm = torch.empty((hkv * r, nsplit), dtype=torch.float32, device=q.device)
-    pl = torch.empty((hkv * r, nsplit), dtype=torch.float32, device=q.device)
+    # Partials are flat, with room for the static bound `max_splits` per row (the kernels index rows with
+    # stride max_splits). A [rows, nsplit, D] buffer with a symbolic nsplit gets a Max(1, nsplit) stride
+    # under AOTInductor, whose mutation bookkeeping then copies the buffer onto itself and its scheduler
+    # fails (torch 2.11: "KeyError: 'op14'" in compute_ancestors, pytorch#189271) on 1B-sized shapes.
+    rows = hkv * r * max_splits
+    po = torch.empty((rows * d,), dtype=torch.float32, device=q.device)
+    pm = torch.empty((rows,), dtype=torch.float32, device=q.device)
+    pl = torch.empty((rows,), dtype=torch.float32, device=q.device)
     fp32_dot = q.dtype == torch.float32
     qk_scale = float(scale) * _LOG2E
     split_k = _midm_split_kernel if _INTERPRET else wrap_triton(_midm_split_kernel)
@@ -323,7 +330,7 @@ def _launch(q, k, v, input_pos, scale, window, out, *, n_sm=None, cfg=None, _ski
         r,
         g,
         split_len,
-        nsplit,
+        max_splits,
         q.stride(1),
         q.stride(2),
         k.stride(1),
@@ -350,7 +357,7 @@ def _launch(q, k, v, input_pos, scale, window, out, *, n_sm=None, cfg=None, _ski
         out,
         m,
         split_len,
-        nsplit,
+        max_splits,
         D=d,
         BLOCK_S=max(2, min(_REDUCE_BLOCK_S, _next_pow2(max_splits))),
         WINDOW=int(window),

@@ -192,6 +192,7 @@ def load_draft(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     cfg: DraftConfig | None = None,
+    use_midm: bool = False,
 ) -> Eagle3Draft:
     """Load a standard EAGLE-3 head; d2t absent means identity, which needs draft_vocab == vocab."""
     cfg = cfg or parse_draft_config(read_config_json(directory))
@@ -203,7 +204,7 @@ def load_draft(
             "but the checkpoint has no d2t mapping"
         )
     own_embedding = "embed_tokens.weight" in keys
-    model = build_empty(lambda: Eagle3Draft(cfg, max_seq_len, own_embedding), dtype, device)
+    model = build_empty(lambda: Eagle3Draft(cfg, max_seq_len, own_embedding, use_midm), dtype, device)
     model.d2t.zero_()
     rename = lambda k: None if k == "t2d" else k
     load_into(model, src.tensors(), rename, optional=("d2t",))
@@ -228,7 +229,7 @@ def load_speculator(
     tcfg = parse_target_config(read_config_json(target_dir))
     dcfg = parse_draft_config(read_config_json(draft_dir))
     taps = check_pair(tcfg, dcfg)
-    draft = load_draft(draft_dir, max_seq_len, dtype, device, dcfg)
+    draft = load_draft(draft_dir, max_seq_len, dtype, device, dcfg, use_midm)
     if draft.embed_tokens is None and dcfg.hidden_size != tcfg.hidden_size:
         raise ConfigError(
             f"draft head has no embed_tokens and its hidden size {dcfg.hidden_size} "

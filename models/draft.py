@@ -14,14 +14,22 @@ from .layers import MLP, Attention, RMSNorm
 class Eagle3Layer(nn.Module):
     """The head's `midlayer`: attention reads cat(input_layernorm(embed), hidden_norm(feature))."""
 
-    def __init__(self, cfg: DraftConfig, max_seq_len: int):
+    def __init__(self, cfg: DraftConfig, max_seq_len: int, use_midm: bool = False):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.hidden_norm = RMSNorm(h, eps)
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.self_attn = Attention(
-            2 * h, h, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, max_seq_len, cfg.rope, cfg.head_dim**-0.5
+            2 * h,
+            h,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            max_seq_len,
+            cfg.rope,
+            cfg.head_dim**-0.5,
+            use_midm=use_midm,
         )
         self.mlp = MLP(h, cfg.intermediate_size, cfg.hidden_act)
 
@@ -35,11 +43,12 @@ class Eagle3Layer(nn.Module):
 
 
 class Eagle3Draft(nn.Module):
-    def __init__(self, cfg: DraftConfig, max_seq_len: int, own_embedding: bool):
+    def __init__(self, cfg: DraftConfig, max_seq_len: int, own_embedding: bool, use_midm: bool = False):
         super().__init__()
         self.cfg = cfg
         self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
-        self.midlayer = Eagle3Layer(cfg, max_seq_len)
+        # Every draft query is one row (catch-up rows only write KV), so the split-K kernel serves them all.
+        self.midlayer = Eagle3Layer(cfg, max_seq_len, use_midm)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
@@ -79,7 +88,9 @@ class Eagle3Draft(nn.Module):
         x = layer.attn_input(emb, feature)
         cos, sin = attn.rotary(input_pos, x.dtype)
         attn.write_kv(x, input_pos, cos, sin)  # all R rows enter the draft KV ...
-        a = attn.query(x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], kv_len)  # ... only the last row goes on
+        a = attn.query(
+            x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], kv_len, midm=True
+        )  # ... only the last row goes on
         h = layer.finish(feature[:, -1:], a)
         ids = self.to_target_ids(self.step_logits(h))  # [1, 1]
         out = [ids]
@@ -89,7 +100,7 @@ class Eagle3Draft(nn.Module):
             x = layer.attn_input(embed(ids), h)  # the draft's own pre-norm h is fed back (already H wide)
             cos, sin = attn.rotary(pos, x.dtype)
             attn.write_kv(x, pos, cos, sin)
-            h = layer.finish(h, attn.query(x, pos, cos, sin, kv_len + i))
+            h = layer.finish(h, attn.query(x, pos, cos, sin, kv_len + i, midm=True))
             ids = self.to_target_ids(self.step_logits(h))
             out.append(ids)
         return torch.cat(out, dim=1)

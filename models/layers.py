@@ -201,8 +201,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attend rows x [1,M,in] at input_pos over the cache slice [:kv_len]; returns [1,M,out].
 
-        `midm` is set by target_verify only, whose row count the Speculator bounds by the kernel's
-        MAX_M at construction, so no test on the (possibly dynamic) M is needed here.
+        `midm` is set by target_verify, whose row count the Speculator bounds by the kernel's MAX_M at
+        construction, and by the draft, whose queries are single rows; so no test on the (possibly
+        dynamic) M is needed here.
         """
         m = x.shape[1]
         q = apply_rope(self._heads(self.q_proj(x), self.num_heads, self.q_norm), cos, sin)

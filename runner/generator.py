@@ -88,9 +88,11 @@ class SpeculativeGenerator:
         self._prefill = program.method("prefill", check=False)
         self._verify = program.method("target_verify", check=False, cuda_graph=cuda_graph)
         self._draft = program.method("draft", check=False, cuda_graph=cuda_graph)
-        # With graphs, kv_window is rounded up to a bucket so one captured graph serves many lengths (the
-        # methods take the exact bound from input_pos); the draft's chained steps read k-1 past it.
-        self._bucket = (m.kv_bucket or 1) if cuda_graph else 1
+        # kv_window is rounded up to the program's bucket (CUDA) so one captured graph serves many lengths
+        # (the methods take the exact bound from input_pos); the draft's chained steps read k-1 past it.
+        # Eager calls get the same rounding: the kernels then see the same shapes (same split-K plan, same
+        # reduction order) with and without graphs, so both give bit-identical tokens.
+        self._bucket = m.kv_bucket or 1
         self._caps = {"verify": m.max_seq_len, "draft": m.max_seq_len - m.draft_len + 1}
         self.stats = GenerationStats()
 

@@ -101,3 +101,31 @@ def test_round_bookkeeping_for_every_acceptance_count(pair):
     out = speculative_greedy(oracle, prompt, 45, chunk=16)  # one catch-up call per round
     assert out.tokens == ref
     assert out.accepted[:7] == [4, 0, 2, 1, 3, 4, 4]
+
+
+def test_midm_attention_paths_are_lossless(monkeypatch):
+    """Verify and draft through etspec::sdpa_midm (its CPU kernel) give the same tokens as SDPA."""
+    import etspec.kernels.sdpa_midm  # noqa: F401  (registers the op)
+
+    pair = tiny_pair("llama", max_seq_len=160, draft_len=4, seed=0)
+    prompt = _prompt(21, 4)
+    ref = speculative_greedy(pair, prompt, 30, chunk=8)
+    rows = []
+    op = torch.ops.etspec.sdpa_midm
+
+    def counting(q, *args):
+        rows.append(q.shape[2])
+        return op(q, *args)
+
+    monkeypatch.setattr(torch.ops.etspec, "sdpa_midm", counting)
+    attns = [layer.self_attn for layer in pair.target.layers] + [pair.draft_head.midlayer.self_attn]
+    for attn in attns:
+        attn.use_midm = True
+    try:
+        out = speculative_greedy(pair, prompt, 30, chunk=8)
+    finally:
+        for attn in attns:
+            attn.use_midm = False
+    assert out.tokens == ref.tokens == target_greedy(pair, prompt, 30, chunk=8).tokens
+    assert out.accepted == ref.accepted  # same drafts, round by round
+    assert 1 in rows and 5 in rows  # draft queries (1 row) and k+1-row verifies went through the op

@@ -1,0 +1,52 @@
+"""Profile one method of an exported program on the GPU: kernel table per call (torch.profiler).
+
+python bench/profile_verify.py ART_DIR [--method target_verify] [--ctx 1024] [--rows 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from etspec.runtime.program import Program
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("art")
+    ap.add_argument("--method", default="target_verify", choices=["target_verify", "prefill"])
+    ap.add_argument("--ctx", type=int, default=1024, help="tokens prefilled before the profiled calls")
+    ap.add_argument("--rows", type=int, default=1, help="rows per profiled call (M or T)")
+    ap.add_argument("--calls", type=int, default=10)
+    args = ap.parse_args()
+    with Program.load(args.art) as p:
+        chunk = p.manifest.max_prefill_chunk
+        prefill = p.method("prefill", check=False)
+        fn = p.method(args.method, check=False)
+        n = args.ctx + args.rows
+        pos = torch.arange(n, device="cuda")
+        win = torch.zeros(n, dtype=torch.int8, device="cuda")
+        toks = torch.randint(0, p.manifest.vocab_size, (1, n), device="cuda")
+        for s in range(0, args.ctx, chunk):
+            prefill(
+                toks[:, s : min(s + chunk, args.ctx)],
+                pos[s : min(s + chunk, args.ctx)],
+                win[: min(s + chunk, args.ctx)],
+            )
+        call = (toks[:, args.ctx :].clone(), pos[args.ctx :].clone(), win)
+        for _ in range(3):
+            fn(*call)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(args.calls):
+                fn(*call)
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
