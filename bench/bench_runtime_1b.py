@@ -17,15 +17,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import copy_bandwidth_gbs, export_shaped, log, time_call
 
-from etspec.models.shaped import SHAPES, write_random_pair
+from etspec.models.shaped import SHAPES
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
 
@@ -34,63 +33,9 @@ CHUNK = 256
 UNTIED = False
 
 
-def log(*a) -> None:
-    print(*a, flush=True)
-
-
-def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second), 1 GiB buffers."""
-    a = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(20):
-        b.copy_(a)
-    e1.record()
-    torch.cuda.synchronize()
-    gbs = 2 * a.numel() * 2 * 20 / (e0.elapsed_time(e1) / 1e3) / 1e9
-    del a, b
-    torch.cuda.empty_cache()
-    return gbs
-
-
 def export(work: Path) -> tuple[Path, dict]:
-    ckpt, art = work / "ckpt", work / "art"
-    if not (ckpt / "draft" / "model.safetensors").is_file():
-        t0 = time.perf_counter()
-        write_random_pair(ckpt, SHAPE, device="cuda", **({"tie_word_embeddings": False} if UNTIED else {}))
-        log(f"wrote random {SHAPE} pair in {time.perf_counter() - t0:.1f}s")
-    info: dict = {}
-    info_file = work / "export_info.json"
-    if (art / "manifest.json").is_file() and info_file.is_file():
-        info = json.loads(info_file.read_text())  # exported by an earlier call (--export-only)
-    if not (art / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "etspec.export.cli", "--target", str(ckpt / "target"), "--draft"]
-        cmd += [str(ckpt / "draft"), "--out", str(art), "--backend", "cuda", "--dtype", "bf16", "--force"]
-        cmd += ["--max-seq-len", str(MAX_SEQ), "--max-prefill-chunk", str(CHUNK), "--draft-len", str(K)]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        info["export_s"] = time.perf_counter() - t0
-        info_file.write_text(json.dumps(info))
-    info["files_mib"] = {f.name: f.stat().st_size / 2**20 for f in sorted(art.iterdir())}
-    return art, info
-
-
-def time_call(fn, n: int = 50) -> float:
-    """Median µs per call, each call bracketed by CUDA events."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(n):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3)
-    return statistics.median(times)
+    overrides = {"tie_word_embeddings": False} if UNTIED else {}
+    return export_shaped(work, SHAPE, max_seq=MAX_SEQ, chunk=CHUNK, draft_len=K, **overrides)
 
 
 def verify_latency(program: Program, ctx: int, copy_gbs: float, weight_bytes: int, kv_bytes_per_tok: int):

@@ -16,7 +16,7 @@ from etspec.runtime.program import Program
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("art")
-    ap.add_argument("--method", default="target_verify", choices=["target_verify", "prefill"])
+    ap.add_argument("--method", default="target_verify", choices=["target_verify", "prefill", "draft"])
     ap.add_argument("--ctx", type=int, default=1024, help="tokens prefilled before the profiled calls")
     ap.add_argument("--rows", type=int, default=1, help="rows per profiled call (M or T)")
     ap.add_argument("--calls", type=int, default=10)
@@ -36,6 +36,10 @@ def main() -> int:
                 win[: min(s + chunk, args.ctx)],
             )
         call = (toks[:, args.ctx :].clone(), pos[args.ctx :].clone(), win)
+        if args.method == "draft":  # catch-up rows at the end of the context
+            rows = toks[:, args.ctx - args.rows : args.ctx].clone()
+            feat = torch.randn(1, args.rows, p.manifest.hidden_size, device="cuda", dtype=torch.bfloat16)
+            call = (rows, feat, pos[args.ctx - args.rows : args.ctx].clone(), win[: args.ctx])
         for _ in range(3):
             fn(*call)
         torch.cuda.synchronize()

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -91,8 +94,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--draft-len must be >= 1")
     if not 1 <= args.max_prefill_chunk <= args.max_seq_len:
         raise UsageError("--max-prefill-chunk must be between 1 and --max-seq-len")
-    if args.max_seq_len < args.draft_len + 2:
-        raise UsageError("--max-seq-len must leave room for a prompt token and a verify round")
+    if args.max_seq_len < 2 * args.draft_len + 8:
+        raise UsageError(
+            f"--max-seq-len must be at least {2 * args.draft_len + 8} (2 x draft_len + 8) to leave room "
+            "for a prompt and verify rounds"
+        )
     if args.backend == "cuda" and not torch.cuda.is_available():
         raise UsageError("--backend cuda needs an NVIDIA GPU and a CUDA build of torch; none is visible here")
     if args.cuda_triton_sdpa and (args.backend != "cuda" or args.dtype != "bf16"):
@@ -188,10 +194,31 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
+@contextmanager
+def _private_inductor_cache(backend: str):
+    """A fresh Inductor cache per CUDA export, unless the user chose one (TORCHINDUCTOR_CACHE_DIR).
+
+    torch 2.11's AOTInductor links a user Triton kernel's embedded binary twice when that kernel was
+    already in a shared cache (another export or test compiled it): "multiple definition of
+    `___midm_reduce_kernel_13_end'" at link time. A private cache costs only the reuse.
+    """
+    if backend != "cuda" or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        yield
+        return
+    d = tempfile.mkdtemp(prefix="etspec-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = d
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        with _private_inductor_cache(args.backend):
+            run(args)
     except (UsageError, ConfigError, CheckpointError) as e:
         print(f"etspec-export: error: {e}", file=sys.stderr)
         return 2

@@ -219,8 +219,17 @@ def method_signature(ep: torch.export.ExportedProgram, dynamic_shapes: Any = Non
         if not isinstance(val, torch.Tensor):
             continue
         for d, s in enumerate(val.shape):
-            if not isinstance(s, int) and (i, d) in spec_names:
-                sym_names.setdefault(str(s.node.expr), spec_names[(i, d)])
+            if (i, d) not in spec_names:
+                continue
+            expr = s if isinstance(s, int) else s.node.expr
+            if isinstance(expr, int) or expr.is_number:
+                # e.g. a slice whose end hit the buffer size at the example value: the method would
+                # then accept only that size, while the manifest claimed a range
+                raise ValueError(
+                    f"torch.export specialised the dynamic dim {spec_names[(i, d)]!r} of input {name!r} "
+                    f"to {int(expr)}; choose example inputs strictly inside the dim's range"
+                )
+            sym_names.setdefault(str(expr), spec_names[(i, d)])
 
     inputs = []
     for name, val in zip(user_inputs, vals, strict=True):

@@ -54,30 +54,35 @@ def method_specs(spec: Speculator, max_prefill_chunk: int) -> dict[str, tuple[nn
     def window(n: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.int8, device=device)
 
-    # Example sizes avoid 0/1 (export specialises on them) and sit inside every range. They are also the
-    # hints AOTInductor autotunes its GEMM/attention kernels at, so they are the hot path's sizes: a full
-    # prefill chunk, a k+1-row verify, a short draft catch-up, a few thousand keys.
-    t = max_prefill_chunk if max_prefill_chunk >= 2 else 1
+    # Example sizes avoid 0/1 and the top of each kv range (export specialises on them: a cache slice
+    # whose end equals the cache size pins kv_len). They are also the hints AOTInductor autotunes its
+    # GEMM/attention kernels at, so they are the hot path's sizes: a full prefill chunk, a k+1-row verify,
+    # a short draft catch-up, a few thousand keys.
+    kv = min(max_seq - k, 4096)
+    t = min(max_prefill_chunk, kv - 1)
     m = k + 1
-    r = max(1, min(k + 1, max_prefill_chunk))
-    kv = min(max_seq, max(4096, t + 2))
+    r = min(k + 1, t)
     prefill = (torch.zeros(1, t, **i64), torch.arange(kv - t, kv, **i64), window(kv))
     verify = (torch.zeros(1, m, **i64), torch.arange(kv - m, kv, **i64), window(kv))
-    kv_draft = min(kv, max_seq - k + 1)
     draft = (
         torch.zeros(1, r, **i64),
         torch.zeros(1, r, hidden, dtype=dtype, device=device),
-        torch.arange(kv_draft - r, kv_draft, **i64),
-        window(kv_draft),
+        torch.arange(kv - r, kv, **i64),
+        window(kv),
     )
-    rows = Dim("T", min=1, max=max_prefill_chunk)
+    # one-row chunks are static (a Dim of size 1 would be specialised anyway)
+    rows = Dim("T", min=1, max=max_prefill_chunk) if t >= 2 else None
     kv_p = Dim("kv_len", min=1, max=max_seq)
     m_dim = Dim("M", min=1, max=k + 1)
     kv_v = Dim("kv_len", min=1, max=max_seq)
-    r_dim = Dim("R", min=1, max=max_prefill_chunk)
+    r_dim = Dim("R", min=1, max=max_prefill_chunk) if r >= 2 else None
     kv_d = Dim("kv_len", min=1, max=max_seq - k + 1)  # chained steps read up to kv_len + k - 1
+
+    def at(dim: int, d: Dim | None) -> dict | None:
+        return {dim: d} if d is not None else None
+
     return {
-        "prefill": (Prefill(spec), prefill, ({1: rows}, {0: rows}, {0: kv_p})),
+        "prefill": (Prefill(spec), prefill, (at(1, rows), at(0, rows), {0: kv_p})),
         "target_verify": (TargetVerify(spec), verify, ({1: m_dim}, {0: m_dim}, {0: kv_v})),
-        "draft": (Draft(spec), draft, ({1: r_dim}, {1: r_dim}, {0: r_dim}, {0: kv_d})),
+        "draft": (Draft(spec), draft, (at(1, r_dim), at(1, r_dim), at(0, r_dim), {0: kv_d})),
     }

@@ -1,4 +1,4 @@
-"""Split-K "mid-M" attention for the target's verify pass (flash-decoding style).
+"""Split-K "mid-M" attention (flash-decoding style) for the target's verify and the draft's queries.
 
 ``torch.ops.etspec.sdpa_midm(q, k, v, input_pos, scale, window=0) -> Tensor``
 

@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replay captured CUDA graphs for the decode methods (CUDA artifacts only)",
     )
+    p.add_argument(
+        "--simulate-acceptance",
+        type=float,
+        metavar="L",
+        help="BENCHMARK ONLY: force an acceptance length of L tokens per round (1 <= L <= k+1) whatever "
+        "the target says, to time rounds of a head that reaches L (e.g. with random weights); the output "
+        "is then not the model's",
+    )
     p.add_argument("--stats-json", type=Path, help="write the run's statistics to this JSON file")
     p.add_argument(
         "--seed", type=int, default=0, help="seed for anything random (greedy decoding itself is not)"
@@ -100,6 +108,11 @@ def _run(
 ) -> tuple[list[int], GenerationStats]:
     out: list[int] = []
     shown = ""
+    if gen.simulate is not None:
+        print(
+            f"[{label}] SIMULATED ACCEPTANCE {gen.simulate}: benchmark only, the output is not the model's",
+            file=sys.stderr,
+        )
     for chunk in gen.generate(ids, args.max_new_tokens):
         out += chunk
         if not args.quiet:
@@ -122,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-new-tokens must be >= 1")
     if args.no_spec and args.compare:
         raise UsageError("--compare already runs --no-spec; pass one of them")
+    if args.simulate_acceptance is not None and (args.no_spec or args.compare):
+        raise UsageError("--simulate-acceptance changes the output: it goes with speculative runs only")
     if not args.model.is_dir():
         raise UsageError(f"--model {args.model}: no such artifact directory")
     read_manifest(args.model)  # a clear error for a wrong directory before any tokenizer work
@@ -134,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--cuda-graph needs a CUDA artifact; {args.model} is {m.backend}")
     if args.draft_len is not None and not 1 <= args.draft_len <= m.draft_len:
         raise UsageError(f"--draft-len must be between 1 and the exported {m.draft_len}")
+    k = args.draft_len or m.draft_len
+    if args.simulate_acceptance is not None and not 1 <= args.simulate_acceptance <= k + 1:
+        raise UsageError(f"--simulate-acceptance must be between 1 and k+1 = {k + 1}")
     room = m.max_seq_len - m.draft_len - len(ids)
     if room < 1:
         raise UsageError(
@@ -145,7 +163,13 @@ def run(args: argparse.Namespace) -> int:
     outputs = {}
     for label, spec in modes:
         label = label or ("speculative" if spec else "target-only")
-        gen = SpeculativeGenerator(program, draft_len=args.draft_len, spec=spec, cuda_graph=args.cuda_graph)
+        gen = SpeculativeGenerator(
+            program,
+            draft_len=args.draft_len,
+            spec=spec,
+            cuda_graph=args.cuda_graph,
+            simulate_acceptance=args.simulate_acceptance,
+        )
         outputs[label], stats = _run(gen, ids, args, tok, label)
         report[label] = stats.to_dict()
     code = 0

@@ -62,16 +62,33 @@ class SpeculativeGenerator:
 
     `draft_len` may be below the exported k (the draft still computes k; verify takes k+1 rows).
     `spec=False` decodes target-only through target_verify with one row: the losslessness baseline.
+
+    `simulate_acceptance=L` (benchmarks only; never on by default) overrides the acceptance decision so
+    that rounds commit L tokens on average: round r accepts floor((r+1)(L-1)) - floor(r(L-1)) drafts,
+    whatever the target says. Every call keeps its real shapes and inputs, so round costs are those of a
+    head that really reaches L, but the committed tokens are no longer the model's greedy output; the
+    stats carry `simulated_acceptance` and their summary says so.
     """
 
     def __init__(
-        self, program: Program, draft_len: int | None = None, spec: bool = True, cuda_graph: bool = False
+        self,
+        program: Program,
+        draft_len: int | None = None,
+        spec: bool = True,
+        cuda_graph: bool = False,
+        simulate_acceptance: float | None = None,
     ):
         m = program.manifest
         self.program, self.manifest, self.spec = program, m, spec
         self.k = m.draft_len if draft_len is None else draft_len
         if not 1 <= self.k <= m.draft_len:
             raise ValueError(f"draft_len must be between 1 and the exported {m.draft_len}, got {self.k}")
+        if simulate_acceptance is not None and not (spec and 1.0 <= simulate_acceptance <= self.k + 1):
+            raise ValueError(
+                f"simulate_acceptance must be between 1 and draft_len + 1 = {self.k + 1} (speculative "
+                f"decoding only), got {simulate_acceptance}"
+            )
+        self.simulate = simulate_acceptance
         self.device = program.device
         self.eos = set(m.eos_token_ids)
         dev = self.device
@@ -116,7 +133,7 @@ class SpeculativeGenerator:
                 continue
             if e == n:
                 self._prompt[0, n] = pending[0]  # the catch-up row at n-1 pairs with the pending token
-            with timer.span("draft"):
+            with timer.span("prefill"):  # the prompt's draft catch-up is prefill work, not a round's
                 (drafts,) = self._draft(
                     self._prompt[:, s + 1 : e + 1], feature, self._positions[s:e], self._window[:e]
                 )
@@ -133,7 +150,9 @@ class SpeculativeGenerator:
                 f"minus {self.manifest.draft_len} verify rows"
             )
         budget = min(max_new_tokens, room)
-        stats = self.stats = GenerationStats(prompt_tokens=n, draft_len=self.k if self.spec else 0)
+        stats = self.stats = GenerationStats(
+            prompt_tokens=n, draft_len=self.k if self.spec else 0, simulated_acceptance=self.simulate
+        )
         stats.stop_reason = "max_new_tokens" if max_new_tokens <= room else "context_limit"
         cuda = self.device.type == "cuda"
         timer = _Timer(cuda)
@@ -216,7 +235,14 @@ class SpeculativeGenerator:
         j = 0
         while j < k and d_h[j] == a_h[j]:
             j += 1
+        if self.simulate is not None:
+            j = self._simulated_accepts(len(self.stats.accepted))
         return [pending_host] + d_h[:j], a[0, j : j + 1], a_h[j], a, feature, j
+
+    def _simulated_accepts(self, r: int) -> int:
+        """Round r's forced accept count: the running mean of j + 1 tracks simulate_acceptance exactly."""
+        x = self.simulate - 1.0
+        return min(self.k, int((r + 1) * x + 1e-9) - int(r * x + 1e-9))
 
     def _decode_step(self, n, pending, timer):
         """Target-only: one row through target_verify (M = 1)."""

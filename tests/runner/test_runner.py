@@ -98,6 +98,27 @@ def test_steady_state_round_has_no_allocations_and_fixed_op_count(program):
 
 
 @pytest.mark.xdist_group("art-llama")
+def test_simulated_acceptance_is_forced_and_labelled(tiny_artifacts, tmp_path, capsys):
+    """Benchmark-only acceptance: rounds commit exactly the forced counts, and every output says so."""
+    with Program.load(tiny_artifacts("llama")) as p:
+        out, st, chunks = _generate(p, _prompt(9, 3), 60, simulate_acceptance=2.5)
+        assert st.accepted[:6] == [1, 2, 1, 2, 1, 2] and abs(st.acceptance_length - 2.5) < 0.05
+        assert [len(c) for c in chunks[:-1]] == [j + 1 for j in st.accepted[:-1]] and len(out) == 60
+        assert st.simulated_acceptance == 2.5 and "SIMULATED ACCEPTANCE 2.5" in st.summary("x")
+        ones, st1, _ = _generate(p, _prompt(9, 3), 20, simulate_acceptance=1.0)
+        assert set(st1.accepted) == {0} and st1.rounds == 20
+        full, st4, _ = _generate(p, _prompt(9, 3), 20, simulate_acceptance=TINY_K + 1)
+        assert set(st4.accepted[:-1]) == {TINY_K}
+        with pytest.raises(ValueError, match="speculative decoding only"):
+            SpeculativeGenerator(p, spec=False, simulate_acceptance=2.0)
+    stats = tmp_path / "sim.json"
+    argv = ["--model", str(tiny_artifacts("llama")), "--prompt", "Hello", "--max-new-tokens", "12"]
+    assert run_main(argv + ["--simulate-acceptance", "3", "--stats-json", str(stats), "--quiet"]) == 0
+    assert "SIMULATED ACCEPTANCE 3.0" in capsys.readouterr().err
+    assert json.loads(stats.read_text())["speculative"]["simulated_acceptance"] == 3.0
+
+
+@pytest.mark.xdist_group("art-llama")
 def test_cli_compare_and_stats(tiny_artifacts, tmp_path, capsys):
     art = tiny_artifacts("llama")
     stats = tmp_path / "stats.json"
@@ -121,6 +142,8 @@ def test_cli_compare_and_stats(tiny_artifacts, tmp_path, capsys):
         (["--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
         (["--prompt-file", "/nonexistent"], "no such file"),
         (["--prompt", "x" * 200], "the prompt has 200 tokens"),
+        (["--simulate-acceptance", "2", "--no-spec"], "goes with speculative runs only"),
+        (["--simulate-acceptance", "4.5"], "--simulate-acceptance must be between 1 and k+1 = 4"),
     ],
 )
 @pytest.mark.xdist_group("art-llama")

@@ -1,0 +1,332 @@
+"""GPU box: end-to-end decode speed against the bandwidth floor and against what users run today (issue 7).
+
+For a random-weight target shaped like Llama-3.2-1B or Llama-3.1-8B (bf16) and a matching EAGLE-3 head
+(Vd = 32000), max_seq_len 64K, exported once (cached under --work) with k = max(--ks):
+
+- ceilings measured in the same run: device copy bandwidth and the bf16 matmul rate;
+- etspec-run paths at each context: target-only (`--no-spec`) and speculative with k in --ks, eager and
+  with CUDA graphs. Random weights accept nothing, so speculative runs use the runner's benchmark-only
+  acceptance simulator (`simulate_acceptance`) at the published chain acceptance of Llama-3.1-8B +
+  EAGLE-3 (k=3/5/7: 2.93/3.55/3.91); every such row is labelled `simulated`;
+- per configuration: decode tok/s, ms per round split into draft / verify / host, and each against its
+  bandwidth floor (bytes of weights + valid KV the call must read / measured copy bandwidth);
+- peers on the same shapes and prompts: Hugging Face `generate` with a static cache (compiled and not),
+  and a `torch.compile` decode loop of etspec's own eager model (target-only).
+
+Writes bench/results/e2e_<shape>_<gpu>.{csv,json,png} and prints a table.
+
+    python bench/bench_e2e.py --shape llama-3.2-1b [--phase export|run|all] [--contexts 1024,16384,32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from _common import copy_bandwidth_gbs, export_shaped, log, matmul_tflops
+
+from etspec.models.shaped import SHAPES, head_config
+from etspec.runner.generator import SpeculativeGenerator
+from etspec.runtime.program import Program
+
+PUBLISHED_ACCEPTANCE = {3: 2.93, 5: 3.55, 7: 3.91}  # Llama-3.1-8B-Instruct + EAGLE-3, chain (DESIGN §8)
+MAX_SEQ, CHUNK = 65536, 256
+
+
+class Floors:
+    """Bytes each call must read, from the shape, and their time at the measured copy bandwidth."""
+
+    def __init__(self, shape: str, draft_vocab: int, exported_k: int, copy_gbs: float):
+        t = SHAPES[shape]
+        d = head_config(t, draft_vocab)
+        h, hd, kvh, inter = t["hidden_size"], t["head_dim"], t["num_key_value_heads"], t["intermediate_size"]
+        attn = h * (t["num_attention_heads"] * hd) * 2 + h * kvh * hd * 2
+        layer = 2 * (attn + 3 * h * inter)
+        self.target_bytes = t["num_hidden_layers"] * layer + 2 * t["vocab_size"] * h  # + lm_head
+        self.kv_tok = 2 * t["num_hidden_layers"] * kvh * hd * 2
+        # one draft step: the head layer (2H-wide q/k/v) + its lm_head; fc (3H -> H) once per call
+        d_attn = (
+            2 * h * (d["num_attention_heads"] * hd)
+            + 2 * h * kvh * hd * 2
+            + (d["num_attention_heads"] * hd) * h
+        )
+        self.draft_step_bytes = 2 * (d_attn + 3 * h * d["intermediate_size"]) + 2 * draft_vocab * h
+        self.fc_bytes = 2 * 3 * h * h
+        self.draft_kv_tok = 2 * kvh * hd * 2
+        self.k = exported_k
+        self.bw = copy_gbs * 1e9
+
+    def verify_ms(self, ctx: int) -> float:
+        return (self.target_bytes + self.kv_tok * ctx) / self.bw * 1e3
+
+    def draft_ms(self, ctx: int) -> float:
+        """The exported draft method computes all k steps, whatever --draft-len asks for."""
+        return (self.fc_bytes + self.k * (self.draft_step_bytes + self.draft_kv_tok * ctx)) / self.bw * 1e3
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run_etspec(program: Program, prompt: list[int], new: int, floors: Floors, **kw) -> dict:
+    """One measured generation; a first, identical one captures every CUDA graph it will replay."""
+    if kw.get("cuda_graph"):
+        warm = SpeculativeGenerator(program, **kw)
+        warm.eos = set()
+        for _ in warm.generate(prompt, new):
+            pass
+    gen = SpeculativeGenerator(program, **kw)
+    gen.eos = set()  # random weights: run the full budget
+    for _ in gen.generate(prompt, new):
+        pass
+    st = gen.stats
+    rounds = max(1, st.rounds)
+    ctx = len(prompt) + st.generated // 2  # mid-run context for the floors
+    row = {
+        "tok_s": st.decode_tok_s,
+        "acceptance": st.acceptance_length,
+        "ms_round": st.decode_s / rounds * 1e3,
+        "draft_ms": st.draft_s / rounds * 1e3,
+        "verify_ms": st.verify_s / rounds * 1e3,
+        "host_ms": st.host_s / rounds * 1e3,
+        "prefill_s": st.prefill_s,
+        "verify_floor_ms": floors.verify_ms(ctx),
+        "draft_floor_ms": floors.draft_ms(ctx) if gen.spec else 0.0,
+        "simulated": st.simulated_acceptance is not None,
+    }
+    row["round_floor_ms"] = row["verify_floor_ms"] + row["draft_floor_ms"]
+    row["verify_vs_floor"] = row["verify_ms"] / row["verify_floor_ms"]
+    row["draft_vs_floor"] = row["draft_ms"] / row["draft_floor_ms"] if gen.spec else None
+    row["round_vs_floor"] = row["ms_round"] / row["round_floor_ms"]
+    return row
+
+
+def hf_peer(target_dir: Path, ctx: int, new: int, compiled: bool) -> dict:
+    """transformers generate, greedy, static cache; decode tok/s = (new - 1) / (t(new) - t(1))."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor([prompt_ids(ctx, model.config.vocab_size)], device="cuda")
+
+    def gen(n: int) -> float:
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
+        kw["disable_compile"] = not compiled
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    gen(new)  # warm-up (and compilation)
+    t1, tn = gen(1), gen(new)
+    return {"tok_s": (new - 1) / (tn - t1), "ms_round": (tn - t1) / (new - 1) * 1e3, "prefill_s": t1}
+
+
+def compile_peer(work: Path, ctx: int, new: int, k: int, vocab: int) -> dict:
+    """etspec's eager model (same Triton attention kernel), target-only decode via torch.compile."""
+    from etspec.models.checkpoint import load_speculator
+
+    spec = load_speculator(
+        work / "ckpt" / "target",
+        work / "ckpt" / "draft",
+        MAX_SEQ,
+        k,
+        torch.bfloat16,
+        use_midm=True,
+        device="cuda",
+    )
+    step = torch.compile(spec.target_verify, dynamic=True)
+    prompt = torch.tensor([prompt_ids(ctx, vocab)], device="cuda")
+    pos = torch.arange(MAX_SEQ, device="cuda")
+    win = torch.zeros(MAX_SEQ, dtype=torch.int8, device="cuda")
+
+    def decode(n: int) -> float:
+        with torch.no_grad():
+            for s in range(0, ctx, CHUNK):
+                e = min(s + CHUNK, ctx)
+                tok, _ = spec.prefill(prompt[:, s:e], pos[s:e], win[:e])
+            tok = tok.view(1, 1)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(n):
+                ids, _ = step(tok, pos[ctx + i : ctx + i + 1], win[: ctx + i + 1])
+                tok = ids[:, :1]
+            tok.cpu()
+            return time.perf_counter() - t0
+
+    decode(4)  # compile
+    dt = decode(new)
+    return {"tok_s": new / dt, "ms_round": dt / new * 1e3}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plot")
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5))
+    series: dict[str, list] = {}
+    for r in rows:
+        series.setdefault(r["impl"], []).append((r["ctx"], r["tok_s"]))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        a1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    a1.set_xscale("log", base=2)
+    a1.set_xlabel("context (tokens)")
+    a1.set_ylabel("decode tok/s")
+    a1.legend(fontsize=7)
+    a1.set_title("decode tok/s vs context (speculative rows: SIMULATED acceptance)")
+    ours = [r for r in rows if r["impl"].startswith("etspec") and "graph" in r["impl"]]
+    labels = [f"{r['impl'].replace('etspec ', '')}\n{r['ctx'] // 1024}K" for r in ours]
+    x = range(len(ours))
+    bottom = [0.0] * len(ours)
+    for key, color in (("verify_ms", "C0"), ("draft_ms", "C1"), ("host_ms", "C2")):
+        vals = [r[key] for r in ours]
+        a2.bar(x, vals, bottom=bottom, color=color, label=key.replace("_ms", ""))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    a2.scatter(x, [r["round_floor_ms"] for r in ours], color="k", marker="_", s=200, label="bandwidth floor")
+    a2.set_xticks(list(x), labels, fontsize=6, rotation=90)
+    a2.set_ylabel("ms per round")
+    a2.legend(fontsize=7)
+    a2.set_title("round time (CUDA graphs) vs floor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write(res: dict, rows: list[dict], base: Path, png: bool = False) -> None:
+    """JSON (everything, with each etspec row's ratio to every peer at its context), CSV, PNG."""
+    for o in rows:
+        if o["impl"].startswith("etspec"):
+            o["vs_peer"] = {
+                r["impl"]: o["tok_s"] / r["tok_s"]
+                for r in rows
+                if r["ctx"] == o["ctx"] and not r["impl"].startswith("etspec")
+            }
+    (base.parent / f"{base.name}.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
+    keys = ["impl", "ctx", "k", "tok_s", "ms_round", "verify_ms", "draft_ms", "host_ms", "round_floor_ms"]
+    keys += ["round_vs_floor", "verify_vs_floor", "draft_vs_floor", "speedup_vs_target_only", "simulated"]
+    with open(base.parent / f"{base.name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    if png:
+        plot(rows, base.parent / f"{base.name}.png")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    ap.add_argument("--phase", default="all", choices=["export", "run", "all"])
+    ap.add_argument("--contexts", default="1024,16384,32768")
+    ap.add_argument("--ks", default="3,5,7", help="draft lengths (the export uses the largest)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--peers", default="hf,hf-compile,compile", help="comma list, or 'none'")
+    ap.add_argument("--work", type=Path, default=None, help="checkpoint + artifact cache (out/e2e_<shape>)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    ks = sorted(int(x) for x in args.ks.split(","))
+    contexts = [int(x) for x in args.contexts.split(",")]
+    work = args.work or Path("out") / f"e2e_{args.shape}"
+    t_start = time.perf_counter()
+    art, export_info = export_shaped(work, args.shape, max_seq=MAX_SEQ, chunk=CHUNK, draft_len=ks[-1])
+    log(json.dumps(export_info))
+    if args.phase == "export":
+        return 0
+
+    gpu = torch.cuda.get_device_name()
+    import transformers
+
+    res: dict = {
+        "device": gpu,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(["python", *sys.argv]),
+        "shape": args.shape,
+        "max_seq_len": MAX_SEQ,
+        "exported_k": ks[-1],
+        "export": export_info,
+        "copy_gbs": copy_bandwidth_gbs(),
+        "matmul_tflops": matmul_tflops(),
+        "note": "speculative rows: benchmark-only acceptance simulator (random weights accept nothing)",
+    }
+    log(f"{gpu}: copy {res['copy_gbs']:.0f} GB/s, bf16 matmul {res['matmul_tflops']:.0f} TFLOP/s")
+    floors = Floors(args.shape, 32000, ks[-1], res["copy_gbs"])
+    rows: list[dict] = []
+    peers = [] if args.peers == "none" else args.peers.split(",")
+
+    name = f"e2e_{args.shape}_{gpu.replace(' ', '_')}"
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def add(impl: str, ctx: int, k: int | None, row: dict) -> None:
+        row = {"impl": impl, "ctx": ctx, "k": k, **row}
+        rows.append(row)
+        log(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}))
+        write(res, rows, args.out / name)  # after every row: a run cut short keeps what it measured
+
+    with Program.load(art) as program:
+        vocab = program.manifest.vocab_size
+        for ctx in contexts:
+            prompt = prompt_ids(ctx, vocab)
+            for graph in (False, True):
+                tag = " +graph" if graph else ""
+                base = run_etspec(program, prompt, args.new_tokens, floors, spec=False, cuda_graph=graph)
+                add(f"etspec target-only{tag}", ctx, None, base)
+                for k in ks:
+                    acc = PUBLISHED_ACCEPTANCE.get(k, min(k + 1, 3.5))
+                    kw = dict(draft_len=k, cuda_graph=graph, simulate_acceptance=acc)
+                    row = run_etspec(program, prompt, args.new_tokens, floors, **kw)
+                    row["speedup_vs_target_only"] = row["tok_s"] / base["tok_s"]
+                    add(f"etspec spec k={k} (sim {acc}){tag}", ctx, k, row)
+    write(res, rows, args.out / name, png=True)
+    torch.cuda.empty_cache()
+    for peer in peers:
+        for ctx in contexts:
+            try:
+                if peer in ("hf", "hf-compile"):
+                    row = hf_peer(
+                        work / "ckpt" / "target", ctx, args.new_tokens, compiled=peer == "hf-compile"
+                    )
+                    impl = "transformers generate static" + (" +compile" if peer == "hf-compile" else "")
+                else:
+                    row = compile_peer(work, ctx, args.new_tokens, ks[-1], SHAPES[args.shape]["vocab_size"])
+                    impl = "torch.compile eager loop (target-only)"
+                add(impl, ctx, None, row)
+                torch.cuda.empty_cache()
+            except Exception as e:  # a peer that fails on the box is reported, not fatal
+                traceback.print_exc()
+                res.setdefault("peer_errors", []).append(f"{peer} ctx={ctx}: {type(e).__name__}: {e}"[:500])
+    res["wall_s"] = time.perf_counter() - t_start
+    write(res, rows, args.out / name, png=True)
+    if os.environ.get("OUT"):
+        for ext in ("json", "csv", "png"):
+            p = args.out / f"{name}.{ext}"
+            if p.is_file():
+                Path(os.environ["OUT"], p.name).write_bytes(p.read_bytes())
+    head = ["impl", "ctx", "tok/s", "ms/rnd", "verify", "draft", "host", "vs floor"]
+    log("\n" + " ".join(f"{h:>8}" if i else f"{h:44s}" for i, h in enumerate(head)))
+    for r in rows:
+        vals = [r["ctx"], r["tok_s"], r["ms_round"]] + [
+            r.get(x, 0.0) for x in ("verify_ms", "draft_ms", "host_ms")
+        ]
+        vf = r.get("round_vs_floor")
+        cells = [f"{v:>8.2f}" if isinstance(v, float) else f"{v:>8}" for v in vals]
+        log(f"{r['impl']:44s} " + " ".join(cells) + f" {'-' if vf is None else f'{vf:.2f}':>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
