@@ -353,6 +353,27 @@ def test_manifest_signatures(artifact):
     assert [t.shape for t in sigs["draft"].inputs] == [[1, "R"], [1, "R", H], ["R"], ["kv_len"]]
 
 
+def test_specialised_dynamic_dim_is_refused():
+    """A dim named dynamic in the spec but static in the program (torch.export specialised it, as an
+    example kv length equal to the cache size once did) must not reach the manifest as a range."""
+
+    class Slice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cache", torch.randn(1, 8))
+
+        def forward(self, kv_window: torch.Tensor) -> torch.Tensor:
+            return self.cache[:, : kv_window.shape[0]].sum(-1)
+
+    dyn = ({0: Dim("kv_len", min=1, max=8)},)
+    args = (torch.zeros(5, dtype=torch.int8),)
+    dynamic = export_methods({"m": (Slice(), args, dyn)}, progress=None)
+    assert method_signatures({"m": (None, args, dyn)}, dynamic)["m"].dims == {"kv_len": [1, 8]}
+    static = export_methods({"m": (Slice(), args, None)}, progress=None)
+    with pytest.raises(ValueError, match="specialised the dynamic dim 'kv_len' of input 'kv_window' to 5"):
+        method_signatures({"m": (None, args, dyn)}, static)
+
+
 def test_manifest_roundtrip_and_validation(artifact, tmp_path):
     m = artifact["manifest"]
     assert Manifest.from_json(m.to_json()) == m
