@@ -14,6 +14,34 @@ import torch
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
 
+class CachedAttn(torch.nn.Module):
+    """q from a Linear, index_copy_ into k/v cache buffers, slice by kv_window length, call the op: the
+    smallest module that exports the op the way the models use it. `flat` returns [1, M, Hq*D] (the
+    transposed layout o_proj reads), else the op's own [1, Hq, M, D]."""
+
+    def __init__(self, hq=8, hkv=2, d=64, max_seq=128, flat=False):
+        super().__init__()
+        self.hq, self.hkv, self.d, self.flat = hq, hkv, d, flat
+        self.wq = torch.nn.Linear(d, hq * d, bias=False)
+        self.wk = torch.nn.Linear(d, hkv * d, bias=False)
+        self.wv = torch.nn.Linear(d, hkv * d, bias=False)
+        self.register_buffer("k_cache", torch.zeros(1, hkv, max_seq, d))
+        self.register_buffer("v_cache", torch.zeros(1, hkv, max_seq, d))
+
+    def forward(self, x, input_pos, kv_window):
+        m = x.shape[1]
+        q = self.wq(x).view(1, m, self.hq, self.d).transpose(1, 2)
+        k = self.wk(x).view(1, m, self.hkv, self.d).transpose(1, 2)
+        v = self.wv(x).view(1, m, self.hkv, self.d).transpose(1, 2)
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        n = kv_window.shape[0]
+        o = torch.ops.etspec.sdpa_midm(
+            q, self.k_cache[:, :, :n], self.v_cache[:, :, :n], input_pos, 1.0 / math.sqrt(self.d)
+        )
+        return o.transpose(1, 2).reshape(1, m, self.hq * self.d) if self.flat else o
+
+
 def ref64(q, k, v, input_pos, scale, window=0):
     """Float64 attention written independently of the kernel module: per query head, per row."""
     hq, m_rows, d = q.shape[1], q.shape[2], q.shape[3]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import triton
-from midm_helpers import TOL, make_case, ref64, rel_err
+from midm_helpers import TOL, CachedAttn, make_case, ref64, rel_err
 
 import etspec.kernels  # noqa: F401  (registers the op)
 from etspec.kernels.sdpa_midm import MAX_M, plan_splits
@@ -71,34 +71,9 @@ def test_plan_splits_depends_on_bound_only():
         assert ns <= mx == math.ceil(2 * 132 / 8)
 
 
-class _Attn(torch.nn.Module):
-    """q from a Linear, index_copy_ into k/v cache buffers, slice by kv_window length, call the op."""
-
-    def __init__(self, hq=8, hkv=2, d=64, max_seq=128):
-        super().__init__()
-        self.hq, self.hkv, self.d = hq, hkv, d
-        self.wq = torch.nn.Linear(d, hq * d, bias=False)
-        self.wk = torch.nn.Linear(d, hkv * d, bias=False)
-        self.wv = torch.nn.Linear(d, hkv * d, bias=False)
-        self.register_buffer("k_cache", torch.zeros(1, hkv, max_seq, d))
-        self.register_buffer("v_cache", torch.zeros(1, hkv, max_seq, d))
-
-    def forward(self, x, input_pos, kv_window):
-        m = x.shape[1]
-        q = self.wq(x).view(1, m, self.hq, self.d).transpose(1, 2)
-        k = self.wk(x).view(1, m, self.hkv, self.d).transpose(1, 2)
-        v = self.wv(x).view(1, m, self.hkv, self.d).transpose(1, 2)
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        n = kv_window.shape[0]
-        return torch.ops.etspec.sdpa_midm(
-            q, self.k_cache[:, :, :n], self.v_cache[:, :, :n], input_pos, 1.0 / math.sqrt(self.d)
-        )
-
-
 def test_export_strict_fake_shapes():
     torch.manual_seed(0)
-    mod = _Attn().eval()
+    mod = CachedAttn().eval()
     for p in mod.parameters():
         p.requires_grad_(False)
     dm = torch.export.Dim("m", min=1, max=MAX_M)
@@ -114,7 +89,7 @@ def test_export_strict_fake_shapes():
     assert isinstance(val.shape[2], torch.SymInt) and str(val.shape[2]) == str(x_node.meta["val"].shape[1])
     # run the exported program (CPU impl) for other M and L; compare with eager
     runner = ep.module()
-    eager = _Attn().eval()
+    eager = CachedAttn().eval()
     eager.load_state_dict(mod.state_dict())
     pos0 = 0
     for m, bucket in ((5, 0), (1, 0), (8, 20)):

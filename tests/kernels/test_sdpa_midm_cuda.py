@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 import torch
-from midm_helpers import make_case, ref64, rel_err
+from midm_helpers import CachedAttn, make_case, ref64, rel_err
 
 import etspec.kernels  # noqa: F401  (registers the op)
 from etspec.kernels.sdpa_midm import MAX_M
@@ -114,29 +114,6 @@ def test_cuda_graph_replay_inside_bucket():
 HQ, HKV, HD, MAXS = 8, 2, 128, 2048
 
 
-class _Attn(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.wq = torch.nn.Linear(HD, HQ * HD, bias=False)
-        self.wk = torch.nn.Linear(HD, HKV * HD, bias=False)
-        self.wv = torch.nn.Linear(HD, HKV * HD, bias=False)
-        self.register_buffer("k_cache", torch.zeros(1, HKV, MAXS, HD))
-        self.register_buffer("v_cache", torch.zeros(1, HKV, MAXS, HD))
-
-    def forward(self, x, input_pos, kv_window):
-        m = x.shape[1]
-        q = self.wq(x).view(1, m, HQ, HD).transpose(1, 2)
-        k = self.wk(x).view(1, m, HKV, HD).transpose(1, 2)
-        v = self.wv(x).view(1, m, HKV, HD).transpose(1, 2)
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        n = kv_window.shape[0]
-        o = torch.ops.etspec.sdpa_midm(
-            q, self.k_cache[:, :, :n], self.v_cache[:, :, :n], input_pos, 1.0 / math.sqrt(HD)
-        )
-        return o.transpose(1, 2).reshape(1, m, HQ * HD)
-
-
 def _inputs(m, pos0, bucket=0, gen=None):
     x = torch.randn(1, m, HD, device="cuda", generator=gen).to(BF16)
     pos = torch.arange(pos0, pos0 + m, device="cuda")
@@ -233,7 +210,7 @@ class _AotiMethod:
 def lowered(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("midm_lower"))
     torch.manual_seed(0)
-    model = _Attn().to("cuda", BF16).eval()
+    model = CachedAttn(HQ, HKV, HD, MAXS, flat=True).to("cuda", BF16).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     dm = torch.export.Dim("m", min=1, max=MAX_M)
