@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from etspec.models.shaped import write_random_pair
+from etspec.models.shaped import SHAPES, head_config, write_random_pair
 
 
 def log(*a) -> None:
@@ -98,3 +98,34 @@ def export_shaped(
         info_file.write_text(json.dumps(info))
     info["files_mib"] = {f.name: f.stat().st_size / 2**20 for f in sorted(art.iterdir())}
     return art, info
+
+
+class Floors:
+    """Bytes each call must read, from the shape, and their time at the measured copy bandwidth."""
+
+    def __init__(self, shape: str, draft_vocab: int, exported_k: int, copy_gbs: float):
+        t = SHAPES[shape]
+        d = head_config(t, draft_vocab)
+        h, hd, kvh, inter = t["hidden_size"], t["head_dim"], t["num_key_value_heads"], t["intermediate_size"]
+        attn = h * (t["num_attention_heads"] * hd) * 2 + h * kvh * hd * 2
+        layer = 2 * (attn + 3 * h * inter)
+        self.target_bytes = t["num_hidden_layers"] * layer + 2 * t["vocab_size"] * h  # + lm_head
+        self.kv_tok = 2 * t["num_hidden_layers"] * kvh * hd * 2
+        # one draft step: the head layer (2H-wide q/k/v) + its lm_head; fc (3H -> H) once per call
+        d_attn = (
+            2 * h * (d["num_attention_heads"] * hd)
+            + 2 * h * kvh * hd * 2
+            + (d["num_attention_heads"] * hd) * h
+        )
+        self.draft_step_bytes = 2 * (d_attn + 3 * h * d["intermediate_size"]) + 2 * draft_vocab * h
+        self.fc_bytes = 2 * 3 * h * h
+        self.draft_kv_tok = 2 * kvh * hd * 2
+        self.k = exported_k
+        self.bw = copy_gbs * 1e9
+
+    def verify_ms(self, ctx: int) -> float:
+        return (self.target_bytes + self.kv_tok * ctx) / self.bw * 1e3
+
+    def draft_ms(self, ctx: int) -> float:
+        """The exported draft method computes all k steps, whatever --draft-len asks for."""
+        return (self.fc_bytes + self.k * (self.draft_step_bytes + self.draft_kv_tok * ctx)) / self.bw * 1e3

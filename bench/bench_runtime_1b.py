@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import copy_bandwidth_gbs, export_shaped, log, time_call
+from _common import Floors, copy_bandwidth_gbs, export_shaped, log, time_call
 
-from etspec.models.shaped import SHAPES
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
 
@@ -38,7 +37,7 @@ def export(work: Path) -> tuple[Path, dict]:
     return export_shaped(work, SHAPE, max_seq=MAX_SEQ, chunk=CHUNK, draft_len=K, **overrides)
 
 
-def verify_latency(program: Program, ctx: int, copy_gbs: float, weight_bytes: int, kv_bytes_per_tok: int):
+def verify_latency(program: Program, ctx: int, floors: Floors):
     """target_verify at context ctx (prefilled), M=1 and M=k+1, eager vs graph replay."""
     prefill = program.method("prefill", check=False)
     eager = program.method("target_verify", check=False)
@@ -54,9 +53,7 @@ def verify_latency(program: Program, ctx: int, copy_gbs: float, weight_bytes: in
     for m in (1, K + 1):
         args = (toks[:, ctx : ctx + m], pos[ctx : ctx + m], win[: -(-(ctx + m) // bucket) * bucket])
         exact = (toks[:, ctx : ctx + m], pos[ctx : ctx + m], win[: ctx + m])
-        # copy_gbs counts bytes read + written, the traffic the memory moves per second: a read-only
-        # pass over the weights and the valid KV at that rate is the floor
-        floor_us = (weight_bytes + kv_bytes_per_tok * (ctx + m)) / (copy_gbs * 1e9) * 1e6
+        floor_us = floors.verify_ms(ctx + m) * 1e3
         row = {"ctx": ctx, "M": m, "floor_us": floor_us}
         row["eager_us"] = time_call(lambda a=exact: eager(*a))
         row["graph_us"] = time_call(lambda a=args: graphed(*a))
@@ -101,12 +98,10 @@ def main() -> int:
     t0 = time.perf_counter()
     program = Program.load(art)
     torch.cuda.synchronize()
-    cfg = SHAPES[SHAPE]
-    n_layers, kv_heads, hd = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
     target_bytes = (args.work / "ckpt" / "target" / "model.safetensors").stat().st_size
     head_bytes = (args.work / "ckpt" / "draft" / "model.safetensors").stat().st_size
-    kv_tok = 2 * n_layers * kv_heads * hd * 2  # target K+V bytes per position (bf16)
-    kv_all = kv_tok * MAX_SEQ + 2 * kv_heads * hd * 2 * MAX_SEQ  # + the draft's one layer
+    floors = Floors(SHAPE, 32000, K, copy_gbs)
+    kv_all = (floors.kv_tok + floors.draft_kv_tok) * MAX_SEQ  # target + the draft's one layer
     free1, _ = torch.cuda.mem_get_info()
     mem = {
         "load_s": time.perf_counter() - t0,
@@ -121,7 +116,7 @@ def main() -> int:
     mem["used_vs_weights_plus_kv"] = mem["device_used_gib"] / (mem["weights_gib"] + mem["kv_caches_gib"])
     res["verify_latency"] = []
     for ctx in (1024, 16384):
-        res["verify_latency"] += verify_latency(program, ctx, copy_gbs, target_bytes, kv_tok)
+        res["verify_latency"] += verify_latency(program, ctx, floors)
 
     prompt = torch.randint(0, 128000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     runs = {}

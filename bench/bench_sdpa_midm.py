@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from _common import copy_bandwidth_gbs, log
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import etspec.kernels  # noqa: F401
@@ -49,10 +50,6 @@ BACKENDS = {
     "sdpa_math": SDPBackend.MATH,
 }
 DT = torch.bfloat16
-
-
-def log(*a):
-    print(*a, flush=True)
 
 
 def time_calls(calls, target_ms=3.0, replays=11):
@@ -117,22 +114,17 @@ def _empty_kernel(p):
     tl.store(p, 1.0)
 
 
+def kv_floor_ratio(ts, lens, hkv, d, copy_gbs):
+    """Sweep score: sum over lengths of time (µs) / bf16 K+V bytes at copy bandwidth; lower is better."""
+    return sum(t / (2 * hkv * L * d * 2 / copy_gbs / 1e3) for t, L in zip(ts, lens))
+
+
 def copy_bandwidth():
     """Device-to-device copy of 1 GiB (bytes read + written), three ways; the max is the ceiling."""
     n = 1 << 30  # bytes per buffer
     src = torch.randn(n // 2, device="cuda", dtype=DT)
     dst = torch.empty_like(src)
-    res = {}
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(20):
-        dst.copy_(src)
-    e1.record()
-    e1.synchronize()
-    res["copy_eager"] = 2 * n / (e0.elapsed_time(e1) / 20 * 1e-3) / 1e9
+    res = {"copy_eager": copy_bandwidth_gbs()}
     res["copy_graph"] = 2 * n / (time_calls([lambda s=src, d=dst: d.copy_(s)], target_ms=20) * 1e-6) / 1e9
     blk = 8192
     grid = (triton.cdiv(src.numel(), blk),)
@@ -241,6 +233,7 @@ def sweep(models, copy_gbs, results):
     for name, (hq, hkv, d) in models.items():
         sets = Sets(hq, hkv, d)
         m = 4
+
         base = dict(sm._CFG[d])
         best, best_score = None, float("inf")
         for bn, nw, ns in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
@@ -253,7 +246,7 @@ def sweep(models, copy_gbs, results):
             if None in ts:
                 log(f"  sweep {name} bn={bn} nw={nw} ns={ns}: fails ({err})")
                 continue
-            score = sum(ts[i] / (2 * hkv * L * d * 2 / copy_gbs / 1e3) for i, L in enumerate((16384, 131072)))
+            score = kv_floor_ratio(ts, (16384, 131072), hkv, d, copy_gbs)
             log(
                 f"  sweep {name} bn={bn} nw={nw} ns={ns}: 16K {ts[0]:.1f} us, 128K {ts[1]:.1f} us  "
                 f"score {score:.3f}"
@@ -278,7 +271,7 @@ def sweep(models, copy_gbs, results):
             ts = [measure(sets, "midm", m, L)[0] for L in (4096, 16384)]
             if None in ts:
                 continue
-            score = sum(ts[i] / (2 * hkv * L * d * 2 / copy_gbs / 1e3) for i, L in enumerate((4096, 16384)))
+            score = kv_floor_ratio(ts, (4096, 16384), hkv, d, copy_gbs)
             log(
                 f"  sweep {name} ppsm={ppsm} min_tiles={mt}: 4K {ts[0]:.1f} us, 16K {ts[1]:.1f} us "
                 f"score {score:.3f}"
@@ -317,7 +310,7 @@ def sweep_big_r(copy_gbs, results):
         ts = [measure(sets, "midm", 8, L)[0] for L in (16384, 131072)]
         if None in ts:
             continue
-        score = sum(ts[i] / (2 * hkv * L * d * 2 / copy_gbs / 1e3) for i, L in enumerate((16384, 131072)))
+        score = kv_floor_ratio(ts, (16384, 131072), hkv, d, copy_gbs)
         log(f"  sweep big-R {cfg}: 16K {ts[0]:.1f} us, 128K {ts[1]:.1f} us score {score:.3f}")
         results.append(dict(model="llama3.1-8b", stage="big_r", M=8, **cfg, t16k_us=ts[0], t128k_us=ts[1]))
         if score < best_score:

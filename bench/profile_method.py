@@ -1,6 +1,6 @@
 """Profile one method of an exported program on the GPU: kernel table per call (torch.profiler).
 
-python bench/profile_verify.py ART_DIR [--method target_verify] [--ctx 1024] [--rows 1]
+python bench/profile_method.py ART_DIR [--method target_verify] [--ctx 1024] [--rows 1]
 """
 
 from __future__ import annotations
