@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -194,31 +191,10 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
-@contextmanager
-def _private_inductor_cache(backend: str):
-    """A fresh Inductor cache per CUDA export, unless the user chose one (TORCHINDUCTOR_CACHE_DIR).
-
-    torch 2.11's AOTInductor links a user Triton kernel's embedded binary twice when that kernel was
-    already in a shared cache (another export or test compiled it): "multiple definition of
-    `___midm_reduce_kernel_13_end'" at link time. A private cache costs only the reuse.
-    """
-    if backend != "cuda" or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        yield
-        return
-    d = tempfile.mkdtemp(prefix="etspec-inductor-")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = d
-    try:
-        yield
-    finally:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        shutil.rmtree(d, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _private_inductor_cache(args.backend):
-            run(args)
+        run(args)
     except (UsageError, ConfigError, CheckpointError) as e:
         print(f"etspec-export: error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,8 @@ Why the flags are what they are (ExecuTorch 1.5.1 source; 1.2.0 behaves the same
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -304,6 +306,7 @@ def _lower_cuda(
     with (
         _timed(progress, f"to_edge_transform_and_lower (CUDA/AOTI) [{names}]"),
         _mutation_outputs_first_in_partitions(),
+        _private_inductor_cache(),
     ):
         edge = to_edge_transform_and_lower(
             exported,
@@ -320,6 +323,26 @@ def _lower_cuda(
                 emit_mutable_buffer_names=True,
             )
         )
+
+
+@contextmanager
+def _private_inductor_cache():
+    """A fresh Inductor cache per CUDA lowering, unless the user chose one (TORCHINDUCTOR_CACHE_DIR).
+
+    torch 2.11's AOTInductor links a user Triton kernel's embedded binary twice when that kernel was
+    already in a shared cache (another export or test compiled it): "multiple definition of
+    `___midm_reduce_kernel_13_end'" at link time. A private cache costs only the reuse.
+    """
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        yield
+        return
+    d = tempfile.mkdtemp(prefix="etspec-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = d
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @contextmanager
