@@ -59,6 +59,16 @@ def time_call(fn, n: int = 50) -> float:
     return statistics.median(times)
 
 
+def write_random_pair_once(work: Path, shape: str, **overrides) -> Path:
+    """`shape`'s random bf16 pair under work/ckpt (written once, then reused)."""
+    ckpt = work / "ckpt"
+    if not (ckpt / "draft" / "model.safetensors").is_file():
+        t0 = time.perf_counter()
+        write_random_pair(ckpt, shape, device="cuda", **overrides)
+        log(f"wrote random {shape} pair in {time.perf_counter() - t0:.1f}s")
+    return ckpt
+
+
 def export_shaped(
     work: Path,
     shape: str,
@@ -69,16 +79,13 @@ def export_shaped(
     extra_args: tuple[str, ...] = (),
     **overrides,
 ) -> tuple[Path, dict]:
-    """Write `shape`'s random pair under work/ckpt and export it (bf16, CUDA) to work/art, both cached.
+    """Write `shape`'s random pair under work/ckpt and export it (bf16, CUDA) to work/art_k<draft_len>,
+    both cached (exports of several k share the checkpoint; write it before exporting them in parallel).
 
     Returns the artifact directory and {export_s, files_mib} (export_s from the call that exported)."""
-    ckpt, art = work / "ckpt", work / "art"
-    if not (ckpt / "draft" / "model.safetensors").is_file():
-        t0 = time.perf_counter()
-        write_random_pair(ckpt, shape, device="cuda", **overrides)
-        log(f"wrote random {shape} pair in {time.perf_counter() - t0:.1f}s")
+    ckpt, art = write_random_pair_once(work, shape, **overrides), work / f"art_k{draft_len}"
     info: dict = {}
-    info_file = work / "export_info.json"
+    info_file = art.with_name(art.name + "_info.json")
     if (art / "manifest.json").is_file() and info_file.is_file():
         info = json.loads(info_file.read_text())
     if not (art / "manifest.json").is_file():

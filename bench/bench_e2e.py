@@ -1,7 +1,8 @@
 """GPU box: end-to-end decode speed against the bandwidth floor and against what users run today (issue 7).
 
 For a random-weight target shaped like Llama-3.2-1B or Llama-3.1-8B (bf16) and a matching EAGLE-3 head
-(Vd = 32000), max_seq_len 64K, exported once (cached under --work) with k = max(--ks):
+(Vd = 32000), max_seq_len 64K, exported once per k in --ks (cached under --work; the draft method's chain
+length is fixed at export, so each k is measured with its own program):
 
 - ceilings measured in the same run: device copy bandwidth and the bf16 matmul rate;
 - etspec-run paths at each context: target-only (`--no-spec`) and speculative with k in --ks, eager and
@@ -15,7 +16,9 @@ For a random-weight target shaped like Llama-3.2-1B or Llama-3.1-8B (bf16) and a
 
 Writes bench/results/e2e_<shape>_<gpu>.{csv,json,png} and prints a table.
 
-    python bench/bench_e2e.py --shape llama-3.2-1b [--phase export|run|all] [--contexts 1024,16384,32768]
+    python bench/bench_e2e.py --shape llama-3.2-1b [--phase ckpt|export|run|all] [--ks 3,5,7]
+
+`--phase export --ks K` exports one k; run several such processes side by side after `--phase ckpt`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from _common import Floors, copy_bandwidth_gbs, export_shaped, log, matmul_tflops
+from _common import Floors, copy_bandwidth_gbs, export_shaped, log, matmul_tflops, write_random_pair_once
 
 from etspec.models.shaped import SHAPES
 from etspec.runner.generator import SpeculativeGenerator
@@ -198,9 +201,14 @@ def write(res: dict, rows: list[dict], base: Path, png: bool = False) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
-    ap.add_argument("--phase", default="all", choices=["export", "run", "all"])
+    ap.add_argument(
+        "--phase",
+        default="all",
+        choices=["ckpt", "export", "run", "all"],
+        help="ckpt: write the random checkpoint; export: also export each k; run: also measure (all = run)",
+    )
     ap.add_argument("--contexts", default="1024,16384,32768")
-    ap.add_argument("--ks", default="3,5,7", help="draft lengths (the export uses the largest)")
+    ap.add_argument("--ks", default="3,5,7", help="draft lengths, one export each")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--peers", default="hf,hf-compile,compile", help="comma list, or 'none'")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint + artifact cache (out/e2e_<shape>)")
@@ -210,8 +218,13 @@ def main() -> int:
     contexts = [int(x) for x in args.contexts.split(",")]
     work = args.work or Path("out") / f"e2e_{args.shape}"
     t_start = time.perf_counter()
-    art, export_info = export_shaped(work, args.shape, max_seq=MAX_SEQ, chunk=CHUNK, draft_len=ks[-1])
-    log(json.dumps(export_info))
+    if args.phase == "ckpt":
+        write_random_pair_once(work, args.shape)
+        return 0
+    arts = {}
+    for k in ks:
+        arts[k], info = export_shaped(work, args.shape, max_seq=MAX_SEQ, chunk=CHUNK, draft_len=k)
+        log(f"k={k}: {json.dumps(info)}")
     if args.phase == "export":
         return 0
 
@@ -226,16 +239,16 @@ def main() -> int:
         "command": " ".join(["python", *sys.argv]),
         "shape": args.shape,
         "max_seq_len": MAX_SEQ,
-        "exported_k": ks[-1],
-        "export": export_info,
+        "ks": ks,
+        "export": {k: json.loads((arts[k].parent / f"{arts[k].name}_info.json").read_text()) for k in ks},
         "copy_gbs": copy_bandwidth_gbs(),
         "matmul_tflops": matmul_tflops(),
         "note": "speculative rows: benchmark-only acceptance simulator (random weights accept nothing)",
     }
     log(f"{gpu}: copy {res['copy_gbs']:.0f} GB/s, bf16 matmul {res['matmul_tflops']:.0f} TFLOP/s")
-    floors = Floors(args.shape, 32000, ks[-1], res["copy_gbs"])
     rows: list[dict] = []
     peers = [] if args.peers == "none" else args.peers.split(",")
+    base: dict = {}
 
     name = f"e2e_{args.shape}_{gpu.replace(' ', '_')}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -246,19 +259,23 @@ def main() -> int:
         log(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}))
         write(res, rows, args.out / name)  # after every row: a run cut short keeps what it measured
 
-    with Program.load(art) as program:
-        vocab = program.manifest.vocab_size
-        for ctx in contexts:
-            prompt = prompt_ids(ctx, vocab)
-            for graph in (False, True):
-                tag = " +graph" if graph else ""
-                base = run_etspec(program, prompt, args.new_tokens, floors, spec=False, cuda_graph=graph)
-                add(f"etspec target-only{tag}", ctx, None, base)
-                for k in ks:
-                    acc = PUBLISHED_ACCEPTANCE.get(k, min(k + 1, 3.5))
-                    kw = dict(draft_len=k, cuda_graph=graph, simulate_acceptance=acc)
-                    row = run_etspec(program, prompt, args.new_tokens, floors, **kw)
-                    row["speedup_vs_target_only"] = row["tok_s"] / base["tok_s"]
+    for k in ks:
+        floors = Floors(args.shape, 32000, k, res["copy_gbs"])
+        acc = PUBLISHED_ACCEPTANCE.get(k, min(k + 1, 3.5))
+        with Program.load(arts[k]) as program:
+            vocab = program.manifest.vocab_size
+            for ctx in contexts:
+                prompt = prompt_ids(ctx, vocab)
+                for graph in (False, True):
+                    tag = " +graph" if graph else ""
+                    kw = dict(cuda_graph=graph)
+                    if k == ks[0]:  # target-only runs the same target_verify code in every export
+                        base[ctx, graph] = run_etspec(
+                            program, prompt, args.new_tokens, floors, spec=False, **kw
+                        )
+                        add(f"etspec target-only{tag}", ctx, None, base[ctx, graph])
+                    row = run_etspec(program, prompt, args.new_tokens, floors, simulate_acceptance=acc, **kw)
+                    row["speedup_vs_target_only"] = row["tok_s"] / base[ctx, graph]["tok_s"]
                     add(f"etspec spec k={k} (sim {acc}){tag}", ctx, k, row)
     write(res, rows, args.out / name, png=True)
     torch.cuda.empty_cache()
@@ -271,7 +288,7 @@ def main() -> int:
                     )
                     impl = "transformers generate static" + (" +compile" if peer == "hf-compile" else "")
                 else:
-                    row = compile_peer(work, ctx, args.new_tokens, ks[-1], SHAPES[args.shape]["vocab_size"])
+                    row = compile_peer(work, ctx, args.new_tokens, ks[0], SHAPES[args.shape]["vocab_size"])
                     impl = "torch.compile eager loop (target-only)"
                 add(impl, ctx, None, row)
                 torch.cuda.empty_cache()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import DraftConfig
-from .layers import MLP, Attention, RMSNorm
+from .layers import MLP, Attention, RMSNorm, project
 
 
 class Eagle3Layer(nn.Module):
@@ -31,15 +31,15 @@ class Eagle3Layer(nn.Module):
             cfg.head_dim**-0.5,
             use_midm=use_midm,
         )
-        self.mlp = MLP(h, cfg.intermediate_size, cfg.hidden_act)
+        self.mlp = MLP(h, cfg.intermediate_size, cfg.hidden_act, rows_kernel=use_midm)
 
     def attn_input(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
 
-    def finish(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def finish(self, h: torch.Tensor, a: torch.Tensor, rows: bool = False) -> torch.Tensor:
         """Residual adds and the MLP; the result is the pre-norm feature fed to the next step."""
         h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), rows)
 
 
 class Eagle3Draft(nn.Module):
@@ -47,24 +47,26 @@ class Eagle3Draft(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
-        # Every draft query is one row (catch-up rows only write KV), so the split-K kernel serves them all.
+        # Every draft query is one row (catch-up rows only write KV), so the few-rows kernels (split-K
+        # attention, linear_rows) serve every query-side op of the draft method.
+        self.rows_kernel = use_midm
         self.midlayer = Eagle3Layer(cfg, max_seq_len, use_midm)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if own_embedding else None
 
-    def fuse(self, taps: list[torch.Tensor]) -> torch.Tensor:
+    def fuse(self, taps: list[torch.Tensor], midm: bool = False) -> torch.Tensor:
         """feature = fc(cat(low, mid, high)): H wide, computed inside the target methods."""
-        return self.fc(torch.cat(taps, dim=-1))
+        return project(torch.cat(taps, dim=-1), (self.fc,), midm and self.rows_kernel)[0]
 
     def to_target_ids(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy draft id, mapped to the target vocab (target = draft + d2t[draft]); no softmax."""
         draft_ids = torch.argmax(logits, dim=-1)
         return draft_ids + self.d2t[draft_ids]
 
-    def step_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
+    def step_logits(self, h: torch.Tensor, rows: bool = False) -> torch.Tensor:
+        return project(self.norm(h), (self.lm_head,), rows and self.rows_kernel)[0]
 
     def draft(
         self,
@@ -91,16 +93,14 @@ class Eagle3Draft(nn.Module):
         a = attn.query(
             x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], kv_len, midm=True
         )  # ... only the last row goes on
-        h = layer.finish(feature[:, -1:], a)
-        ids = self.to_target_ids(self.step_logits(h))  # [1, 1]
+        h = layer.finish(feature[:, -1:], a, rows=True)
+        ids = self.to_target_ids(self.step_logits(h, rows=True))  # [1, 1]
         out = [ids]
         pos = input_pos[-1:]
         for i in range(1, k):
             pos = pos + 1
             x = layer.attn_input(embed(ids), h)  # the draft's own pre-norm h is fed back (already H wide)
-            cos, sin = attn.rotary(pos, x.dtype)
-            attn.write_kv(x, pos, cos, sin)
-            h = layer.finish(h, attn.query(x, pos, cos, sin, kv_len + i, midm=True))
-            ids = self.to_target_ids(self.step_logits(h))
+            h = layer.finish(h, attn(x, pos, kv_len + i, midm=True), rows=True)
+            ids = self.to_target_ids(self.step_logits(h, rows=True))
             out.append(ids)
         return torch.cat(out, dim=1)

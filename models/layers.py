@@ -78,15 +78,35 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def project(x: torch.Tensor, mods: tuple[nn.Linear, ...], rows: bool) -> list[torch.Tensor]:
+    """x through each Linear; with `rows` (a verify/draft call of at most a few rows) one
+    etspec::linear_rows launch streams all their weights, and the biases are added after."""
+    if not rows:
+        return [m(x) for m in mods]
+    y = torch.ops.etspec.linear_rows(x, *(m.weight for m in mods))
+    outs = y.split([m.out_features for m in mods], dim=-1) if len(mods) > 1 else (y,)
+    return [o if m.bias is None else o + m.bias for o, m in zip(outs, mods)]
+
+
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, act: str = "silu", bias: bool = False):
+    """Gated MLP; `rows_kernel` lets small-row calls use etspec::linear_rows (gate, up and the
+    activation in one launch) when there are no biases to add before the activation."""
+
+    def __init__(
+        self, hidden: int, inter: int, act: str = "silu", bias: bool = False, rows_kernel: bool = False
+    ):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
         self.act = act
+        self.rows_kernel = rows_kernel and not bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+        if rows and self.rows_kernel:
+            gated = "silu" if self.act == "silu" else "gelu_tanh"
+            h = torch.ops.etspec.linear_rows(x, self.gate_proj.weight, self.up_proj.weight, gated=gated)
+            return torch.ops.etspec.linear_rows(h, self.down_proj.weight)
         g = self.gate_proj(x)
         g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
         return self.down_proj(g * self.up_proj(x))
@@ -162,8 +182,10 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.rotary = Rotary(rope, head_dim)
         self.scale, self.softcap, self.window = scale, softcap, window
-        # The split-K kernel covers causal (optionally windowed) attention without a logit softcap.
+        # The split-K kernel covers causal (optionally windowed) attention without a logit softcap; the
+        # few-rows linear kernel serves every projection of a verify/draft call.
         self.use_midm = use_midm and softcap is None
+        self.rows_kernel = use_midm
         cache_shape = (1, num_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.empty(cache_shape), persistent=False)
         self.register_buffer("v_cache", torch.empty(cache_shape), persistent=False)
@@ -181,14 +203,41 @@ class Attention(nn.Module):
             x = norm(x)
         return x.transpose(1, 2)
 
+    def _store(
+        self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> None:
+        """Rotate the projected k [1,R,Hkv*D] and store k/v rows at input_pos."""
+        k = apply_rope(self._heads(k, self.num_kv_heads, self.k_norm), cos, sin)
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, self._heads(v, self.num_kv_heads, None))
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        input_pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_len: int,
+        midm: bool,
+    ) -> torch.Tensor:
+        """Projected queries q [1,M,Hq*D] over the cache slice [:kv_len], then o_proj: [1,M,out]."""
+        m = q.shape[1]
+        q = apply_rope(self._heads(q, self.num_heads, self.q_norm), cos, sin)
+        k = self.k_cache[:, :, :kv_len]
+        v = self.v_cache[:, :, :kv_len]
+        if midm and self.use_midm:
+            o = torch.ops.etspec.sdpa_midm(q, k, v, input_pos, self.scale, self.window or 0)
+        else:
+            o = attend(q, k, v, attention_mask(input_pos, kv_len, self.window), self.scale, self.softcap)
+        o = o.transpose(1, 2).reshape(1, m, self.num_heads * self.head_dim)
+        return project(o, (self.o_proj,), midm and self.rows_kernel)[0]
+
     def write_kv(
         self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> None:
-        """Project x [1,R,in] to k/v, rotate k, and store the R rows at input_pos."""
-        k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads, self.k_norm), cos, sin)
-        v = self._heads(self.v_proj(x), self.num_kv_heads, None)
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
+        """Project x [1,R,in] to k/v, rotate k, and store the R rows at input_pos (R may be large)."""
+        k, v = project(x, (self.k_proj, self.v_proj), False)
+        self._store(k, v, input_pos, cos, sin)
 
     def query(
         self,
@@ -201,23 +250,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attend rows x [1,M,in] at input_pos over the cache slice [:kv_len]; returns [1,M,out].
 
-        `midm` is set by target_verify, whose row count the Speculator bounds by the kernel's MAX_M at
-        construction, and by the draft, whose queries are single rows; so no test on the (possibly
+        `midm` is set by target_verify, whose row count the Speculator bounds by the kernels' row limits
+        at construction, and by the draft, whose queries are single rows; so no test on the (possibly
         dynamic) M is needed here.
         """
-        m = x.shape[1]
-        q = apply_rope(self._heads(self.q_proj(x), self.num_heads, self.q_norm), cos, sin)
-        k = self.k_cache[:, :, :kv_len]
-        v = self.v_cache[:, :, :kv_len]
-        if midm and self.use_midm:
-            o = torch.ops.etspec.sdpa_midm(q, k, v, input_pos, self.scale, self.window or 0)
-        else:
-            o = attend(q, k, v, attention_mask(input_pos, kv_len, self.window), self.scale, self.softcap)
-        return self.o_proj(o.transpose(1, 2).reshape(1, m, self.num_heads * self.head_dim))
+        (q,) = project(x, (self.q_proj,), midm and self.rows_kernel)
+        return self._attend(q, input_pos, cos, sin, kv_len, midm)
 
     def forward(
         self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int, midm: bool = False
     ) -> torch.Tensor:
         cos, sin = self.rotary(input_pos, x.dtype)
-        self.write_kv(x, input_pos, cos, sin)
-        return self.query(x, input_pos, cos, sin, kv_len, midm)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), midm and self.rows_kernel)
+        self._store(k, v, input_pos, cos, sin)
+        return self._attend(q, input_pos, cos, sin, kv_len, midm)

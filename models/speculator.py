@@ -19,13 +19,20 @@ class Speculator(nn.Module):
         super().__init__()
         if draft_len < 1:
             raise ValueError(f"draft_len must be >= 1, got {draft_len}")
+        limits = {}
         if any(layer.self_attn.use_midm for layer in target.layers):
             from etspec.kernels.sdpa_midm import MAX_M  # importing registers etspec::sdpa_midm
 
-            if draft_len + 1 > MAX_M:
+            limits["split-K verify attention"] = MAX_M
+        if target.rows_kernel:
+            from etspec.kernels.linear_rows import MAX_ROWS  # registers etspec::linear_rows
+
+            limits["few-rows linear"] = MAX_ROWS
+        for name, limit in limits.items():
+            if draft_len + 1 > limit:
                 raise ValueError(
-                    f"draft_len {draft_len} verifies {draft_len + 1} rows; the split-K verify kernel "
-                    f"handles at most {MAX_M}: use a smaller draft_len or turn the kernel off"
+                    f"draft_len {draft_len} verifies {draft_len + 1} rows; the {name} kernel handles at "
+                    f"most {limit}: use a smaller draft_len or turn the kernels off"
                 )
         self.target = target
         self.draft_head = draft
@@ -54,7 +61,7 @@ class Speculator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [1,M] = [pending, d1..dk] -> (greedy ids [1,M], feature [1,M,H])."""
         h, taps = self.target.hidden(tokens, input_pos, kv_window.shape[0], midm=True)
-        return torch.argmax(self.target.logits(h), dim=-1), self.draft_head.fuse(taps)
+        return torch.argmax(self.target.logits(h, midm=True), dim=-1), self.draft_head.fuse(taps, midm=True)
 
     def draft(
         self, tokens: torch.Tensor, feature: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor

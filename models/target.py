@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import TargetConfig
-from .layers import MLP, Attention, RMSNorm
+from .layers import MLP, Attention, RMSNorm, project
 
 
 class DecoderLayer(nn.Module):
@@ -32,7 +32,7 @@ class DecoderLayer(nn.Module):
             # DESIGN §5: the split-K kernel serves full-attention layers only.
             use_midm=use_midm and not sliding,
         )
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, use_midm)
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
@@ -45,13 +45,17 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(self.input_layernorm(h), input_pos, kv_len, midm)
         if self.sandwich:  # Gemma: norms on both ends of each branch
             h = h + self.post_attention_layernorm(a)
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), midm))
         h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), midm)
 
 
 class TargetModel(nn.Module):
-    """Decoder with KV caches; `hidden` returns the last hidden state and the tapped layer inputs."""
+    """Decoder with KV caches; `hidden` returns the last hidden state and the tapped layer inputs.
+
+    `use_midm` turns on etspec's few-rows kernels (split-K attention, linear_rows) for calls made with
+    `midm=True` (target_verify: at most k+1 rows); prefill keeps the plain ops.
+    """
 
     def __init__(
         self,
@@ -70,6 +74,7 @@ class TargetModel(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rows_kernel = use_midm  # etspec::linear_rows for the lm_head of verify calls
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -95,8 +100,8 @@ class TargetModel(nn.Module):
             h = layer(h, input_pos, kv_len, midm)
         return h, [taps[i] for i in self.tap_layers]
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(h))
+    def logits(self, h: torch.Tensor, midm: bool = False) -> torch.Tensor:
+        (logits,) = project(self.norm(h), (self.lm_head,), midm and self.rows_kernel)
         cap = self.cfg.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -103,29 +103,36 @@ def test_round_bookkeeping_for_every_acceptance_count(pair):
     assert out.accepted[:7] == [4, 0, 2, 1, 3, 4, 4]
 
 
-def test_midm_attention_paths_are_lossless(monkeypatch):
-    """Verify and draft through etspec::sdpa_midm (its CPU kernel) give the same tokens as SDPA."""
-    import etspec.kernels.sdpa_midm  # noqa: F401  (registers the op)
+def test_few_rows_kernel_paths_are_lossless(monkeypatch):
+    """Verify and draft through etspec::sdpa_midm and etspec::linear_rows (their CPU kernels) give the
+    same tokens as SDPA and nn.Linear, while prefill keeps the plain ops."""
+    import etspec.kernels  # noqa: F401  (registers the ops)
 
     pair = tiny_pair("llama", max_seq_len=160, draft_len=4, seed=0)
     prompt = _prompt(21, 4)
     ref = speculative_greedy(pair, prompt, 30, chunk=8)
-    rows = []
-    op = torch.ops.etspec.sdpa_midm
+    rows, linear_rows = [], []
+    op, lin = torch.ops.etspec.sdpa_midm, torch.ops.etspec.linear_rows
 
     def counting(q, *args):
         rows.append(q.shape[2])
         return op(q, *args)
 
+    def counting_linear(x, *args, **kw):
+        linear_rows.append(x.numel() // x.shape[-1])
+        return lin(x, *args, **kw)
+
     monkeypatch.setattr(torch.ops.etspec, "sdpa_midm", counting)
-    attns = [layer.self_attn for layer in pair.target.layers] + [pair.draft_head.midlayer.self_attn]
-    for attn in attns:
-        attn.use_midm = True
+    monkeypatch.setattr(torch.ops.etspec, "linear_rows", counting_linear)
+    flags = [(m, a) for m in pair.modules() for a in ("use_midm", "rows_kernel") if hasattr(m, a)]
+    for m, a in flags:
+        setattr(m, a, True)
     try:
         out = speculative_greedy(pair, prompt, 30, chunk=8)
     finally:
-        for attn in attns:
-            attn.use_midm = False
+        for m, a in flags:
+            setattr(m, a, False)
     assert out.tokens == ref.tokens == target_greedy(pair, prompt, 30, chunk=8).tokens
     assert out.accepted == ref.accepted  # same drafts, round by round
+    assert set(linear_rows) == {1, 5}  # draft rows and k+1-row verifies; never a prefill chunk
     assert 1 in rows and 5 in rows  # draft queries (1 row) and k+1-row verifies went through the op

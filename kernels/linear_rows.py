@@ -1,0 +1,239 @@
+"""Weight-streaming linear layers for a few rows: the verify block (k+1 rows) and the draft's one row.
+
+``torch.ops.etspec.linear_rows(x, w1, w2=None, w3=None, gated="") -> Tensor``
+
+- ``x`` ``[..., K]`` with at most ``MAX_ROWS`` rows in all (the leading dims flattened); the weights are
+  ``nn.Linear`` weights ``[N_i, K]`` (contiguous), all in x's dtype. No bias: callers add it.
+- ``gated == ""``: ``y = x @ cat(w1, w2, w3).T``, ``[..., N1 + N2 + N3]``: q/k/v in one launch.
+- ``gated in ("silu", "gelu_tanh")``: ``y = act(x @ w1.T) * (x @ w2.T)``, ``[..., N1]``: an MLP's gate
+  and up projections with the activation and product fused (fp32, one rounding at the end).
+
+Why: at a handful of rows a linear layer is a GEMV, bound by reading the weight once. ExecuTorch's CUDA
+backend compiles matmuls to AOTInductor's Triton mm templates, tiled for matrices; at one to eight rows
+they ran at 50-75% of copy bandwidth and were most of target_verify's time (docs/PERFORMANCE.md).
+
+CUDA: one Triton kernel, grid = column blocks of all weights. A program streams a ``[BLOCK_N, K]`` slab
+of one weight in ``[BLOCK_N, BLOCK_K]`` tiles (contiguous along K) against the rows, padded to 16 for
+``tl.dot``; no split-K, so the sum order of a row does not depend on the other rows or on M, and the
+result is deterministic. CPU: the reference math in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+__all__ = ["MAX_ROWS", "linear_rows", "linear_rows_reference"]
+
+MAX_ROWS = 16
+"""Most rows one call takes (the rows are one padded tl.dot operand)."""
+
+ACTS = ("silu", "gelu_tanh")
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Tuning, per mode (H200 sweep of block_n x block_k x warps x stages over the 1B/8B projections at 1 and 8
+# rows, bench/bench_linear_rows.py --sweep; docs/kernels.md): 32-column blocks with 256-wide K tiles for
+# plain calls, 64 x 128 for gated ones (two weight tiles per step); each within 5% of the best per shape.
+_CFG = {
+    "plain": dict(block_n=32, block_k=256, num_warps=4, num_stages=4),
+    "gated": dict(block_n=64, block_k=128, num_warps=4, num_stages=3),
+}
+_CFG_OVERRIDE: dict = {}
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    if ACT == 1:  # silu
+        return g / (1.0 + tl.exp(-g))
+    # gelu, tanh approximation; tanh(a) = 2 * sigmoid(2a) - 1
+    a = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    return g * (1.0 - 1.0 / (1.0 + tl.exp(2.0 * a)))
+
+
+@triton.jit
+def _dot(x, w, acc, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
+    # x [BM, BK], w [BN, BK] -> acc [BM, BN] += x @ w.T
+    if UPCAST:  # interpreter only: its bf16 tl.dot is wrong
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    if FP32_DOT:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
+def _linear_rows_kernel(
+    x_ptr,
+    w1_ptr,
+    w2_ptr,
+    w3_ptr,
+    out_ptr,
+    M,
+    K,
+    N1,
+    N2,
+    N3,
+    stride_xm,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr,  # 0: plain (concatenated columns), 1: silu-gated, 2: gelu_tanh-gated
+    EVEN_K: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nb1 = tl.cdiv(N1, BLOCK_N)
+    nb2 = tl.cdiv(N2, BLOCK_N)
+    # which weight this column block reads: selects, not branches, so every value keeps one type
+    if ACT == 0:
+        in2 = pid >= nb1
+        in3 = pid >= nb1 + nb2
+    else:  # gated: every block reads w1 (and w2 beside it)
+        in2 = pid < 0
+        in3 = pid < 0
+    w_ptr = tl.where(in3, w3_ptr, tl.where(in2, w2_ptr, w1_ptr))
+    first = tl.where(in3, nb1 + nb2, tl.where(in2, nb1, 0))
+    n_end = tl.where(in3, N3, tl.where(in2, N2, N1))
+    col0 = tl.where(in3, N1 + N2, tl.where(in2, N1, 0))
+    offs_n = (pid - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < n_end
+    m_ok = offs_m < M
+    w_rows = offs_n.to(tl.int64)[:, None] * K
+    x_rows = offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            xm = m_ok[:, None]
+            wm = n_ok[:, None]
+        else:
+            xm = m_ok[:, None] & (kk < K)[None, :]
+            wm = n_ok[:, None] & (kk < K)[None, :]
+        x = tl.load(x_ptr + x_rows + kk[None, :], mask=xm, other=0.0)
+        w = tl.load(w_ptr + w_rows + kk[None, :], mask=wm, other=0.0)
+        acc = _dot(x, w, acc, FP32_DOT, UPCAST)
+        if ACT != 0:
+            w2 = tl.load(w2_ptr + w_rows + kk[None, :], mask=wm, other=0.0)
+            acc2 = _dot(x, w2, acc2, FP32_DOT, UPCAST)
+    if ACT != 0:
+        acc = _act(acc, ACT) * acc2
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + (col0 + offs_n)[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def plan(gated: str, cfg: dict | None = None) -> dict:
+    """Launch config of a call (benchmarks pass `cfg` to override)."""
+    return {**_CFG["gated" if gated else "plain"], **_CFG_OVERRIDE, **(cfg or {})}
+
+
+def _launch(x, w1, w2, w3, gated, out, *, cfg=None):
+    """Run the kernel on x [rows, K] (unit stride on K) into out [rows, N]; tests and benches call it."""
+    rows, kdim = x.shape
+    act = 0 if not gated else ACTS.index(gated) + 1
+    ns = [w1.shape[0], 0 if w2 is None else w2.shape[0], 0 if w3 is None else w3.shape[0]]
+    if act:
+        ns = [ns[0], 0, 0]
+    c = plan(gated, cfg)
+    block_k = min(c["block_k"], max(16, triton.next_power_of_2(kdim)))
+    grid = (sum(triton.cdiv(n, c["block_n"]) for n in ns),)
+    kernel = _linear_rows_kernel if _INTERPRET else wrap_triton(_linear_rows_kernel)
+    kernel[grid](
+        x,
+        w1,
+        w1 if w2 is None else w2,
+        w1 if w3 is None else w3,
+        out,
+        rows,
+        kdim,
+        ns[0],
+        ns[1],
+        ns[2],
+        x.stride(0),
+        out.stride(0),
+        BLOCK_M=MAX_ROWS,
+        BLOCK_N=c["block_n"],
+        BLOCK_K=block_k,
+        ACT=act,
+        EVEN_K=kdim % block_k == 0,
+        FP32_DOT=x.dtype == torch.float32,
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+        num_warps=c["num_warps"],
+        num_stages=c["num_stages"],
+    )
+    return out
+
+
+def _weights(w1, w2, w3, gated) -> list[torch.Tensor]:
+    return [w for w in (w1, w2, w3) if w is not None]
+
+
+def _check(x, w1, w2, w3, gated) -> int:
+    """Validates the call; returns the output width."""
+    ws = _weights(w1, w2, w3, gated)
+    torch._check(
+        gated in ("",) + ACTS, lambda: f"linear_rows: gated must be '', 'silu' or 'gelu_tanh', got {gated!r}"
+    )
+    for w in ws:
+        torch._check(
+            w.dim() == 2 and w.shape[1] == x.shape[-1], lambda: "linear_rows: weights must be [N, K]"
+        )
+        torch._check(w.dtype == x.dtype, lambda: "linear_rows: x and weight dtypes differ")
+    rows = x.numel() // x.shape[-1]
+    torch._check(rows <= MAX_ROWS, lambda: f"linear_rows: at most {MAX_ROWS} rows")
+    if gated:
+        torch._check(
+            w2 is not None and w3 is None and w2.shape[0] == w1.shape[0],
+            lambda: "linear_rows: gated needs two weights of one shape (gate, up)",
+        )
+        return w1.shape[0]
+    return sum(w.shape[0] for w in ws)
+
+
+@triton_op("etspec::linear_rows", mutates_args={})
+def linear_rows(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor | None = None,
+    w3: torch.Tensor | None = None,
+    gated: str = "",
+) -> torch.Tensor:
+    n = _check(x, w1, w2, w3, gated)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    ws = [None if w is None else w.contiguous() for w in (w1, w2, w3)]
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    _launch(x2, ws[0], ws[1], ws[2], gated, out)
+    return out.view(*x.shape[:-1], n)
+
+
+@linear_rows.register_fake
+def _linear_rows_fake(x, w1, w2=None, w3=None, gated=""):
+    n = _check(x, w1, w2, w3, gated)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def linear_rows_reference(x, w1, w2=None, w3=None, gated="", acc_dtype=torch.float32):
+    """The op's math in `acc_dtype` (also its CPU implementation)."""
+    xa = x.to(acc_dtype)
+    if gated:
+        g, u = xa @ w1.to(acc_dtype).T, xa @ w2.to(acc_dtype).T
+        if gated == "silu":
+            g = torch.nn.functional.silu(g)
+        else:
+            g = torch.nn.functional.gelu(g, approximate="tanh")
+        return (g * u).to(x.dtype)
+    return torch.cat([xa @ w.to(acc_dtype).T for w in _weights(w1, w2, w3, gated)], dim=-1).to(x.dtype)
+
+
+@linear_rows.register_kernel("cpu")
+def _linear_rows_cpu(x, w1, w2=None, w3=None, gated=""):
+    _check(x, w1, w2, w3, gated)
+    return linear_rows_reference(x, w1, w2, w3, gated)

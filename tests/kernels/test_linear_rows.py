@@ -1,0 +1,157 @@
+"""CPU tests of etspec::linear_rows: the Triton kernel under the interpreter (this file run as a script in
+its own process, since TRITON_INTERPRET must be set before triton is imported), the CPU implementation,
+argument errors, and the fake implementation under torch.export(strict=True) with a dynamic row count."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import etspec.kernels  # noqa: F401  (registers the op)
+from etspec.kernels.linear_rows import MAX_ROWS
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def ref64(x, ws, gated=""):
+    """Float64 math written apart from the kernel module: per output column block, then the gate."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    ys = [x64 @ w.double().T for w in ws]
+    if gated:
+        g, u = ys
+        if gated == "silu":
+            g = g / (1 + torch.exp(-g))
+        else:
+            g = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+        y = g * u
+    else:
+        y = torch.cat(ys, dim=-1)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def make(rows, k, ns, dtype, seed, gated=""):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    if gated:
+        ns = [ns[0], ns[0]]
+    ws = [(torch.randn(n, k, generator=gen) / math.sqrt(k)).to(dtype) for n in ns]
+    return x, ws
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+# rows, K, column widths, gated, dtype: ragged K (not a multiple of the K tile) and N (not a multiple of
+# the column block), M = 1 and M = MAX_ROWS, one to three weights, both activations, fp32 and bf16.
+INTERP_CASES = [
+    (1, 64, [48], "", torch.float32),
+    (3, 100, [40, 16, 24], "", torch.float32),
+    (16, 96, [33], "gelu_tanh", torch.float32),
+    (8, 256, [64], "silu", torch.bfloat16),
+    (5, 512, [128, 32, 32], "", torch.bfloat16),
+    (2, 300, [17, 70], "", torch.float32),
+    (7, 64, [200], "silu", torch.float32),
+]
+
+
+def run_interp_cases() -> int:
+    from etspec.kernels.linear_rows import _launch
+
+    for i, (rows, k, ns, gated, dt) in enumerate(INTERP_CASES):
+        x, ws = make(rows, k, ns, dt, seed=i, gated=gated)
+        w1, w2, w3 = (ws + [None, None])[:3]
+        for cfg in ({}, dict(block_n=16, block_k=64)):  # the shipped tiles, and more, narrower ones
+            n = ns[0] if gated else sum(ns)
+            out = torch.full((rows, n), float("nan"), dtype=dt)
+            _launch(x, w1, w2, w3, gated, out, cfg=cfg)
+            err = rel_err(out, ref64(x, ws, gated))
+            assert torch.isfinite(out).all(), (i, cfg, "unwritten output")
+            assert err < TOL[dt], (i, cfg, err)
+            print(f"case {i} cfg={cfg}: rel_err {err:.2e}")
+    print("interpreter cases passed")
+    return 0
+
+
+def test_interpreted_kernel_matches_float64():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    here = Path(__file__).resolve()
+    r = subprocess.run(
+        [sys.executable, str(here)], env=env, cwd=here.parent, capture_output=True, text=True, timeout=300
+    )
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    assert "interpreter cases passed" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "shape,k,ns,gated,dtype",
+    [
+        ((1, 1), 64, [64], "", torch.float32),
+        ((1, 5), 128, [64, 16, 16], "", torch.bfloat16),
+        ((2, 8), 96, [40], "silu", torch.float32),
+        ((1, 3), 80, [24], "gelu_tanh", torch.float16),
+    ],
+)
+def test_cpu_impl_matches_float64(shape, k, ns, gated, dtype):
+    x, ws = make(math.prod(shape), k, ns, dtype, seed=k, gated=gated)
+    x = x.view(*shape, k)
+    out = torch.ops.etspec.linear_rows(x, *ws, gated=gated)
+    assert out.shape == (*shape, ns[0] if gated else sum(ns)) and out.dtype == dtype
+    assert rel_err(out, ref64(x, ws, gated)) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x, w: torch.ops.etspec.linear_rows(x, w, gated="relu"), "gated must be"),
+        (lambda x, w: torch.ops.etspec.linear_rows(x, w[:, :8]), r"weights must be \[N, K\]"),
+        (lambda x, w: torch.ops.etspec.linear_rows(x, w.double()), "dtypes differ"),
+        (lambda x, w: torch.ops.etspec.linear_rows(x, w, gated="silu"), "two weights of one shape"),
+        (lambda x, w: torch.ops.etspec.linear_rows(x, w, w[:8], gated="silu"), "two weights of one shape"),
+        (lambda x, w: torch.ops.etspec.linear_rows(x.repeat(1, 6, 1), w), f"at most {MAX_ROWS} rows"),
+    ],
+)
+def test_bad_arguments_raise(call, match):
+    x, w = torch.randn(1, 3, 16), torch.randn(24, 16)
+    with pytest.raises(RuntimeError, match=match):
+        call(x, w)
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self, h=32, inter=48):
+        super().__init__()
+        self.gate = torch.nn.Linear(h, inter, bias=False)
+        self.up = torch.nn.Linear(h, inter, bias=False)
+        self.down = torch.nn.Linear(inter, h, bias=False)
+
+    def forward(self, x):
+        g = torch.ops.etspec.linear_rows(x, self.gate.weight, self.up.weight, gated="silu")
+        return torch.ops.etspec.linear_rows(g, self.down.weight)
+
+
+def test_export_strict_keeps_one_node_per_call_with_dynamic_rows():
+    torch.manual_seed(0)
+    mod = _Mlp().eval().requires_grad_(False)
+    m = torch.export.Dim("m", min=1, max=8)
+    with torch.no_grad():
+        ep = torch.export.export(mod, (torch.randn(1, 4, 32),), dynamic_shapes=({1: m},), strict=True)
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and "linear_rows" in str(n.target)]
+    assert len(nodes) == 2
+    assert isinstance(nodes[0].meta["val"].shape[1], torch.SymInt)
+    runner = ep.module()
+    for rows in (1, 7):
+        x = torch.randn(1, rows, 32)
+        torch.testing.assert_close(runner(x), mod(x))
+        want = torch.nn.functional.silu(mod.gate(x)) * mod.up(x) @ mod.down.weight.T
+        torch.testing.assert_close(runner(x), want, rtol=1e-5, atol=1e-5)
+
+
+if __name__ == "__main__":
+    sys.exit(run_interp_cases())
