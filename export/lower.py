@@ -307,6 +307,7 @@ def _lower_cuda(
         _timed(progress, f"to_edge_transform_and_lower (CUDA/AOTI) [{names}]"),
         _mutation_outputs_first_in_partitions(),
         _private_inductor_cache(),
+        _one_object_per_kernel(),
     ):
         edge = to_edge_transform_and_lower(
             exported,
@@ -326,22 +327,57 @@ def _lower_cuda(
 
 
 @contextmanager
+def _one_object_per_kernel():
+    """Give each embedded Triton kernel its own object file while AOTInductor links a method.
+
+    torch 2.11 turns a kernel's binary into ``<binary>.o`` and renames its symbols to the kernel's name.
+    Two kernels of one graph whose binaries are byte-identical (one Triton function launched with
+    specialisation hints that do not change its code, e.g. etspec::linear_rows on differently divisible
+    widths) share one binary path, so the second conversion overwrites the first's object, which is then
+    linked twice: "multiple definition of `___linear_rows_kernel_7_end'". Converting a per-kernel copy of
+    the binary keeps the objects apart.
+    """
+    import torch._inductor.codecache as codecache
+
+    orig = getattr(codecache, "convert_cubin_to_obj", None)
+    if orig is None:  # a torch whose AOTInductor embeds kernels another way
+        yield
+        return
+
+    def per_kernel(cubin_file: str, kernel_name: str, *args: Any, **kwargs: Any) -> str:
+        base, ext = os.path.splitext(cubin_file)
+        own = f"{base}_{kernel_name}{ext}"
+        shutil.copyfile(cubin_file, own)
+        return orig(own, kernel_name, *args, **kwargs)
+
+    codecache.convert_cubin_to_obj = per_kernel
+    try:
+        yield
+    finally:
+        codecache.convert_cubin_to_obj = orig
+
+
+@contextmanager
 def _private_inductor_cache():
-    """A fresh Inductor cache per CUDA lowering, unless the user chose one (TORCHINDUCTOR_CACHE_DIR).
+    """A fresh Inductor cache for each CUDA lowering; the previous setting is restored afterwards.
 
     torch 2.11's AOTInductor links a user Triton kernel's embedded binary twice when that kernel was
     already in a shared cache (another export or test compiled it): "multiple definition of
-    `___midm_reduce_kernel_13_end'" at link time. A private cache costs only the reuse.
+    `___midm_reduce_kernel_13_end'" at link time; exports running side by side on one shared cache also
+    rewrite each other's kernel objects mid-link (objcopy fails). A private cache costs only the reuse.
+    It is taken even when TORCHINDUCTOR_CACHE_DIR is set: torch itself sets that variable to its shared
+    default the first time anything asks for the cache, so a set value says nothing of the user's wish.
     """
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        yield
-        return
+    prev = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     d = tempfile.mkdtemp(prefix="etspec-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = d
     try:
         yield
     finally:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        if prev is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = prev
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -457,3 +459,35 @@ def test_cuda_lowering_artifact(tmp_path):
     assert read_manifest_from_pte(files[0]) == manifest
     for name in ("prefill", "target_verify", "draft"):
         assert info["methods"][name]["delegates"] == ["CudaBackend"], info["methods"][name]
+
+
+@pytest.mark.skipif(not (shutil.which("ld") and shutil.which("objcopy")), reason="needs binutils")
+def test_identical_kernel_binaries_get_their_own_objects(tmp_path):
+    """Two kernels of one graph with byte-identical binaries link once each (torch 2.11 AOTI bug)."""
+    import torch._inductor.codecache as codecache
+
+    from etspec.export.lower import _one_object_per_kernel
+
+    cubin = tmp_path / "same.fatbin"
+    cubin.write_bytes(b"\x7fkernel binary" * 64)
+
+    def link(objs):
+        return subprocess.run(
+            ["ld", "-r", "-o", str(tmp_path / "all.o"), *objs], capture_output=True, text=True
+        )
+
+    def convert(names):
+        return [codecache.convert_cubin_to_obj(str(cubin), n, "ld", "objcopy") for n in names]
+
+    names = ["linear_rows_kernel_3", "linear_rows_kernel_7"]
+    assert "multiple definition" in link(convert(names)).stderr  # the bug, unpatched
+    with _one_object_per_kernel():
+        objs = convert(names)
+    assert len(set(objs)) == 2
+    assert link(objs).returncode == 0
+    syms = subprocess.run(["nm", str(tmp_path / "all.o")], capture_output=True, text=True).stdout
+    for n in names:
+        assert f"__{n}_start" in syms and f"__{n}_end" in syms
+    assert codecache.convert_cubin_to_obj is not None and "per_kernel" not in repr(
+        codecache.convert_cubin_to_obj
+    )
