@@ -110,7 +110,7 @@ def export_shaped(
 class Floors:
     """Bytes each call must read, from the shape, and their time at the measured copy bandwidth."""
 
-    def __init__(self, shape: str, draft_vocab: int, exported_k: int, copy_gbs: float):
+    def __init__(self, shape: str, draft_vocab: int, k: int, copy_gbs: float):
         t = SHAPES[shape]
         d = head_config(t, draft_vocab)
         h, hd, kvh, inter = t["hidden_size"], t["head_dim"], t["num_key_value_heads"], t["intermediate_size"]
@@ -127,12 +127,11 @@ class Floors:
         self.draft_step_bytes = 2 * (d_attn + 3 * h * d["intermediate_size"]) + 2 * draft_vocab * h
         self.fc_bytes = 2 * 3 * h * h
         self.draft_kv_tok = 2 * kvh * hd * 2
-        self.k = exported_k
+        self.k = k  # the exported draft length: the draft method computes all k steps
         self.bw = copy_gbs * 1e9
 
     def verify_ms(self, ctx: int) -> float:
         return (self.target_bytes + self.kv_tok * ctx) / self.bw * 1e3
 
     def draft_ms(self, ctx: int) -> float:
-        """The exported draft method computes all k steps, whatever --draft-len asks for."""
         return (self.fc_bytes + self.k * (self.draft_step_bytes + self.draft_kv_tok * ctx)) / self.bw * 1e3
