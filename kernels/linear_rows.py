@@ -36,12 +36,11 @@ ACTS = ("silu", "gelu_tanh")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Tuning, per mode (H200 sweep of block_n x block_k x warps x stages over the 1B/8B projections at 1 and 8
 # rows, bench/bench_linear_rows.py --sweep; docs/kernels.md): 32-column blocks with 256-wide K tiles for
-# plain calls, 64 x 128 for gated ones (two weight tiles per step); each within 5% of the best per shape.
+# plain calls, 64 x 128 for gated ones (two weight tiles per step): the tiles that recur at the top.
 _CFG = {
     "plain": dict(block_n=32, block_k=256, num_warps=4, num_stages=4),
     "gated": dict(block_n=64, block_k=128, num_warps=4, num_stages=3),
 }
-_CFG_OVERRIDE: dict = {}
 
 
 @triton.jit
@@ -128,19 +127,15 @@ def _linear_rows_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def plan(gated: str, cfg: dict | None = None) -> dict:
-    """Launch config of a call (benchmarks pass `cfg` to override)."""
-    return {**_CFG["gated" if gated else "plain"], **_CFG_OVERRIDE, **(cfg or {})}
-
-
 def _launch(x, w1, w2, w3, gated, out, *, cfg=None):
-    """Run the kernel on x [rows, K] (unit stride on K) into out [rows, N]; tests and benches call it."""
+    """Run the kernel on x [rows, K] (unit stride on K) into out [rows, N]; tests and benches call it
+    (`cfg` overrides the tiles)."""
     rows, kdim = x.shape
     act = 0 if not gated else ACTS.index(gated) + 1
     ns = [w1.shape[0], 0 if w2 is None else w2.shape[0], 0 if w3 is None else w3.shape[0]]
     if act:
         ns = [ns[0], 0, 0]
-    c = plan(gated, cfg)
+    c = {**_CFG["gated" if gated else "plain"], **(cfg or {})}
     block_k = min(c["block_k"], max(16, triton.next_power_of_2(kdim)))
     grid = (sum(triton.cdiv(n, c["block_n"]) for n in ns),)
     kernel = _linear_rows_kernel if _INTERPRET else wrap_triton(_linear_rows_kernel)
@@ -170,13 +165,13 @@ def _launch(x, w1, w2, w3, gated, out, *, cfg=None):
     return out
 
 
-def _weights(w1, w2, w3, gated) -> list[torch.Tensor]:
+def _weights(w1, w2, w3) -> list[torch.Tensor]:
     return [w for w in (w1, w2, w3) if w is not None]
 
 
 def _check(x, w1, w2, w3, gated) -> int:
     """Validates the call; returns the output width."""
-    ws = _weights(w1, w2, w3, gated)
+    ws = _weights(w1, w2, w3)
     torch._check(
         gated in ("",) + ACTS, lambda: f"linear_rows: gated must be '', 'silu' or 'gelu_tanh', got {gated!r}"
     )
@@ -230,7 +225,7 @@ def linear_rows_reference(x, w1, w2=None, w3=None, gated="", acc_dtype=torch.flo
         else:
             g = torch.nn.functional.gelu(g, approximate="tanh")
         return (g * u).to(x.dtype)
-    return torch.cat([xa @ w.to(acc_dtype).T for w in _weights(w1, w2, w3, gated)], dim=-1).to(x.dtype)
+    return torch.cat([xa @ w.to(acc_dtype).T for w in _weights(w1, w2, w3)], dim=-1).to(x.dtype)
 
 
 @linear_rows.register_kernel("cpu")
