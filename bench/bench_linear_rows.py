@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -109,7 +110,11 @@ def main() -> int:
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth_gbs() * 1e9
     res: dict = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__}
-    res |= {"python": platform.python_version(), "copy_gbs": bw / 1e9}
+    res |= {
+        "python": platform.python_version(),
+        "command": " ".join(["python", *sys.argv]),
+        "copy_gbs": bw / 1e9,
+    }
     log(f"{gpu}: copy {bw / 1e9:.0f} GB/s")
     if args.sweep:
         res["sweep"] = sweep(bw)

@@ -361,12 +361,10 @@ def _one_object_per_kernel():
 def _private_inductor_cache():
     """A fresh Inductor cache for each CUDA lowering; the previous setting is restored afterwards.
 
-    torch 2.11's AOTInductor links a user Triton kernel's embedded binary twice when that kernel was
-    already in a shared cache (another export or test compiled it): "multiple definition of
-    `___midm_reduce_kernel_13_end'" at link time; exports running side by side on one shared cache also
-    rewrite each other's kernel objects mid-link (objcopy fails). A private cache costs only the reuse.
-    It is taken even when TORCHINDUCTOR_CACHE_DIR is set: torch itself sets that variable to its shared
-    default the first time anything asks for the cache, so a set value says nothing of the user's wish.
+    Exports running side by side on one shared cache rewrite each other's kernel objects mid-link
+    (objcopy fails on the GPU box); a private cache costs only the reuse. It is taken even when
+    TORCHINDUCTOR_CACHE_DIR is set: torch itself sets that variable to its shared default the first time
+    anything asks for the cache, so a set value says nothing of the user's wish.
     """
     prev = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     d = tempfile.mkdtemp(prefix="etspec-inductor-")

@@ -47,9 +47,7 @@ CASES += [
 
 @pytest.mark.parametrize("k,ns,gated,m,dtype", CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_matches_float64(k, ns, gated, m, dtype):
-    x, ws = make(m, k, ns, dtype, seed=k + m + sum(ns))
-    if gated:
-        x, ws = make(m, k, ns, dtype, seed=k + m, gated=gated)
+    x, ws = make(m, k, ns, dtype, seed=k + m if gated else k + m + sum(ns), gated=gated)
     x, ws = x.cuda(), [w.cuda() for w in ws]
     w1, w2, w3 = (ws + [None, None])[:3]
     n = ns[0] if gated else sum(ns)
