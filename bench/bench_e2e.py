@@ -42,6 +42,7 @@ from etspec.runtime.program import Program
 
 PUBLISHED_ACCEPTANCE = {3: 2.93, 5: 3.55, 7: 3.91}  # Llama-3.1-8B-Instruct + EAGLE-3, chain (DESIGN §8)
 MAX_SEQ, CHUNK = 65536, 256
+RUN_KEYS = ("command", "device", "torch", "transformers", "copy_gbs", "matmul_tflops")
 
 
 def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
@@ -189,13 +190,22 @@ def write(res: dict, rows: list[dict], base: Path, png: bool = False) -> None:
             }
     (base.parent / f"{base.name}.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
     keys = ["impl", "ctx", "k", "tok_s", "ms_round", "verify_ms", "draft_ms", "host_ms", "round_floor_ms"]
-    keys += ["round_vs_floor", "verify_vs_floor", "draft_vs_floor", "speedup_vs_target_only", "simulated"]
+    keys += ["round_vs_floor", "verify_vs_floor", "draft_vs_floor", "speedup_vs_target_only"]
+    keys += ["simulated", "run"]
     with open(base.parent / f"{base.name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     if png:
         plot(rows, base.parent / f"{base.name}.png")
+
+
+def merge_previous(old: dict, res: dict) -> tuple[list[dict], list[dict]]:
+    """An earlier results file's runs and rows (each row naming its run); `res` takes its ks/exports."""
+    runs = old.get("runs") or [{key: old.get(key) for key in RUN_KEYS}]
+    res["ks"] = sorted(set(old["ks"]) | set(res["ks"]))
+    res["export"] = {**old["export"], **{str(k): v for k, v in res["export"].items()}}
+    return runs, [{**r, "run": r.get("run", 0)} for r in old["rows"]]
 
 
 def main() -> int:
@@ -213,6 +223,12 @@ def main() -> int:
     ap.add_argument("--peers", default="hf,hf-compile,compile", help="comma list, or 'none'")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint + artifact cache (out/e2e_<shape>)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of the existing results file that this run does not measure (each row "
+        "names its run: command, device ceilings); for filling in a matrix across device sessions",
+    )
     args = ap.parse_args()
     ks = sorted(int(x) for x in args.ks.split(","))
     contexts = [int(x) for x in args.contexts.split(",")]
@@ -252,9 +268,14 @@ def main() -> int:
 
     name = f"e2e_{args.shape}_{gpu.replace(' ', '_')}"
     args.out.mkdir(parents=True, exist_ok=True)
+    runs: list[dict] = []
+    if args.merge and (args.out / f"{name}.json").is_file():
+        runs, rows = merge_previous(json.loads((args.out / f"{name}.json").read_text()), res)
+    res["runs"] = [*runs, {key: res[key] for key in RUN_KEYS}]
 
     def add(impl: str, ctx: int, k: int | None, row: dict) -> None:
-        row = {"impl": impl, "ctx": ctx, "k": k, **row}
+        row = {"impl": impl, "ctx": ctx, "k": k, **row, "run": len(runs)}
+        rows[:] = [r for r in rows if (r["impl"], r["ctx"]) != (impl, ctx)]  # a re-measured merged row
         rows.append(row)
         log(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}))
         write(res, rows, args.out / name)  # after every row: a run cut short keeps what it measured
@@ -295,22 +316,22 @@ def main() -> int:
             except Exception as e:  # a peer that fails on the box is reported, not fatal
                 traceback.print_exc()
                 res.setdefault("peer_errors", []).append(f"{peer} ctx={ctx}: {type(e).__name__}: {e}"[:500])
-    res["wall_s"] = time.perf_counter() - t_start
+    res["wall_s"] = res["runs"][-1]["wall_s"] = time.perf_counter() - t_start
     write(res, rows, args.out / name, png=True)
     if os.environ.get("OUT"):
         for ext in ("json", "csv", "png"):
             p = args.out / f"{name}.{ext}"
             if p.is_file():
                 Path(os.environ["OUT"], p.name).write_bytes(p.read_bytes())
-    head = ["impl", "ctx", "tok/s", "ms/rnd", "verify", "draft", "host", "vs floor"]
+    head = ["impl", "ctx", "tok/s", "ms/rnd", "verify", "draft", "host", "vs floor", "run"]
     log("\n" + " ".join(f"{h:>8}" if i else f"{h:44s}" for i, h in enumerate(head)))
     for r in rows:
         vals = [r["ctx"], r["tok_s"], r["ms_round"]] + [
             r.get(x, 0.0) for x in ("verify_ms", "draft_ms", "host_ms")
         ]
-        vf = r.get("round_vs_floor")
         cells = [f"{v:>8.2f}" if isinstance(v, float) else f"{v:>8}" for v in vals]
-        log(f"{r['impl']:44s} " + " ".join(cells) + f" {'-' if vf is None else f'{vf:.2f}':>8}")
+        vf = "-" if r.get("round_vs_floor") is None else f"{r['round_vs_floor']:.2f}"
+        log(f"{r['impl']:44s} " + " ".join(cells) + f" {vf:>8} {r['run']:>8}")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from etspec.runtime.program import Program
@@ -47,8 +48,12 @@ def main() -> int:
             for _ in range(args.calls):
                 fn(*call)
             torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-    print(table)
+    avgs = prof.key_averages()
+    print(avgs.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    kernels = [e for e in avgs if e.device_type == DeviceType.CUDA]
+    n = sum(e.count for e in kernels) / args.calls
+    us = sum(e.self_device_time_total for e in kernels) / args.calls
+    print(f"{args.method}, ctx {args.ctx}, {args.rows} row(s): {n:.0f} kernels, {us:.0f} us in kernels/call")
     return 0
 
 

@@ -51,6 +51,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from .manifest import MANIFEST_METHOD, Manifest, MethodSig, method_signature
+from .sparse_file import disk_bytes, write_sparse
 
 Backend = Literal["xnnpack", "cuda"]
 Progress = Callable[[str], None]
@@ -226,14 +227,29 @@ def lower(
         if backend == "cuda":
             # Named by the backend's external tag; list what actually appeared.
             before = {p.name for p in out.glob("*.ptd")}
-            et.write_tensor_data_to_file(str(out))
+            _write_data_files(et, out)
             after = sorted(out.glob("*.ptd"))
             written += [p for p in after if p.name not in before or p.name == CUDA_DATA_NAME]
             if not (out / CUDA_DATA_NAME).exists():
                 raise RuntimeError(f"CUDA lowering wrote no {CUDA_DATA_NAME} (got {[p.name for p in after]})")
     for p in written:
-        progress(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
+        on_disk = f", {disk_bytes(p) / 2**20:.1f} MiB on disk" if p.suffix == ".ptd" else ""
+        progress(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB{on_disk})")
     return written
+
+
+def _write_data_files(et: Any, out: Path) -> None:
+    """``write_tensor_data_to_file``, but sparse: the blob's zero KV caches take no disk.
+
+    The serialized files are the manager's ``_tensor_data`` (filename -> Cord; ExecuTorch 1.2.0 to
+    1.5.1, filled by ``write_to_file``). If a version lacks it, the public writer runs instead.
+    """
+    data = getattr(et, "_tensor_data", None)
+    if not data:
+        et.write_tensor_data_to_file(str(out))
+        return
+    for name, cord in data.items():
+        write_sparse(out / (name if name.endswith(".ptd") else f"{name}.ptd"), cord)
 
 
 def _lower_xnnpack(exported: dict[str, ExportedProgram], consts: dict[str, Any], progress: Progress):
