@@ -151,19 +151,27 @@ def plot(rows: list[dict], path: Path) -> None:
         log("matplotlib missing: no plot")
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5))
+    runs_of: dict[str, set] = {}
+    for r in rows:
+        runs_of.setdefault(r["impl"], set()).add(r.get("run", 0))
+
+    def label(r: dict) -> str:  # an implementation measured in several merged runs: one series each
+        return r["impl"] + (f" [run {r['run']}]" if len(runs_of[r["impl"]]) > 1 else "")
+
+    a1.set_prop_cycle(color=plt.cm.tab20.colors)
     series: dict[str, list] = {}
     for r in rows:
-        series.setdefault(r["impl"], []).append((r["ctx"], r["tok_s"]))
+        series.setdefault(label(r), []).append((r["ctx"], r["tok_s"]))
     for name, pts in sorted(series.items()):
         pts.sort()
         a1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     a1.set_xscale("log", base=2)
     a1.set_xlabel("context (tokens)")
     a1.set_ylabel("decode tok/s")
-    a1.legend(fontsize=7)
+    a1.legend(fontsize=6, loc="center right")
     a1.set_title("decode tok/s vs context (speculative rows: SIMULATED acceptance)")
     ours = [r for r in rows if r["impl"].startswith("etspec") and "graph" in r["impl"]]
-    labels = [f"{r['impl'].replace('etspec ', '')}\n{r['ctx'] // 1024}K" for r in ours]
+    labels = [f"{label(r).replace('etspec ', '')}\n{r['ctx'] // 1024}K" for r in ours]
     x = range(len(ours))
     bottom = [0.0] * len(ours)
     for key, color in (("verify_ms", "C0"), ("draft_ms", "C1"), ("host_ms", "C2")):
@@ -275,8 +283,7 @@ def main() -> int:
 
     def add(impl: str, ctx: int, k: int | None, row: dict) -> None:
         row = {"impl": impl, "ctx": ctx, "k": k, **row, "run": len(runs)}
-        rows[:] = [r for r in rows if (r["impl"], r["ctx"]) != (impl, ctx)]  # a re-measured merged row
-        rows.append(row)
+        rows.append(row)  # a row re-measured in a merge is kept twice, once per run
         log(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}))
         write(res, rows, args.out / name)  # after every row: a run cut short keeps what it measured
 
