@@ -80,11 +80,17 @@ class RMSNorm(nn.Module):
 
 def project(x: torch.Tensor, mods: tuple[nn.Linear, ...], rows: bool) -> list[torch.Tensor]:
     """x through each Linear; with `rows` (a verify/draft call of at most a few rows) one
-    etspec::linear_rows launch streams all their weights, and the biases are added after."""
-    if not rows:
-        return [m(x) for m in mods]
-    y = torch.ops.etspec.linear_rows(x, *(m.weight for m in mods))
-    outs = y.split([m.out_features for m in mods], dim=-1) if len(mods) > 1 else (y,)
+    etspec::linear_rows launch streams all their weights.
+
+    Both paths read every weight before any bias. AOTInductor lays out a method's weights blob in the
+    order the method first uses each constant, and ExecuTorch stores prefill's and target_verify's
+    blobs once only when they are byte-identical: with q/k/v biases read in another order on one path,
+    the CUDA .ptd would hold the target twice (tests/export/test_constant_order.py)."""
+    if rows:
+        y = torch.ops.etspec.linear_rows(x, *(m.weight for m in mods))
+        outs = y.split([m.out_features for m in mods], dim=-1) if len(mods) > 1 else (y,)
+    else:
+        outs = [F.linear(x, m.weight) for m in mods]
     return [o if m.bias is None else o + m.bias for o, m in zip(outs, mods)]
 
 

@@ -1,0 +1,68 @@
+"""prefill and target_verify read the target's weights in one order, so their CUDA weights blobs are
+byte-identical and the .ptd holds the target once (export.lower.constants_in_first_use_order says why).
+Checked on the exported graphs, with the few-rows kernels on as in a CUDA export; `bench/blob_report.py`
+checks the blobs themselves on the GPU box."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from etspec.export.lower import _warn_unshared_blobs, constants_in_first_use_order, export_methods
+from etspec.export.methods import method_specs
+from etspec.models.config import parse_draft_config
+from etspec.models.draft import Eagle3Draft
+from etspec.models.speculator import Speculator
+from etspec.models.tiny import random_target, tiny_draft_config, tiny_target_config
+
+TARGET = ("prefill", "target_verify")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # Llama's layers plus q/k/v biases; sandwich norms
+def test_prefill_and_verify_read_constants_in_one_order(family):
+    # untrained weights: only the graph matters; max_seq_len as test_speculative's few-rows pairs
+    target = random_target(family, 160, seed=0, use_midm=True)
+    dcfg = parse_draft_config(tiny_draft_config(tiny_target_config(family)))
+    draft = Eagle3Draft(dcfg, 160, own_embedding=False, use_midm=True).eval().requires_grad_(False)
+    specs = method_specs(Speculator(target, draft, 3), 16)
+    eps = export_methods({n: specs[n] for n in TARGET}, progress=None)
+    prefill, verify = (constants_in_first_use_order(eps[n]) for n in TARGET)
+    assert any(".bias" in f for f in prefill) == (family == "qwen2")
+    assert prefill == verify, next((a, b) for a, b in zip(prefill, verify) if a != b)
+    said: list[str] = []
+    _warn_unshared_blobs(eps, said.append)
+    assert said == []
+
+
+class _Pair(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4, bias=False)
+        self.b = torch.nn.Linear(4, 4, bias=False)
+
+
+class _Reads(torch.nn.Module):
+    """A method over the shared `pair`, reading its weights a-first or b-first."""
+
+    def __init__(self, pair: _Pair, b_first: bool):
+        super().__init__()
+        self.pair, self.b_first = pair, b_first
+
+    def forward(self, x):
+        return self.pair.b(x) + self.pair.a(x) if self.b_first else self.pair.a(x) + self.pair.b(x)
+
+
+def test_warns_when_methods_read_shared_weights_in_other_orders():
+    pair = _Pair()
+    x = (torch.randn(2, 4),)
+    methods = {"one": (_Reads(pair, False), x, None), "two": (_Reads(pair, True), x, None)}
+    eps = export_methods(methods, progress=None)
+    assert constants_in_first_use_order(eps["one"]) == ["pair.a.weight", "pair.b.weight"]
+    assert constants_in_first_use_order(eps["two"]) == ["pair.b.weight", "pair.a.weight"]
+    said: list[str] = []
+    _warn_unshared_blobs(eps, said.append)
+    assert len(said) == 1 and "one and two read the same weights in different orders" in said[0]
+    methods["two"] = (_Reads(pair, False), x, None)
+    said.clear()
+    _warn_unshared_blobs(export_methods(methods, progress=None), said.append)
+    assert said == []
