@@ -50,53 +50,88 @@ def _quiet_threads():
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
-def exported_families() -> list:
-    """The families whose tiny pair is exported (with / without sliding-window layers), each pinned to
-    one xdist worker (`--dist loadgroup`) so that every worker does not export every artifact."""
-    return [pytest.param(f, marks=pytest.mark.xdist_group(f"art-{f}")) for f in ("llama", "mistral")]
+EXPORTED = ("llama", "mistral")  # the tiny pairs exported for XNNPACK: without / with sliding-window layers
+
+
+def exported_families() -> list[str]:
+    return list(EXPORTED)
 
 
 TINY_MAX_SEQ, TINY_CHUNK, TINY_K = 96, 16, 3
 
 
+def _shared_root(tmp_path_factory, name: str) -> Path:
+    """A directory every xdist worker of this run sees (the workers' base temps share a parent), so a
+    tiny pair is written and exported once per run, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """{family: (target_dir, draft_dir)} written on first use (the head is trained, so it costs seconds)."""
+    from filelock import FileLock
+
     from etspec.models.tiny import write_tiny_pair
 
-    root = tmp_path_factory.mktemp("ckpt")
-    cache: dict[str, tuple[Path, Path]] = {}
+    root = _shared_root(tmp_path_factory, "ckpt")
 
     def get(family: str) -> tuple[Path, Path]:
-        if family not in cache:
-            cache[family] = write_tiny_pair(root / family, family)
-        return cache[family]
+        d = root / family
+        with FileLock(root / f"{family}.lock"):
+            if not (d / "done").is_file():
+                write_tiny_pair(d, family)
+                (d / "done").touch()
+        return d / "target", d / "draft"
 
     return get
 
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_checkpoints, tmp_path_factory):
-    """{family: artifact dir}: `etspec-export --backend xnnpack` of the tiny pair, once per session
-    (ETSPEC_TEST_ART_CACHE=DIR keeps them between local runs; CI always exports afresh)."""
+    """{family: artifact dir}: `etspec-export --backend xnnpack` of the tiny pair, once per run and shared
+    by the xdist workers (ETSPEC_TEST_ART_CACHE=DIR keeps them between local runs; CI always exports
+    afresh). A worker that finds a pair being exported by another exports a pair nobody has started."""
+    from filelock import FileLock, Timeout
+
     from etspec.export.cli import main as export_main
 
     keep = os.environ.get("ETSPEC_TEST_ART_CACHE")
-    root = Path(keep) if keep else tmp_path_factory.mktemp("art")
-    cache: dict[str, Path] = {}
+    root = Path(keep) if keep else _shared_root(tmp_path_factory, "art")
+    root.mkdir(parents=True, exist_ok=True)
+
+    def build(family: str) -> None:
+        out = root / family
+        if (out / "manifest.json").is_file():
+            return
+        target, draft = tiny_checkpoints(family)
+        argv = ["--target", str(target), "--draft", str(draft), "--out", str(out), "--backend", "xnnpack"]
+        argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ)]
+        argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
+        assert export_main(argv + ["--force"]) == 0
 
     def get(family: str) -> Path:
-        if family not in cache:
-            target, draft = tiny_checkpoints(family)
-            out = root / family
-            if keep and (out / "manifest.json").is_file():
-                cache[family] = out
-                return out
-            argv = ["--target", str(target), "--draft", str(draft), "--out", str(out), "--backend", "xnnpack"]
-            argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ)]
-            argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
-            assert export_main(argv + ["--force"]) == 0
-            cache[family] = out
-        return cache[family]
+        lock = FileLock(root / f"{family}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # another worker is exporting it: use the wait to export one nobody has
+            for other in EXPORTED:
+                spare = FileLock(root / f"{other}.lock")
+                try:
+                    spare.acquire(timeout=0)
+                except Timeout:
+                    continue
+                try:
+                    build(other)
+                finally:
+                    spare.release()
+            lock.acquire()
+        try:
+            build(family)
+        finally:
+            lock.release()
+        return root / family
 
     return get

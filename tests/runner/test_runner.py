@@ -97,7 +97,6 @@ def test_steady_state_round_has_no_allocations_and_fixed_op_count(program):
         assert len(ops) <= 20, ops
 
 
-@pytest.mark.xdist_group("art-llama")
 def test_simulated_acceptance_is_forced_and_labelled(tiny_artifacts, tmp_path, capsys):
     """Benchmark-only acceptance: rounds commit exactly the forced counts, and every output says so."""
     with Program.load(tiny_artifacts("llama")) as p:
@@ -118,7 +117,6 @@ def test_simulated_acceptance_is_forced_and_labelled(tiny_artifacts, tmp_path, c
     assert json.loads(stats.read_text())["speculative"]["simulated_acceptance"] == 3.0
 
 
-@pytest.mark.xdist_group("art-llama")
 def test_cli_compare_and_stats(tiny_artifacts, tmp_path, capsys):
     art = tiny_artifacts("llama")
     stats = tmp_path / "stats.json"
@@ -146,7 +144,6 @@ def test_cli_compare_and_stats(tiny_artifacts, tmp_path, capsys):
         (["--simulate-acceptance", "4.5"], "--simulate-acceptance must be between 1 and k+1 = 4"),
     ],
 )
-@pytest.mark.xdist_group("art-llama")
 def test_cli_errors(tiny_artifacts, capsys, extra, message):
     argv = ["--model", str(tiny_artifacts("llama"))]
     if not any(a.startswith("--prompt") for a in extra):

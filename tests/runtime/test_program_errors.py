@@ -12,8 +12,6 @@ from etspec.runtime.errors import ArtifactError, MethodInputError, UnsupportedLa
 from etspec.runtime.program import Program
 from tests.conftest import TINY_K, TINY_MAX_SEQ
 
-pytestmark = pytest.mark.xdist_group("art-llama")
-
 
 @pytest.fixture
 def art(tiny_artifacts, tmp_path):
