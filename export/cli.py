@@ -1,22 +1,38 @@
 """`etspec-export`: a target + its EAGLE-3 head -> one ExecuTorch program with prefill, target_verify and
-draft, plus manifest.json and the tokenizer files."""
+draft, plus manifest.json and the tokenizer files.
+
+Nothing at --out changes until the artifact is complete: every input is checked first, the artifact is
+built in a hidden directory beside --out, and that directory is renamed into place at the end."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
+import os
+import re
 import shutil
 import sys
+import tempfile
 import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from etspec.models.checkpoint import DTYPES, CheckpointError, load_speculator
-from etspec.models.config import ConfigError, parse_target_config, read_config_json
+from etspec.models.config import (
+    ConfigError,
+    check_pair,
+    parse_draft_config,
+    parse_target_config,
+    read_config_json,
+)
 
 from .lower import export_methods, lower, manifest_constant_methods, method_signatures
-from .manifest import Manifest, checkpoint_hash, constant_table, dtype_name, toolchain_versions
+from .manifest import Manifest, checkpoint_hash, constant_table, dtype_name, file_record, toolchain_versions
 from .methods import method_specs
 
 TOKENIZER_FILES = (
@@ -29,26 +45,83 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+MANIFEST_FILE = "manifest.json"
 CUDA_KV_BUCKET = 1024  # kv_window rounding the runtime may use for CUDA graphs (one graph per bucket)
+DEFAULT_DTYPE = {"xnnpack": "fp32", "cuda": "bf16"}
+
+# Third-party warnings that every export triggers and that say nothing about the user's export, as
+# (category, module regex, message regex); a warning must match all three to be hidden.
+QUIET_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    # torch deprecates its own LeafSpec, which torch.export and ExecuTorch still copy (deepcopy: copyreg).
+    (FutureWarning, r"(copyreg|torch|executorch)(\.|$)", r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # The KV caches are meant to start uninitialised: the runner writes every position before reading it.
+    (UserWarning, r"executorch\.exir\.emit\._emitter", r"Mutation on a buffer in the model is detected"),
+    (DeprecationWarning, r"torch\.jit\.", r"`torch\.jit\.script_method` is deprecated"),
+    (DeprecationWarning, r"(executorch|importlib\.resources)\.", r"(open|read)_(text|binary) is deprecated"),
+)
+# Log records that importing ExecuTorch prints with this toolchain: logger name -> message regex.
+QUIET_LOGS = {
+    # torchao's optional CUDA kernel libraries, unused by the export, fail to load on this build.
+    "torchao": r"Failed to load .*torchao/_C",
+    # torchao registers an Enum as a pytree constant, which torch now deprecates.
+    "torch.utils._pytree": r".* is an Enum subclass and is now natively supported by torch\.compile",
+}
+
+EPILOG = """\
+examples:
+  # CPU (XNNPACK, fp32 by default):
+  etspec-export --target models/Llama-3.2-1B-Instruct --draft models/EAGLE3-LLaMA3.2-1B \\
+      --out art/llama1b-cpu --max-seq-len 2048 --draft-len 4
+  # NVIDIA GPU (AOTInductor, bf16 by default), run on the GPU machine:
+  etspec-export --target models/Llama-3.1-8B-Instruct --draft models/EAGLE3-LLaMA3.1-Instruct-8B \\
+      --out art/llama8b-cuda --backend cuda --max-seq-len 8192 --draft-len 5
+  # then: etspec-run --model art/llama1b-cpu --prompt "Hello" --max-new-tokens 64
+
+--out changes only when the export succeeds: the artifact is built in a hidden directory beside it
+(.NAME.etspec-tmp-*) and renamed into place at the end, so a failed or interrupted export leaves --out
+as it was. --force replaces an earlier etspec artifact (a directory holding manifest.json) or an empty
+directory, and nothing else: never another directory, a file, the checkpoints, the current directory
+or the home directory. Exit status: 0 on success, 2 for a bad flag, path or checkpoint.
+"""
 
 
 class UsageError(ValueError):
     """A bad combination of flags or paths: reported as one line, exit code 2."""
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, but none for required flags and switches, where "(default: None)" or
+    "(default: False)" would only be noise."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="etspec-export",
-        description="Export a target LLM and its EAGLE-3 draft head (Hugging Face directories) into one "
+        description="Export a target LLM and its EAGLE-3 draft head (Hugging Face directories) into one\n"
         "ExecuTorch program with the methods prefill, target_verify and draft.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
-        "--target", required=True, type=Path, help="target model directory (config.json + safetensors)"
+        "--target", required=True, type=_path, help="target model directory (config.json + safetensors)"
     )
-    p.add_argument("--draft", required=True, type=Path, help="EAGLE-3 head directory (config.json + weights)")
     p.add_argument(
-        "--out", required=True, type=Path, help="output directory for model.pte, manifest and tokenizer"
+        "--draft", required=True, type=_path, help="EAGLE-3 head directory (config.json + weights)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=_path,
+        help="artifact directory to create: model.pte [+ .ptd], manifest.json and the tokenizer files",
     )
     p.add_argument(
         "--backend",
@@ -56,15 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
         default="xnnpack",
         help="cuda: AOTInductor delegates for NVIDIA GPUs (needs a GPU); xnnpack: CPU",
     )
-    p.add_argument("--max-seq-len", type=int, default=2048, help="KV-cache length: prompt + generated tokens")
-    p.add_argument("--draft-len", type=int, default=4, help="k: drafts per round (the runner may use fewer)")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=2048,
+        help="KV-cache rows per sequence, which bound prompt + generated tokens + the k verify rows of the "
+        "last round; at most the target's max_position_embeddings (default: %(default)s)",
+    )
+    p.add_argument(
+        "--draft-len",
+        type=int,
+        default=4,
+        help="k: tokens drafted per round; target_verify checks k + 1 rows (the runner may use fewer)",
+    )
     p.add_argument(
         "--max-prefill-chunk",
         type=int,
         default=128,
-        help="largest prefill / draft catch-up chunk (rows per call)",
+        help="largest prefill / draft catch-up chunk (rows per call); longer prompts go in chunks",
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and KV-cache dtype")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="weights and KV-cache dtype (default: "
+        + ", ".join(f"{d} for {b}" for b, d in DEFAULT_DTYPE.items())
+        + ")",
+    )
     p.add_argument(
         "--no-midm-sdpa",
         action="store_true",
@@ -76,37 +166,117 @@ def build_parser() -> argparse.ArgumentParser:
         help="CUDA, bf16 only: let ExecuTorch replace the remaining scaled_dot_product_attention calls "
         "(prefill, draft, sliding layers) with its own Triton SDPA instead of AOTInductor's",
     )
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out that holds an earlier etspec artifact (see below)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the third-party warnings and log lines (torch.export, ExecuTorch, torchao) that "
+        "are hidden by default",
+    )
     return p
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for role in ("target", "draft"):
-        d = getattr(args, role)
-        if not d.is_dir():
-            raise UsageError(f"--{role} {d}: not a directory")
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
-        raise UsageError(f"--out {args.out} exists and is not empty (use --force to overwrite)")
+# --------------------------------------------------------------------------------------------
+# Checks: all of them run before anything is written
+# --------------------------------------------------------------------------------------------
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    cfg = read_config_json(file)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{file} must hold a JSON object, not a {type(cfg).__name__}")
+    return cfg
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    # Each check assumes the ones before it passed, so a message blames the flag that is wrong.
     if args.draft_len < 1:
-        raise UsageError("--draft-len must be >= 1")
-    if not 1 <= args.max_prefill_chunk <= args.max_seq_len:
-        raise UsageError("--max-prefill-chunk must be between 1 and --max-seq-len")
+        raise UsageError(f"--draft-len must be >= 1 (got {args.draft_len})")
     if args.max_seq_len < 2 * args.draft_len + 8:
         raise UsageError(
             f"--max-seq-len must be at least {2 * args.draft_len + 8} (2 x draft_len + 8) to leave room "
-            "for a prompt and verify rounds"
+            f"for a prompt and verify rounds (got {args.max_seq_len})"
+        )
+    if not 1 <= args.max_prefill_chunk <= args.max_seq_len:
+        raise UsageError(
+            f"--max-prefill-chunk must be between 1 and --max-seq-len {args.max_seq_len} "
+            f"(got {args.max_prefill_chunk})"
         )
     if args.backend == "cuda" and not torch.cuda.is_available():
         raise UsageError("--backend cuda needs an NVIDIA GPU and a CUDA build of torch; none is visible here")
     if args.cuda_triton_sdpa and (args.backend != "cuda" or args.dtype != "bf16"):
         raise UsageError("--cuda-triton-sdpa needs --backend cuda and --dtype bf16")
-    if args.backend == "xnnpack" and args.dtype == "bf16":
-        print("[etspec-export] note: XNNPACK runs bf16 slowly; --dtype fp32 is the usual CPU choice")
-    limit = parse_target_config(read_config_json(args.target)).max_position_embeddings
-    if args.max_seq_len > limit:
+
+
+def _check_out(out: Path, force: bool, inputs: dict[str, Path]) -> Path:
+    """The real directory --out names, once replacing it can destroy nothing but an earlier artifact.
+
+    Run before the export and again just before the swap, since the export takes minutes."""
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out} is a symbolic link to nothing")
+    real = out.resolve()
+    if real.parent == real:
+        raise UsageError(f"--out {out} is a filesystem root")
+    for what, d in (("the current directory", Path.cwd()), ("the home directory", Path.home())):
+        if d.resolve().is_relative_to(real):
+            raise UsageError(f"--out {out} is or contains {what}; name a new directory for the artifact")
+    for flag, d in inputs.items():
+        src = d.resolve()
+        if real.is_relative_to(src) or src.is_relative_to(real):
+            raise UsageError(f"--out {out} overlaps {flag} {d}; write the artifact outside the checkpoints")
+    try:
+        if real.exists():
+            if not real.is_dir():
+                raise UsageError(f"--out {out} exists and is not a directory")
+            if any(real.iterdir()):
+                if not force:
+                    raise UsageError(
+                        f"--out {out} exists and is not empty (use --force to replace an earlier artifact)"
+                    )
+                if not (real / MANIFEST_FILE).is_file():
+                    raise UsageError(
+                        f"--out {out} is not empty and holds no etspec artifact (no {MANIFEST_FILE}); "
+                        "--force replaces only an earlier artifact or an empty directory"
+                    )
+        elif real.parent.exists() and not real.parent.is_dir():
+            raise UsageError(f"--out {out}: {real.parent} is not a directory")
+    except OSError as e:
+        raise UsageError(f"--out {out}: {e.strerror or e}") from None
+    return real
+
+
+def _check_args(args: argparse.Namespace) -> Path:
+    """Check flags, paths, configs and the target/head pairing, and fill in the backend's default
+    --dtype; returns the real --out directory.
+
+    The weights themselves are read (and checked) by the export's first step, still before --out is
+    touched."""
+    args.dtype = args.dtype or DEFAULT_DTYPE[args.backend]
+    _check_flags(args)
+    inputs = {"--target": args.target, "--draft": args.draft}
+    for flag, d in inputs.items():
+        if not d.is_dir():
+            raise UsageError(f"{flag} {d}: not a directory")
+    out = _check_out(args.out, args.force, inputs)
+    tcfg = parse_target_config(_json_object(args.target / "config.json"))
+    check_pair(tcfg, parse_draft_config(_json_object(args.draft / "config.json")))
+    if args.max_seq_len > tcfg.max_position_embeddings:
         raise UsageError(
-            f"--max-seq-len {args.max_seq_len} exceeds the target's max_position_embeddings {limit}"
+            f"--max-seq-len {args.max_seq_len} exceeds the target's max_position_embeddings "
+            f"{tcfg.max_position_embeddings}"
         )
+    if args.backend == "xnnpack" and args.dtype == "bf16":
+        print(
+            "etspec-export: warning: XNNPACK runs bf16 slowly; --dtype fp32 (the default) is the usual CPU "
+            "choice",
+            file=sys.stderr,
+        )
+    return out
 
 
 def _eos_ids(target_dir: Path) -> list[int]:
@@ -114,45 +284,111 @@ def _eos_ids(target_dir: Path) -> list[int]:
     for name in ("config.json", "generation_config.json"):
         f = target_dir / name
         if f.is_file():
-            eos = json.loads(f.read_text()).get("eos_token_id")
-            for e in eos if isinstance(eos, list) else [eos] if eos is not None else []:
-                if int(e) not in ids:
-                    ids.append(int(e))
+            eos = _json_object(f).get("eos_token_id")
+            try:
+                for e in eos if isinstance(eos, list) else [eos] if eos is not None else []:
+                    if int(e) not in ids:
+                        ids.append(int(e))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{f}: eos_token_id {eos!r} is not a token id or a list of them") from None
     return ids
 
 
-def _stage(name: str):
-    """Print a stage's start and its wall time."""
-
-    class _S:
-        def __enter__(self):
-            print(f"[etspec-export] {name} ...", flush=True)
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            if exc[0] is None:
-                print(f"[etspec-export] {name}: done in {time.perf_counter() - self.t:.1f}s", flush=True)
-
-    return _S()
+# --------------------------------------------------------------------------------------------
+# Writing: a staging directory beside --out, swapped in when complete
+# --------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> Path:
-    _check_args(args)
-    out: Path = args.out
-    if out.exists() and args.force:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+@contextmanager
+def _staging_dir(out: Path) -> Iterator[Path]:
+    """A new directory beside `out` (same filesystem, so the final rename is atomic).
+
+    If the block fails in any way (an error, Ctrl-C) it is deleted with everything in it, and so are the
+    parents of `out` that it had to create: the filesystem is left as it was."""
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.etspec-tmp-", dir=out.parent))
+    except OSError as e:
+        _remove_empty(created)
+        raise UsageError(f"cannot create a directory beside --out {out}: {e.strerror or e}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)  # what mkdir would give, not mkdtemp's owner-only mode
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:
+        with suppress(OSError):
+            d.rmdir()
+
+
+def _move_into_place(stage: Path, args: argparse.Namespace) -> Path:
+    """Rename the finished `stage` to --out. An earlier artifact there is renamed aside first and deleted
+    only once the new one is in place, so at every moment one complete artifact is on disk."""
+    out = _check_out(args.out, args.force, {"--target": args.target, "--draft": args.draft})
+    aside = None
+    try:
+        if out.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.etspec-old-", dir=out.parent))
+            os.replace(out, aside)  # onto the empty placeholder: atomic, and the name stays unique
+        os.replace(stage, out)
+    except BaseException as e:
+        if aside is not None and out.exists():  # the earlier artifact never left: drop the placeholder
+            aside.rmdir()
+        elif aside is not None:  # put the earlier artifact back
+            os.replace(aside, out)
+        if isinstance(e, OSError):
+            raise UsageError(f"could not move the finished artifact to --out {args.out}: {e}") from None
+        raise
+    if aside is not None:
+        try:
+            shutil.rmtree(aside)
+        except OSError as e:
+            print(
+                f"etspec-export: warning: could not delete the previous artifact {aside}: {e}",
+                file=sys.stderr,
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def _reporter() -> Callable[[str], None]:
+    """Progress lines on stdout, each with the time since the export started."""
+    t0 = time.perf_counter()
+    return lambda msg: print(f"[etspec-export {time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+
+@contextmanager
+def _stage(say: Callable[[str], None], name: str) -> Iterator[None]:
+    say(f"{name} ...")
+    t = time.perf_counter()
+    yield
+    say(f"{name} done in {time.perf_counter() - t:.1f}s")
+
+
+def _write_artifact(args: argparse.Namespace, stage: Path, say: Callable[[str], None]) -> Manifest:
+    """Write the program files and the tokenizer files into `stage`; returns the manifest to write last."""
     dtype = DTYPES[args.dtype]
     use_midm = args.backend == "cuda" and not args.no_midm_sdpa
     device = "cuda" if args.backend == "cuda" else "cpu"
-    t0 = time.perf_counter()
-
-    with _stage("load checkpoints"):
+    eos_ids = _eos_ids(args.target)
+    with _stage(say, "load checkpoints"):
         spec = load_speculator(
             args.target, args.draft, args.max_seq_len, args.draft_len, dtype, use_midm=use_midm, device=device
         )
     specs = method_specs(spec, args.max_prefill_chunk)
-    exported = export_methods(specs, progress=lambda m: print(f"[etspec-export] {m}", flush=True))
+    exported = export_methods(specs, progress=say)
     tcfg, dcfg = spec.target.cfg, spec.draft_head.cfg
     manifest = Manifest(
         backend=args.backend,
@@ -165,7 +401,7 @@ def run(args: argparse.Namespace) -> Path:
         dtype=dtype_name(dtype),
         tap_layers=list(spec.target.tap_layers),
         draft_vocab_size=dcfg.draft_vocab_size,
-        eos_token_ids=_eos_ids(args.target),
+        eos_token_ids=eos_ids,
         midm_sdpa=use_midm,
         kv_bucket=CUDA_KV_BUCKET if args.backend == "cuda" else None,
         checkpoints={"target": checkpoint_hash(args.target), "draft": checkpoint_hash(args.draft)},
@@ -177,27 +413,84 @@ def run(args: argparse.Namespace) -> Path:
         exported,
         args.backend,
         manifest_constant_methods(manifest),
-        out,
-        progress=lambda m: print(m, flush=True),
+        stage,
+        progress=say,
         cuda_triton_kernels=args.cuda_triton_sdpa,
     )
-    manifest.write(out / "manifest.json")
     for name in TOKENIZER_FILES:
         if (args.target / name).is_file():
-            shutil.copy2(args.target / name, out / name)
-    print(f"[etspec-export] artifact in {out} ({time.perf_counter() - t0:.1f}s):")
+            shutil.copy2(args.target / name, stage / name)
+    return manifest
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Export as `args` say; returns the artifact directory (the real path of --out)."""
+    out = _check_args(args)
+    say = _reporter()
+    with _staging_dir(out) as stage:
+        say(f"building in {stage}, which becomes --out {args.out} once complete")
+        manifest = _write_artifact(args, stage, say)
+        programs = sorted(f for f in stage.iterdir() if f.suffix in (".pte", ".ptd"))
+        with _stage(say, "hashing " + ", ".join(f.name for f in programs)):
+            manifest.files = {f.name: file_record(f) for f in programs}
+        manifest.write(stage / MANIFEST_FILE)
+        # `stage` now holds the complete artifact (model.pte [+ .ptd], manifest.json, tokenizer files):
+        # this is the one place to read or add to it before it becomes --out.
+        out = _move_into_place(stage, args)
+    say(f"artifact in {args.out}:")
     for f in sorted(out.iterdir()):
         print(f"  {f.name:28s} {f.stat().st_size / 2**20:10.2f} MiB")
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+@contextmanager
+def _quiet_third_party(verbose: bool) -> Iterator[None]:
+    """Hide `QUIET_WARNINGS` and `QUIET_LOGS` while the export runs, and nothing else.
+
+    -v shows everything, and so does a warnings policy of the user's own (-W, PYTHONWARNINGS), which
+    these filters would otherwise override for the warnings they match."""
+    if verbose:
+        yield
+        return
+    drops = [(logging.getLogger(name), _DropMatching(rx)) for name, rx in QUIET_LOGS.items()]
+    with warnings.catch_warnings():
+        if not sys.warnoptions:
+            for category, module, message in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        for logger, drop in drops:
+            logger.addFilter(drop)
+        try:
+            yield
+        finally:
+            for logger, drop in drops:
+                logger.removeFilter(drop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, ConfigError, CheckpointError) as e:
-        print(f"etspec-export: error: {e}", file=sys.stderr)
-        return 2
+    with _quiet_third_party(args.verbose):
+        try:
+            run(args)
+        except (UsageError, ConfigError, CheckpointError) as e:
+            print(f"etspec-export: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("etspec-export: interrupted; --out is as it was", file=sys.stderr)
+            return 130
     return 0
 
 

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import (
@@ -35,6 +36,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class CheckpointError(ValueError):
     """A checkpoint directory that does not hold what its config promises."""
+
+
+@contextmanager
+def _open_safetensors(file: Path) -> Iterator[Any]:
+    """``safe_open``, with a damaged file (a cut-off download, a bad header) reported by name."""
+    try:
+        handle = safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    with handle as f:
+        yield f
 
 
 @dataclass
@@ -59,7 +71,7 @@ class TensorSource:
             yield from self._bin().items()
             return
         for file in sorted(set(self.files.values())):
-            with safe_open(file, framework="pt") as f:
+            with _open_safetensors(file) as f:
                 for k in f.keys():
                     yield k, f.get_tensor(k)
 
@@ -78,14 +90,21 @@ def find_tensors(directory: str | Path, allow_bin: bool) -> TensorSource:
         raise CheckpointError(f"checkpoint directory {d} does not exist")
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"{index}: not a safetensors index (a JSON object)") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [f for f in shards if not (d / f).is_file()]
         if missing:
             raise CheckpointError(f"{d}: shards listed in {index.name} are missing: {', '.join(missing)}")
+        for shard in shards:  # headers only: a cut-off shard fails here, before any weight is read
+            with _open_safetensors(d / shard):
+                pass
         return TensorSource(d, {k: d / f for k, f in weight_map.items()}, "safetensors")
     single = d / "model.safetensors"
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open_safetensors(single) as f:
             return TensorSource(d, {k: single for k in f.keys()}, "safetensors")
     binfile = d / "pytorch_model.bin"
     if allow_bin and binfile.is_file():
