@@ -114,6 +114,9 @@ class Manifest:
     # weights blob (ExecuTorch 1.2) once per FQN and share it across methods.
     constants: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # forward-compatible free-form data
+    # File name -> {"size": bytes, "sha256": hex} of model.pte and each .ptd. Only manifest.json has it:
+    # the copy embedded in model.pte is written before the program exists and cannot hash itself.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,6 +273,21 @@ def sha256_files(paths: Iterable[str | Path], chunk: int = 1 << 22) -> str:
             while block := f.read(chunk):
                 h.update(block)
     return "sha256:" + h.hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The hex sha256 of one file's bytes (what `sha256sum` prints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: str | Path) -> dict[str, Any]:
+    """The `files` entry of one artifact file: its size (checked at every load) and its sha256 (checked
+    on request: it reads the whole file, about 1 s per GiB)."""
+    return {"size": Path(path).stat().st_size, "sha256": sha256_file(path)}
 
 
 def checkpoint_hash(ckpt_dir: str | Path) -> str:

@@ -8,12 +8,15 @@ taking and returning torch tensors, checked against the manifest's signature bef
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from etspec.export.manifest import FORMAT_VERSION, Manifest, MethodSig
+from etspec.export.manifest import FORMAT_VERSION, Manifest, MethodSig, sha256_file
 
 from .errors import ArtifactError, MethodInputError, UnsupportedLayoutError
 
@@ -33,9 +36,11 @@ def read_manifest(directory: Path) -> Manifest:
 
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: not valid JSON: {e}") from None
-    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: a manifest is a JSON object, this file holds a {type(raw).__name__}")
+    version = raw.get("format_version")
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise UnsupportedLayoutError(
             f"{path}: artifact format {version} is newer than this etspec reads ({FORMAT_VERSION}); "
@@ -51,8 +56,44 @@ def read_manifest(directory: Path) -> Manifest:
     return manifest
 
 
-def check_inputs(name: str, sig: MethodSig, inputs: Sequence[torch.Tensor]) -> None:
-    """Refuse a call whose inputs do not fit the exported signature (count, dtype, dims)."""
+def check_token_ids(ids: Sequence[int], vocab_size: int, what: str = "token id") -> None:
+    """Refuse ids outside [0, vocab_size): the embedding gather does not check them (on CUDA an
+    out-of-range id reads out of bounds)."""
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise MethodInputError(
+            f"{what} {bad[0]} is outside the vocabulary [0, {vocab_size})"
+            + (f" ({len(bad)} such ids)" if len(bad) > 1 else "")
+        )
+
+
+def check_files(directory: Path, manifest: Manifest, verify: bool) -> None:
+    """Compare the artifact's files with the sizes and sha256 hashes the export recorded, before any
+    native loader reads them (a corrupt delegate can abort the process inside ExecuTorch).
+
+    Sizes always; model.pte's hash always (it is small on CUDA and read whole on the CPU anyway); the
+    .ptd weights' hashes only with `verify` (they are most of the bytes: about 1 s per GiB).
+    """
+    if verify and not manifest.files:
+        raise ArtifactError(f"{directory}: the manifest records no file hashes; re-export to verify")
+    for name, rec in sorted(manifest.files.items()):
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (the manifest lists it)")
+        size = path.stat().st_size
+        if size != rec["size"]:
+            raise ArtifactError(
+                f"{path}: {size} bytes, the export wrote {rec['size']}: truncated or replaced; re-export"
+            )
+        if (verify or name == PTE_NAME) and sha256_file(path) != rec["sha256"]:
+            raise ArtifactError(f"{path}: sha256 differs from the export's: the file is corrupt; re-export")
+
+
+def check_inputs(
+    name: str, sig: MethodSig, inputs: Sequence[torch.Tensor], vocab_size: int | None = None
+) -> None:
+    """Refuse a call whose inputs do not fit the exported signature (count, dtype, dims), or whose
+    `tokens` hold ids outside the vocabulary (a device->host read on CUDA)."""
     if len(inputs) != len(sig.inputs):
         raise MethodInputError(f"[{name}] expects {len(sig.inputs)} inputs, got {len(inputs)}")
     bound: dict[str, int] = {}
@@ -83,16 +124,45 @@ def check_inputs(name: str, sig: MethodSig, inputs: Sequence[torch.Tensor]) -> N
             lo, hi = sig.dims.get(dim, (0, 1 << 62))
             if not lo <= size <= hi:
                 raise MethodInputError(f"[{name}] input {spec.name!r}: {dim}={size} outside [{lo}, {hi}]")
+    if vocab_size is not None:
+        for spec, t in zip(sig.inputs, inputs):
+            if spec.name == "tokens" and t.numel():
+                lo, hi = int(t.min()), int(t.max())
+                check_token_ids([lo, hi], vocab_size, f"[{name}] token id")
+
+
+@contextmanager
+def _native_stderr(capture: bool) -> Iterator[list[str]]:
+    """With `capture`, what native code writes to fd 2 (ExecuTorch's C++ logs, e.g. the cpuinfo lines
+    XNNPACK prints at its first method load) goes to a temporary file; its text is then in the
+    yielded list, for an error message, instead of on the terminal."""
+    lines: list[str] = []
+    if not capture:
+        yield lines
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            lines += f.read().decode(errors="replace").splitlines()
 
 
 class _CpuProgram:
     """ExecuTorch's pybindings; the export shared mutable buffers, so all methods see one KV cache."""
 
-    def __init__(self, pte: Path):
+    def __init__(self, pte: Path, quiet_native: bool = False):
+        self._quiet = quiet_native
         from executorch.runtime import Runtime
 
         from .pte_reader import _check_pte_header
 
+        self._pte = pte
         data = pte.read_bytes()
         _check_pte_header(str(pte), data)
         try:
@@ -103,7 +173,19 @@ class _CpuProgram:
 
     def method(self, name: str) -> Callable[..., tuple[torch.Tensor, ...]]:
         if name not in self._methods:
-            self._methods[name] = self._program.load_method(name)
+            with _native_stderr(self._quiet) as logs:
+                try:
+                    self._methods[name] = self._program.load_method(name)
+                except Exception as e:  # e.g. "Failed to load method prefill, error: 0x30"
+                    error = e
+                else:
+                    error = None
+            if error is not None:
+                detail = f"; the runtime said: {logs[-1].strip()}" if logs else ""
+                raise ArtifactError(
+                    f"{self._pte}: method {name!r} could not be loaded ({error}): the program is corrupt "
+                    f"or was written by another ExecuTorch version; re-export it{detail}"
+                )
         m = self._methods[name]
         return lambda *inputs: tuple(m.execute(list(inputs)))
 
@@ -120,7 +202,12 @@ class Program:
         self._methods: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {}
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> Program:
+    def load(
+        cls, directory: str | os.PathLike[str], verify: bool = False, quiet_native: bool = False
+    ) -> Program:
+        """Load an artifact directory, checked against the manifest first: file sizes and model.pte's
+        sha256 always, the .ptd weights' sha256 with `verify` (reads every byte: about 1 s per GiB).
+        `quiet_native` keeps the CPU runtime's C++ log lines off the terminal (errors quote them)."""
         d = Path(directory)
         if not d.is_dir():
             raise ArtifactError(f"{d}: no such artifact directory")
@@ -128,8 +215,9 @@ class Program:
         pte = d / PTE_NAME
         if not pte.is_file():
             raise ArtifactError(f"{d}: missing {PTE_NAME}")
+        check_files(d, manifest, verify)
         if manifest.backend == "xnnpack":
-            return cls(d, manifest, _CpuProgram(pte), torch.device("cpu"))
+            return cls(d, manifest, _CpuProgram(pte, quiet_native), torch.device("cpu"))
         if manifest.backend == "cuda":
             ptd = d / CUDA_DATA_NAME
             if not ptd.is_file():
@@ -149,7 +237,8 @@ class Program:
     def method(
         self, name: str, check: bool = True, cuda_graph: bool = False
     ) -> Callable[..., tuple[torch.Tensor, ...]]:
-        """The method as a callable; with `check`, inputs are validated against the manifest first.
+        """The method as a callable; with `check`, inputs are validated against the manifest first
+        (signature, and token ids against the vocabulary).
 
         `cuda_graph` (CUDA artifacts): replay one captured graph per input-shape set; outputs are then
         static buffers, valid until the next call of this method with the same shapes.
@@ -166,10 +255,10 @@ class Program:
 
                 run = GraphedMethod(run, lambda: self._executor.graph_copy(name), name)
             if check:
-                sig = self.manifest.methods[name]
+                sig, vocab = self.manifest.methods[name], self.manifest.vocab_size
 
                 def checked(*inputs: torch.Tensor, _run=run, _sig=sig) -> tuple[torch.Tensor, ...]:
-                    check_inputs(name, _sig, inputs)
+                    check_inputs(name, _sig, inputs, vocab)
                     return _run(*inputs)
 
                 self._methods[key] = checked
