@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from etspec.runtime.program import Program
+from etspec.runtime.program import Program, check_token_ids
 
+from .errors import ContextLimitError
 from .stats import GenerationStats
 
-
-class ContextLimitError(ValueError):
-    """The prompt leaves no room to generate within the program's max_seq_len."""
+__all__ = ["ContextLimitError", "SpeculativeGenerator"]
 
 
 @dataclass
@@ -50,11 +49,12 @@ class _Timer:
 
         return _Span()
 
-    def seconds(self, key: str) -> float:
+    def ms(self, key: str) -> list[float]:
+        """Each span's time in ms (on CUDA, call after a synchronize)."""
         spans = self.marks.get(key, [])
         if self.cuda:
-            return sum(a.elapsed_time(b) for a, b in spans) / 1e3
-        return float(sum(spans))
+            return [a.elapsed_time(b) for a, b in spans]
+        return [s * 1e3 for s in spans]
 
 
 class SpeculativeGenerator:
@@ -140,9 +140,18 @@ class SpeculativeGenerator:
         return (pending, drafts) if self.spec else (pending, None)
 
     def generate(self, prompt: list[int], max_new_tokens: int) -> Iterator[list[int]]:
+        """Yield each round's newly committed token ids until `max_new_tokens`, an EOS id (included)
+        or the context limit; `self.stats` then describes the run (`stats.stop_reason` says which).
+
+        Raises ValueError for an empty prompt, MethodInputError for ids outside the vocabulary and
+        ContextLimitError when the prompt leaves no room, all before any method runs.
+        """
         n = len(prompt)
         if n < 1:
             raise ValueError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_token_ids(prompt, self.manifest.vocab_size, "prompt token id")
         room = self.room(n)
         if room < 1:
             raise ContextLimitError(
@@ -177,7 +186,8 @@ class SpeculativeGenerator:
                 out = self._take(new, budget - emitted)
                 emitted += len(out)
                 stats.generated = emitted
-                stats.accepted.append(j)
+                # drafts cut off by the budget or an EOS were not committed: they do not count
+                stats.accepted.append(min(j, len(out) - 1))
                 if out and out[-1] in self.eos:
                     stats.stop_reason = "eos"
                 finished = stats.stop_reason == "eos" or emitted >= budget
@@ -201,9 +211,9 @@ class SpeculativeGenerator:
             stats.decode_s = time.perf_counter() - t_decode
             if cuda:
                 torch.cuda.synchronize()
-            stats.prefill_device_s = timer.seconds("prefill")
-            stats.draft_s = timer.seconds("draft")
-            stats.verify_s = timer.seconds("verify")
+            stats.prefill_device_s = sum(timer.ms("prefill")) / 1e3
+            stats.draft_ms, stats.verify_ms = timer.ms("draft"), timer.ms("verify")
+            stats.draft_s, stats.verify_s = sum(stats.draft_ms) / 1e3, sum(stats.verify_ms) / 1e3
 
     def _take(self, new: list[int], left: int) -> list[int]:
         """The round's tokens up to the budget and through the first EOS."""

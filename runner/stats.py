@@ -18,6 +18,8 @@ class GenerationStats:
     draft_s: float = 0.0  # time inside draft calls (device time on CUDA)
     verify_s: float = 0.0  # time inside target_verify calls
     simulated_acceptance: float | None = None  # benchmark-only: forced acceptance, output not the model's
+    verify_ms: list[float] = field(default_factory=list)  # per round
+    draft_ms: list[float] = field(default_factory=list)  # per round that drafted the next one
 
     @property
     def rounds(self) -> int:
@@ -44,9 +46,23 @@ class GenerationStats:
         """Decode wall time not spent inside draft/verify calls: Python, syncs, launch gaps."""
         return max(0.0, self.decode_s - self.draft_s - (self.verify_s))
 
+    def per_round(self) -> list[dict]:
+        """(accepted drafts, draft ms, verify ms) of each round. A speculative round verifies its drafts
+        and then drafts the next round (the last one drafts nothing); target-only round r emits the
+        token that the verify of round r-1 (the prefill, for r = 0) computed."""
+        verify = self.verify_ms if self.draft_len else [0.0] + self.verify_ms
+        pad = lambda xs: xs + [0.0] * (self.rounds - len(xs))
+        return [
+            {"accepted": j, "draft_ms": d, "verify_ms": v}
+            for j, d, v in zip(self.accepted, pad(self.draft_ms), pad(verify))
+        ]
+
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("verify_ms")
+        d.pop("draft_ms")
         d.update(
+            per_round=self.per_round(),
             rounds=self.rounds,
             acceptance_length=self.acceptance_length,
             acceptance_histogram=self.histogram(),

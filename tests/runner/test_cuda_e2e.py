@@ -125,3 +125,29 @@ def test_graph_replay_equals_eager_per_call(cuda_art):
             b = [t.clone() for t in graphed(block, pos[n : n + 4], win[:64])]
             assert torch.equal(a[0], b[0])
             torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_vocab_ids_refused_before_any_launch(cuda_art, monkeypatch):
+    """An id outside the vocabulary would make the embedding gather read out of bounds on the GPU: the
+    runner and the checked method refuse it before any kernel is launched."""
+    _, _, out, _ = cuda_art
+    with Program.load(out) as program:
+        vocab = program.manifest.vocab_size
+        launches: list[str] = []
+        open_method = program._executor.method
+
+        def counting(name: str):
+            run = open_method(name)
+            return lambda *inputs: launches.append(name) or run(*inputs)
+
+        monkeypatch.setattr(program._executor, "method", counting)
+        gen = SpeculativeGenerator(program)
+        for bad in ([5, vocab], [-1, 5], [2**64]):
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                next(gen.generate(bad, 4))
+        checked = program.method("prefill")
+        tokens = torch.tensor([[5, vocab + 7]], device="cuda")
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            checked(tokens, torch.arange(2, device="cuda"), torch.zeros(2, dtype=torch.int8, device="cuda"))
+        torch.cuda.synchronize()
+        assert launches == []
