@@ -1,0 +1,7 @@
+"""The one error type of the convert stage."""
+
+from __future__ import annotations
+
+
+class ConvertError(ValueError):
+    """A user mistake (bad path, not a GGUF, unsupported architecture, occupied --out): one line, exit 2."""
