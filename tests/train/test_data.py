@@ -1,0 +1,107 @@
+"""Self-distillation data: batched, left-padded transformers generation gives the target's own greedy
+continuations; the batched teacher-forced pass gives exactly etspec's taps, distributions and labels;
+the draft vocabulary and length batches follow their stated rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from etspec.models.checkpoint import load_target
+from etspec.models.config import parse_target_config, read_config_json
+from etspec.models.greedy import target_greedy
+from etspec.models.speculator import Speculator
+from etspec.models.tiny import (
+    random_draft,
+    random_target,
+    tiny_draft_config,
+    tiny_target_config,
+    write_target_checkpoint,
+)
+from etspec.train.data import (
+    Sample,
+    Sequence,
+    Teacher,
+    collate,
+    distill,
+    generate_responses,
+    input_embedding,
+    length_batches,
+    load_hf_target,
+)
+from etspec.train.vocab import DraftVocab, most_frequent
+from tests.conftest import FAMILIES
+
+
+def test_batched_generation_is_the_targets_greedy_decoding(tmp_path):
+    target = random_target("llama", max_seq_len=64, seed=0)
+    write_target_checkpoint(tmp_path, tiny_target_config("llama"), target)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (3, 12, 7, 1)]
+    # One batch of four lengths: left padding and its attention mask must not change any continuation.
+    got = generate_responses(hf, prompts, 12, eos=(), pad_id=0, batch_size=4)
+    spec = Speculator(target, random_draft(tiny_draft_config(tiny_target_config("llama")), 0), 1)
+    for prompt, seq in zip(prompts, got):
+        assert seq.tokens[: seq.prompt_len] == prompt
+        assert seq.response == target_greedy(spec, prompt, 12).tokens
+    eos = (got[0].response[4],)
+    cut = generate_responses(hf, prompts[:1], 12, eos=eos, pad_id=0, batch_size=1)[0]
+    assert cut.response == got[0].response[: got[0].response.index(eos[0]) + 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_pass_is_etspecs_target(hf_targets, family):
+    """Batched transformers pass == etspec's TargetModel one sequence at a time: taps, final-norm state,
+    restricted logits, labels; and the head's embedding is the raw table etspec's draft method reads."""
+    cfg = parse_target_config(read_config_json(hf_targets[family]))
+    hf = load_hf_target(hf_targets[family], cfg, torch.float32, "cpu")
+    target = load_target(hf_targets[family], 32)
+    gen = torch.Generator().manual_seed(4)
+    seqs = [Sequence(torch.randint(0, 256, (n,), generator=gen).tolist(), p) for n, p in ((23, 5), (9, 2))]
+    vocab = DraftVocab(torch.randperm(256, generator=gen)[:100].sort().values, 256)
+    samples = distill(hf, seqs, vocab, target.tap_layers, batch_tokens=64)  # one padded batch
+    teacher = Teacher(hf, vocab, cfg.final_logit_softcap)
+    for seq, sample in zip(seqs, samples):
+        n = len(seq.tokens)
+        with torch.no_grad():
+            h, taps = target.hidden(sample.tokens[None], torch.arange(n), n)
+            logits = target.logits(h)[0]
+        assert sample.tokens.tolist() == seq.tokens
+        torch.testing.assert_close(sample.taps, torch.cat(taps, -1)[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sample.hidden, target.norm(h)[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(teacher(sample.hidden), logits[:, vocab.ids], atol=1e-4, rtol=1e-4)
+        pos = torch.arange(n)
+        expect = (pos >= seq.prompt_len) & (pos < n - 1) & torch.isin(logits.argmax(-1), vocab.ids)
+        assert sample.label_ok.tolist() == expect.tolist()
+        assert 0 < int(sample.label_ok.sum()) < n - 1 - seq.prompt_len  # some, not all, argmaxes in vocab
+    ids = torch.arange(256)
+    assert torch.equal(input_embedding(hf)(ids), target.embed_tokens(ids))  # Gemma: unscaled
+
+
+def test_draft_vocab_is_the_most_frequent_tokens_with_ties_to_the_lower_id():
+    seqs = [torch.tensor([5, 5, 5, 9, 9, 7, 7, 3]), torch.tensor([9, 200])]
+    vocab, coverage = most_frequent(seqs, 256, 3)
+    assert vocab.ids.tolist() == [5, 7, 9]  # 9: 3, 5: 3, then 7 (2) beats 3 and 200 (1 each)
+    assert coverage == 8 / 10
+    assert vocab.d2t.tolist() == [5, 6, 7] and vocab.d2t.dtype == torch.int64
+    assert torch.equal(torch.arange(3) + vocab.d2t, vocab.t2d.nonzero().flatten())
+    vocab, _ = most_frequent(seqs, 256, 6)  # more slots than seen tokens: unseen ids from 0 up
+    assert vocab.ids.tolist() == [0, 3, 5, 7, 9, 200]
+
+
+def test_length_batches_bound_padded_tokens():
+    lengths = [5, 30, 7, 8, 31, 6, 100]
+    batches = length_batches(lengths, 32)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 32 or len(b) == 1
+    assert [6] in batches  # longer than the budget: alone
+    samples = [
+        Sample(torch.arange(n), torch.zeros(n, 6), torch.zeros(n, 2), torch.ones(n, dtype=torch.bool))
+        for n in (4, 9)
+    ]
+    batch = collate(samples)
+    assert batch.tokens.shape == (2, 9) and batch.taps.shape == (2, 9, 6)
+    assert batch.label_ok[1].all() and not batch.label_ok[0, 4:].any()
