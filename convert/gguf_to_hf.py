@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -140,8 +141,11 @@ def _write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_size: st
     from huggingface_hub import split_torch_state_dict_into_shards
 
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    mask = os.umask(0)
+    os.umask(mask)
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: state[k].contiguous() for k in keys}, out / filename, metadata={"format": "pt"})
+        (out / filename).chmod(0o666 & ~mask)  # safetensors writes 0600; give the umask's modes
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
