@@ -31,7 +31,16 @@ from etspec.models.config import (
     read_config_json,
 )
 
-from .data import Sequence, Teacher, distill, eos_ids, generate_responses, input_embedding, load_hf_target
+from .data import (
+    Sequence,
+    Teacher,
+    distill,
+    eos_ids,
+    generate_responses,
+    input_embedding,
+    load_hf_target,
+    target_written_prompts,
+)
 from .evaluate import acceptance
 from .head import head_config, new_head, save_head
 from .prompts import PromptError, load_prompts
@@ -41,13 +50,15 @@ from .vocab import most_frequent
 PROG = "etspec-train-head"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 EPILOG = f"""examples:
-  {PROG} --target SmolLM2-135M-Instruct --out smollm2-eagle3 --device cuda
+  {PROG} --target SmolLM2-135M-Instruct --out smollm2-eagle3 --prompts stdlib,self --device cuda
   {PROG} --target my-target --out my-head --prompts prompts.jsonl --num-prompts 500 \\
       --max-new-tokens 128 --epochs 8 --eval-prompts 8
 
 Prompts: 'stdlib' builds instructions from the Python standard library's docstrings (deterministic for a
-seed and Python version); a .jsonl file gives one object per line (prompt / instruction / question /
-input / text, or a messages list); any other file, one prompt per line. The first --num-prompts train,
+seed and Python version); 'self' samples user messages from the target itself at the start of a user
+turn (chat models; deterministic for a seed on one device); a .jsonl file gives one object per line
+(prompt / instruction / question / input / text, or a messages list); any other file, one prompt per
+line. Several sources, comma-separated, are interleaved. The first --num-prompts train,
 the next --eval-prompts measure acceptance. --out must not exist (or be empty): the head is written to a
 temporary directory beside it and renamed on success. Then:
   etspec-export --target TARGET --draft OUT ..."""
@@ -80,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, type=Path, help="target model directory (Hugging Face layout)")
     p.add_argument("--out", required=True, type=Path, help="directory to write the head to (must not exist)")
     data = p.add_argument_group("data")
-    data.add_argument("--prompts", default="stdlib", help="'stdlib' or a .jsonl / text file of prompts")
+    data.add_argument(
+        "--prompts",
+        default="stdlib",
+        help="comma-separated prompt sources, interleaved: 'stdlib', 'self' (user messages the target "
+        "writes itself) or .jsonl / text files",
+    )
     data.add_argument("--num-prompts", type=int, default=4000, help="training prompts")
     data.add_argument(
         "--eval-prompts", type=int, default=8, help="held-out prompts to measure acceptance on (0: none)"
@@ -127,8 +143,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--target {args.target}: no config.json there")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise UsageError(f"--out {args.out} exists and is not an empty directory (nothing is overwritten)")
-    if args.prompts != "stdlib" and not Path(args.prompts).is_file():
-        raise UsageError(f"--prompts {args.prompts}: neither 'stdlib' nor a file")
     positive = ("num_prompts", "max_prompt_tokens", "max_new_tokens", "gen_batch_size", "ttt_steps")
     positive += ("batch_tokens", "eval_draft_len", "eval_max_new_tokens")
     for name in positive + (("epochs",) if args.steps is None else ("steps",)):
@@ -149,16 +163,43 @@ def _log(msg: str) -> None:
     print(f"[{PROG}] {msg}", flush=True)
 
 
-def _tokenize(args: argparse.Namespace, texts: list[str]) -> tuple[list[list[int]], int]:
-    """Token ids of each prompt (chat-wrapped when the tokenizer has a template) and the pad id."""
+def _load_tokenizer(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
     if not any((args.target / f).is_file() for f in TOKENIZER_FILES):
         raise UsageError(f"--target {args.target}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
-        tok = AutoTokenizer.from_pretrained(str(args.target))
+        return AutoTokenizer.from_pretrained(str(args.target))
     except (OSError, ValueError) as e:
         raise UsageError(f"--target {args.target}: cannot load its tokenizer ({e})") from None
+
+
+def _sources(args: argparse.Namespace, tok) -> list[str]:
+    """The --prompts sources, checked: 'stdlib', 'self' (needs a chat template) or files."""
+    sources = [x.strip() for x in args.prompts.split(",") if x.strip()]
+    if not sources or len(set(sources)) != len(sources):
+        raise UsageError(f"--prompts {args.prompts!r}: give distinct sources separated by commas")
+    for src in sources:
+        if src == "self":
+            if not getattr(tok, "chat_template", None) or args.no_chat:
+                raise UsageError("--prompts self needs the target's chat template (and no --no-chat)")
+        elif src != "stdlib" and not Path(src).is_file():
+            raise UsageError(f"--prompts {src}: neither 'stdlib', 'self' nor a file")
+    return sources
+
+
+def _interleave(lists: list[list[str]]) -> list[str]:
+    """Round-robin over the sources, so any first N prompts mix them evenly; duplicates dropped."""
+    out: dict[str, None] = {}
+    for i in range(max(map(len, lists), default=0)):
+        for items in lists:
+            if i < len(items):
+                out.setdefault(items[i], None)
+    return list(out)
+
+
+def _encode(args: argparse.Namespace, tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, chat-wrapped when the tokenizer has a template (and not --no-chat)."""
     chat = bool(getattr(tok, "chat_template", None)) and not args.no_chat
     ids = []
     for text in texts:
@@ -169,20 +210,37 @@ def _tokenize(args: argparse.Namespace, texts: list[str]) -> tuple[list[list[int
             ids.append(tok(wrapped, add_special_tokens=False).input_ids)
         else:
             ids.append(tok(text).input_ids)
-    eos = eos_ids(args.target)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
-    return ids, pad
+    return ids
+
+
+def _pad_id(tok, eos: tuple[int, ...]) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _split_prompts(args: argparse.Namespace) -> tuple[list[list[int]], list[list[int]], int, dict]:
-    """Training and held-out prompt ids (the first --num-prompts that fit, then the next --eval-prompts),
-    the pad id, and the counts for training.json."""
-    texts = load_prompts(args.prompts, args.seed)
-    ids, pad = _tokenize(args, texts)
+def _split_prompts(
+    args: argparse.Namespace,
+    tok,
+    loaded: dict[str, list[str] | None],
+    hf: torch.nn.Module | None,
+    eos: tuple[int, ...],
+) -> tuple[list[list[int]], list[list[int]], dict]:
+    """Training and held-out prompt ids (the first --num-prompts that fit, then the next --eval-prompts)
+    and the counts for training.json. `loaded` holds each source's prompts, None for 'self', which the
+    target writes here."""
+    lists, counts = [], {}
+    wanted = args.num_prompts + args.eval_prompts
+    for src, texts in loaded.items():
+        if texts is None:  # 'self': as many as an even share needs, and a margin for the ones dropped
+            n = math.ceil(wanted / len(loaded) * 1.25) + 8
+            texts = target_written_prompts(hf, tok, n, eos, _pad_id(tok, eos), args.gen_batch_size, args.seed)
+        lists.append(texts)
+        counts[src] = len(texts)
+    texts = _interleave(lists)
+    ids = _encode(args, tok, texts)
     kept = [p for p in ids if len(p) <= args.max_prompt_tokens]
     if len(kept) <= args.eval_prompts:
         raise UsageError(
@@ -190,10 +248,15 @@ def _split_prompts(args: argparse.Namespace) -> tuple[list[list[int]], list[list
             f"--eval-prompts {args.eval_prompts}"
         )
     n_train = min(args.num_prompts, len(kept) - args.eval_prompts)
-    stats = {"source": args.prompts, "available": len(texts), "too_long": len(ids) - len(kept)}
-    stats |= {"train": n_train, "eval": args.eval_prompts, "seed": args.seed}
+    stats = {"source": args.prompts, "available": len(texts), "per_source": counts}
+    stats |= {
+        "too_long": len(ids) - len(kept),
+        "train": n_train,
+        "eval": args.eval_prompts,
+        "seed": args.seed,
+    }
     _log(f"{len(texts)} prompts from {args.prompts}: {n_train} for training, {args.eval_prompts} held out")
-    return kept[:n_train], kept[n_train : n_train + args.eval_prompts], pad, stats
+    return kept[:n_train], kept[n_train : n_train + args.eval_prompts], stats
 
 
 def _responses(
@@ -268,14 +331,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # target, and training autocast
     cfg = head_config(tcfg, vd, DTYPES[args.dtype])
     taps = check_pair(tcfg, parse_draft_config(cfg))
-    train_ids, eval_ids, pad, prompt_stats = _split_prompts(args)
+    tok = _load_tokenizer(args)
+    # files are read (and their mistakes reported) before the target is loaded
+    loaded = {src: None if src == "self" else load_prompts(src, args.seed) for src in _sources(args, tok)}
     eos = eos_ids(args.target)
+    pad = _pad_id(tok, eos)
+    split = None if "self" in loaded else _split_prompts(args, tok, loaded, None, eos)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
     try:
         t0 = time.perf_counter()
         hf = load_hf_target(args.target, tcfg, dtype, device)
+        train_ids, eval_ids, prompt_stats = split or _split_prompts(args, tok, loaded, hf, eos)
         sequences = _responses(args, hf, train_ids, pad, eos)
         seconds = {"responses": time.perf_counter() - t0}
         vocab, coverage = most_frequent((torch.tensor(s.response) for s in sequences), tcfg.vocab_size, vd)

@@ -222,3 +222,49 @@ def collate(samples: list[Sample]) -> Batch:
         pad_sequence([s.hidden for s in samples], batch_first=True),
         pad_sequence([s.label_ok for s in samples], batch_first=True),
     )
+
+
+SELF_MARK = "\x00ETSPEC_USER_TURN\x00"
+
+
+def user_turn_prefix(tokenizer) -> list[int]:
+    """The chat template's ids up to where a user's message begins (system turn included), so the target
+    can be asked to write that message itself."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": SELF_MARK}], tokenize=False)
+    return tokenizer(text[: text.index(SELF_MARK)], add_special_tokens=False).input_ids
+
+
+def target_written_prompts(
+    model: nn.Module,
+    tokenizer,
+    n: int,
+    eos: tuple[int, ...],
+    pad_id: int,
+    batch_size: int,
+    seed: int,
+    max_tokens: int = 96,
+    temperature: float = 1.0,
+) -> list[str]:
+    """Up to `n` distinct user messages sampled from the target itself at the start of a user turn: chat
+    prompts in the target's own distribution, from nothing but its weights. Messages cut off by
+    `max_tokens` (no end-of-turn), shorter than 4 words or repeated are dropped."""
+    prefix = user_turn_prefix(tokenizer)
+    seqs = generate_responses(
+        model,
+        [prefix] * n,
+        max_tokens,
+        eos,
+        pad_id,
+        batch_size,
+        temperature,
+        seed,
+        desc="target-written prompts",
+    )
+    out: dict[str, None] = {}
+    for s in seqs:
+        if not s.response or s.response[-1] not in eos:
+            continue
+        text = tokenizer.decode(s.response[:-1], skip_special_tokens=True).strip()
+        if len(text.split()) >= 4:
+            out[text] = None
+    return list(out)

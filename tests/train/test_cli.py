@@ -126,7 +126,8 @@ def _fails(argv: list[str], capsys) -> str:
     "change, message",
     [
         ({"--target": "missing"}, "no config.json"),
-        ({"--prompts": "missing.txt"}, "neither 'stdlib' nor a file"),
+        ({"--prompts": "missing.txt"}, "neither 'stdlib', 'self' nor a file"),
+        ({"--prompts": "stdlib,stdlib"}, "distinct sources"),
         ({"--prompts": "bad.jsonl"}, "bad.jsonl:1: not valid JSON"),
         ({"--ttt-steps": "0"}, "--ttt-steps must be >= 1"),
         ({"--draft-vocab-size": "1000"}, "between 1 and the target vocab size 256"),
@@ -146,9 +147,11 @@ def test_user_errors_are_one_line_with_exit_code_2(target_dir, tmp_path, capsys,
     argv = _argv(target_dir, tmp_path / "out")
     for flag, value in change.items():
         if flag in argv:
-            argv[argv.index(flag) + 1] = str(tmp_path / value) if flag in ("--target", "--prompts") else value
+            path = flag == "--target" or (flag == "--prompts" and "stdlib" not in value)
+            argv[argv.index(flag) + 1] = str(tmp_path / value) if path else value
         else:
-            argv += [flag, str(tmp_path / value) if flag == "--prompts" else value]
+            path = flag == "--prompts" and "stdlib" not in value
+            argv += [flag, str(tmp_path / value) if path else value]
     assert message in _fails(argv, capsys)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -174,3 +177,17 @@ def test_help_has_an_example(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "examples:" in out and "etspec-train-head --target" in out
+
+
+def test_self_prompts_need_a_chat_template(target_dir, tmp_path, capsys):
+    argv = _argv(target_dir, tmp_path / "out", "--prompts", "self", "--no-chat")
+    assert "needs the target's chat template" in _fails(argv, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mixed_sources_are_interleaved_and_recorded(target_dir, tmp_path):
+    out = tmp_path / "head"
+    assert main(_argv(target_dir, out, "--prompts", "stdlib,self", "--eval-prompts", "0")) == 0
+    rec = json.loads((out / "training.json").read_text())["prompts"]
+    assert rec["source"] == "stdlib,self" and rec["train"] == 6
+    assert rec["per_source"]["stdlib"] > 1000 and 0 <= rec["per_source"]["self"] <= 16

@@ -105,3 +105,36 @@ def test_length_batches_bound_padded_tokens():
     batch = collate(samples)
     assert batch.tokens.shape == (2, 9) and batch.taps.shape == (2, 9, 6)
     assert batch.label_ok[1].all() and not batch.label_ok[0, 4:].any()
+
+
+def test_target_written_prompts_start_a_user_turn(tmp_path):
+    """The target is asked at the start of a user turn; what it writes there (up to its end-of-turn
+    token) comes back as text, decoded, deduplicated, and without messages it never finished."""
+    from transformers import AutoTokenizer
+
+    from etspec.models.tiny import write_byte_tokenizer
+    from etspec.train.data import generate_responses, target_written_prompts, user_turn_prefix
+
+    write_byte_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    prefix = user_turn_prefix(tok)
+    wrapped = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert tok.decode(prefix) + "hi" == wrapped[: len(tok.decode(prefix)) + 2]
+
+    class Echo(torch.nn.Module):
+        """A stand-in generator: always writes 'say a b c d' and then the end-of-turn id 2."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, attention_mask, generation_config):
+            text = list(b"say a b c d") + [2]
+            new = torch.tensor(text[: generation_config.max_new_tokens]).expand(len(input_ids), -1)
+            return torch.cat([input_ids, new], dim=1)
+
+    got = target_written_prompts(Echo(), tok, 5, (2,), 0, 4, seed=0)
+    assert got == ["say a b c d"]
+    assert target_written_prompts(Echo(), tok, 5, (2,), 0, 4, seed=0, max_tokens=6) == []  # unfinished
+    seqs = generate_responses(Echo(), [prefix], 20, (2,), 0, 1)
+    assert seqs[0].tokens[: len(prefix)] == prefix
