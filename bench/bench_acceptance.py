@@ -104,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     mismatches = 0
     references: dict = {}  # k -> eager Speculator, loaded once and reused across prompt sets
     for name, (texts, chat) in prompt_sets(args.humaneval).items():
-        prompts = [encode_prompt(tok, t, chat) for t in texts[: args.prompts]]
+        encoded = [encode_prompt(tok, t, chat) for t in texts[: args.prompts]]
+        # a prompt must leave room for the budget and the exported k's verify rows
+        prompts = [
+            ids for ids in encoded if len(ids) + args.max_new_tokens + m.draft_len + 1 <= m.max_seq_len
+        ]
+        if len(prompts) < len(encoded):
+            print(f"{name}: {len(encoded) - len(prompts)} prompts too long for max_seq_len {m.max_seq_len}")
         per_k = {}
         for k in ks:
             ref_spec = None if args.no_reference else references.get(k)
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"MISMATCH {name} k={k}: tokens {ref.tokens == out}", flush=True)
             hist = [accepted.count(j) for j in range(k + 1)]
             per_k[k] = {
+                "prompts": len(prompts),
                 "acceptance_length": sum(accepted) / len(accepted) + 1,
                 "rounds": len(accepted),
                 "histogram": hist,

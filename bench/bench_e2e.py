@@ -9,6 +9,8 @@ length is fixed at export, so each k is measured with its own program):
   with CUDA graphs. Random weights accept nothing, so speculative runs use the runner's benchmark-only
   acceptance simulator (`simulate_acceptance`) at the published chain acceptance of Llama-3.1-8B +
   EAGLE-3 (k=3/5/7: 2.93/3.55/3.91); every such row is labelled `simulated`;
+- with `--measured-acceptance FILE` (from bench_acceptance.py): also at the acceptance a real trained
+  pair measured, per prompt set (SmolLM2-135M + its head, heads/), labelled as such;
 - per configuration: decode tok/s, ms per round split into draft / verify / host, and each against its
   bandwidth floor (bytes of weights + valid KV the call must read / measured copy bandwidth);
 - peers on the same shapes and prompts: Hugging Face `generate` with a static cache (compiled and not),
@@ -237,8 +239,21 @@ def main() -> int:
         help="keep the rows of the existing results file that this run does not measure (each row "
         "names its run: command, device ceilings); for filling in a matrix across device sessions",
     )
+    ap.add_argument(
+        "--measured-acceptance",
+        type=Path,
+        help="a bench_acceptance.py results file: each k also runs at that pair's measured acceptance "
+        "on each prompt set (still through the simulator: these weights are random), labelled as such",
+    )
     args = ap.parse_args()
     ks = sorted(int(x) for x in args.ks.split(","))
+    measured: dict[int, list[tuple[float, str]]] = {}
+    if args.measured_acceptance:
+        found = json.loads(args.measured_acceptance.read_text())
+        for set_name, per_k in found["sets"].items():
+            for k, r in per_k.items():
+                a = round(r["acceptance_length"], 2)
+                measured.setdefault(int(k), []).append((a, f"sim at measured {set_name} acceptance {a}"))
     contexts = [int(x) for x in args.contexts.split(",")]
     work = args.work or Path("out") / f"e2e_{args.shape}"
     t_start = time.perf_counter()
@@ -302,9 +317,12 @@ def main() -> int:
                             program, prompt, args.new_tokens, floors, spec=False, **kw
                         )
                         add(f"etspec target-only{tag}", ctx, None, base[ctx, graph])
-                    row = run_etspec(program, prompt, args.new_tokens, floors, simulate_acceptance=acc, **kw)
-                    row["speedup_vs_target_only"] = row["tok_s"] / base[ctx, graph]["tok_s"]
-                    add(f"etspec spec k={k} (sim {acc}){tag}", ctx, k, row)
+                    for a, label in [(acc, f"sim {acc}"), *measured.get(k, [])]:
+                        row = run_etspec(
+                            program, prompt, args.new_tokens, floors, simulate_acceptance=a, **kw
+                        )
+                        row["speedup_vs_target_only"] = row["tok_s"] / base[ctx, graph]["tok_s"]
+                        add(f"etspec spec k={k} ({label}){tag}", ctx, k, row)
     write(res, rows, args.out / name, png=True)
     torch.cuda.empty_cache()
     for peer in peers:
