@@ -23,7 +23,7 @@ from .stats import GenerationStats
 from .text import TextStream, decode, encode_prompt, has_tokenizer, load_tokenizer
 
 EXAMPLES = """examples:
-  etspec-run --model out/demo/art --prompt "Write a haiku about the sea" --chat
+  etspec-run --model out/demo/smollm2 --prompt "Write a haiku about the sea" --chat
   etspec-run --model ART --prompt-file q.txt --max-new-tokens 256 --compare --stats-json run.json
   etspec-run --model ART --prompt-ids 1,2,3 --no-spec --quiet
   etspec-run --model CUDA_ART --prompt "..." --cuda-graph --verify

@@ -14,6 +14,8 @@ FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
 
 
 def pytest_collection_modifyitems(config, items):
+    # `first` tests wait on a long export: started first, the other worker runs the rest meanwhile
+    items.sort(key=lambda item: "first" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")

@@ -12,8 +12,11 @@ def test_readme_python_example_runs(tiny_artifacts, capsys):
     text = README.read_text()
     section = text[text.index("## Python API") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert '"out/demo/art"' in code
-    exec(compile(code.replace('"out/demo/art"', repr(str(tiny_artifacts("llama")))), "README.md", "exec"), {})
+    assert '"out/demo/smollm2"' in code
+    exec(
+        compile(code.replace('"out/demo/smollm2"', repr(str(tiny_artifacts("llama")))), "README.md", "exec"),
+        {},
+    )
     out = capsys.readouterr().out.splitlines()
     stats = max(i for i, line in enumerate(out) if line.startswith("acceptance length "))
     rounds = out[stats + 1 :]
