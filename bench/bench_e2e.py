@@ -42,7 +42,7 @@ from etspec.models.shaped import SHAPES
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
 
-PUBLISHED_ACCEPTANCE = {3: 2.93, 5: 3.55, 7: 3.91}  # Llama-3.1-8B-Instruct + EAGLE-3, chain (DESIGN §8)
+PUBLISHED_ACCEPTANCE = {3: 2.93, 5: 3.55, 7: 3.91}  # Llama-3.1-8B + EAGLE-3 chain (docs/design.md §8)
 MAX_SEQ, CHUNK = 65536, 256
 RUN_KEYS = ("command", "device", "torch", "transformers", "copy_gbs", "matmul_tflops")
 

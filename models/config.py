@@ -252,7 +252,7 @@ def parse_target_config(cfg: dict[str, Any]) -> TargetConfig:
 
 
 def parse_draft_config(cfg: dict[str, Any], target: TargetConfig | None = None) -> DraftConfig:
-    """Normalise an EAGLE-3 head's config.json (DESIGN §8)."""
+    """Normalise an EAGLE-3 head's config.json (docs/design.md §8)."""
     where = "EAGLE-3 draft head"
     archs = cfg.get("architectures") or []
     if not any(a in DRAFT_ARCHITECTURES for a in archs):
@@ -267,7 +267,7 @@ def parse_draft_config(cfg: dict[str, Any], target: TargetConfig | None = None) 
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     vocab = int(_require(cfg, "vocab_size", where))
     rope_params = cfg.get("rope_parameters")
-    # The head's own rope base: absent means 10000, not the target's base (DESIGN §8).
+    # The head's own rope base: absent means 10000, not the target's base (docs/design.md §8).
     rope = _rope_from(
         rope_params if rope_params else cfg.get("rope_scaling"), float(cfg.get("rope_theta", 10000.0)), where
     )

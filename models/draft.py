@@ -1,4 +1,5 @@
-"""The EAGLE-3 draft head (DESIGN §8): fc over three target taps, one 2H-input decoder layer, own lm_head."""
+"""The EAGLE-3 draft head (docs/design.md §8): fc over three target taps, one 2H-input decoder layer,
+own lm_head."""
 
 from __future__ import annotations
 

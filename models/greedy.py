@@ -1,4 +1,4 @@
-"""Eager reference loops over the Speculator's methods: target-only greedy and the DESIGN §4 rounds.
+"""Eager reference loops over the Speculator's methods: target-only greedy and the docs/design.md §4 rounds.
 
 These are the ground truth the exported programs and the runner are tested against, and the engine of the
 in-memory demo. Both stop at the same budget (max_new_tokens, EOS, or the context limit of

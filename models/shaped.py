@@ -65,7 +65,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def head_config(target_cfg: dict[str, Any], draft_vocab_size: int = 32000) -> dict[str, Any]:
-    """The standard EAGLE-3 head for a target: one Llama layer as wide as the target (DESIGN §8)."""
+    """The standard EAGLE-3 head for a target: one Llama layer as wide as the target (docs/design.md §8)."""
     return {
         "architectures": ["LlamaForCausalLMEagle3"],
         "model_type": "llama",

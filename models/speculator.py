@@ -1,4 +1,4 @@
-"""Target + EAGLE-3 head with the three entry points of DESIGN §4 as plain methods.
+"""Target + EAGLE-3 head with the three entry points of docs/design.md §4 as plain methods.
 
 Every method takes `kv_window`, an int8 tensor whose *length* is the valid KV length after the call's
 writes (a SymInt under export); its values are never read. Greedy ids are argmaxes inside the method, so

@@ -29,7 +29,7 @@ class DecoderLayer(nn.Module):
             norm_offset=cfg.norm_offset,
             softcap=cfg.attn_logit_softcap,
             window=cfg.sliding_window if sliding else None,
-            # DESIGN §5: the split-K kernel serves full-attention layers only.
+            # docs/design.md §5: the split-K kernel serves full-attention layers only.
             use_midm=use_midm and not sliding,
         )
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, use_midm)

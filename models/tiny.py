@@ -109,7 +109,7 @@ def tiny_draft_config(
         "num_key_value_heads": 2,
         "vocab_size": target_cfg["vocab_size"],
         "draft_vocab_size": draft_vocab_size,
-        "max_position_embeddings": 64,  # shorter than test contexts on purpose (DESIGN §8)
+        "max_position_embeddings": 64,  # shorter than test contexts on purpose (docs/design.md §8)
         "rms_norm_eps": 1e-6,
         "hidden_act": "silu",
     }
@@ -134,7 +134,7 @@ def random_draft(
 
 
 def draft_state_dict(head: Eagle3Draft) -> dict[str, torch.Tensor]:
-    """The head's weights under the standard EAGLE-3 checkpoint key names (DESIGN §8), plus t2d."""
+    """The head's weights under the standard EAGLE-3 checkpoint key names (docs/design.md §8), plus t2d."""
     sd = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items() if "cache" not in k}
     sd.pop("midlayer.self_attn.rotary.inv_freq", None)
     vocab = head.cfg.vocab_size

@@ -1,4 +1,4 @@
-"""Round-by-round greedy speculative generation over a loaded program (DESIGN §4).
+"""Round-by-round greedy speculative generation over a loaded program (docs/design.md §4).
 
 Hot-loop hygiene: every per-round tensor is a view into a buffer allocated once (positions, kv_window,
 prompt and token buffers); next round's catch-up tokens are the verify output itself (accepted drafts

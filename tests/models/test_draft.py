@@ -1,4 +1,5 @@
-"""The EAGLE-3 head: standard checkpoint loading, d2t, and one draft round against DESIGN §8's formulas."""
+"""The EAGLE-3 head: standard checkpoint loading, d2t, and one draft round against the formulas of
+docs/design.md §8."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def test_rope_base_defaults_to_10000_not_the_targets():
         parse_draft_config({**_cfg(), "architectures": ["LlamaForCausalLM"]})
 
 
-# --- an independent float64 re-computation of DESIGN §8 -------------------------------------------
+# --- an independent float64 re-computation of docs/design.md §8 -----------------------------------
 
 
 def _rms(x, w, eps=1e-6):

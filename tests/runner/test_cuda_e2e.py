@@ -54,7 +54,7 @@ def test_artifact_files_and_delegates(cuda_art):
 
 
 def test_rounds_match_eager(cuda_art):
-    """20+ rounds of the DESIGN §4 protocol, every call compared with the eager model (ids exact)."""
+    """20+ rounds of the docs/design.md §4 protocol, every call compared with the eager model (ids exact)."""
     target, draft, out, midm = cuda_art
     eager = load_speculator(target, draft, TINY_MAX_SEQ, TINY_K, use_midm=midm, device="cuda")
     with Program.load(out) as program:
