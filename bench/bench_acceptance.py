@@ -66,6 +66,21 @@ def parse_ks(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def load_program(
+    parser: argparse.ArgumentParser, model: Path, ks_text: str
+) -> tuple[Program, list[int], torch.dtype]:
+    """The artifact, the draft lengths asked for (each at most its exported k) and its dtype."""
+    program = Program.load(model, quiet_native=True)
+    m = program.manifest
+    ks = parse_ks(ks_text)
+    if max(ks) > m.draft_len:
+        parser.error(
+            f"--ks up to {max(ks)} needs an artifact exported with k >= {max(ks)} (this one: {m.draft_len})"
+        )
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[m.dtype]
+    return program, ks, dtype
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="artifact (exported k >= the largest k here)")
@@ -80,16 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     args = p.parse_args(argv)
 
-    program = Program.load(args.model, quiet_native=True)
+    program, ks, dtype = load_program(p, args.model, args.ks)
     m = program.manifest
-    ks = parse_ks(args.ks)
-    if max(ks) > m.draft_len:
-        p.error(
-            f"--ks up to {max(ks)} needs an artifact exported with k >= {max(ks)} (this one: {m.draft_len})"
-        )
     tok = load_tokenizer(args.model)
     device = program.device.type
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[m.dtype]
     eos = tuple(m.eos_token_ids)
     results: dict = {
         "model": str(args.model),

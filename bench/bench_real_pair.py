@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_acceptance import parse_ks, prompt_sets
+from bench_acceptance import load_program, prompt_sets
 
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runner.text import encode_prompt, load_tokenizer
@@ -109,15 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     args = p.parse_args(argv)
 
-    program = Program.load(args.model, quiet_native=True)
+    program, ks, dtype = load_program(p, args.model, args.ks)
     m = program.manifest
-    ks = parse_ks(args.ks)
-    if max(ks) > m.draft_len:
-        p.error(
-            f"--ks up to {max(ks)} needs an artifact exported with k >= {max(ks)} (this one: {m.draft_len})"
-        )
     device = program.device.type
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[m.dtype]
     tok = load_tokenizer(args.model)
     sets = prompt_sets(args.humaneval)
     wanted = args.sets.split(",")

@@ -80,6 +80,15 @@ def _export(target: Path, out: Path, backend: str) -> Path:
     return out
 
 
+def _artifact(request, tmp_path_factory, backend: str) -> Path:
+    """$ETSPEC_SMOLLM2_{CPU,CUDA}_ART, else the pair exported for `backend` once per run."""
+    env = os.environ.get(f"ETSPEC_SMOLLM2_{'CPU' if backend == 'xnnpack' else 'CUDA'}_ART")
+    if env:
+        return Path(env)
+    target = request.getfixturevalue("target")
+    return _export(target, _shared_root(tmp_path_factory, "smollm2") / f"art-{backend}", backend)
+
+
 def _prompts(artifact: Path) -> list[list[int]]:
     from etspec.runner.text import encode_prompt, load_tokenizer
 
@@ -98,15 +107,13 @@ def _generate(program, ids: list[int], **kw) -> tuple[list[int], list[int]]:
 @pytest.mark.first
 @pytest.mark.slow
 @needs_gguf
-def test_cpu_greedy_equals_transformers_and_speculative_equals_target_only(target, tmp_path_factory):
+def test_cpu_greedy_equals_transformers_and_speculative_equals_target_only(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from etspec.runtime.program import Program
 
-    if env := os.environ.get("ETSPEC_SMOLLM2_CPU_ART"):
-        art = Path(env)
-    else:
-        art = _export(target, _shared_root(tmp_path_factory, "smollm2") / "art-xnnpack", "xnnpack")
+    art = _artifact(request, tmp_path_factory, "xnnpack")
+    target = request.getfixturevalue("target")
     hf = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
     accepted = []
     with Program.load(art) as program:
@@ -129,11 +136,7 @@ def test_cpu_greedy_equals_transformers_and_speculative_equals_target_only(targe
 def test_cuda_speculative_equals_target_only_eager_and_graphs(request, tmp_path_factory):
     from etspec.runtime.program import Program
 
-    if env := os.environ.get("ETSPEC_SMOLLM2_CUDA_ART"):
-        art = Path(env)
-    else:
-        target = request.getfixturevalue("target")
-        art = _export(target, _shared_root(tmp_path_factory, "smollm2") / "art-cuda", "cuda")
+    art = _artifact(request, tmp_path_factory, "cuda")
     accepted = []
     with Program.load(art) as program:
         k = min(K, program.manifest.draft_len)
