@@ -77,8 +77,7 @@ def load_program(
         parser.error(
             f"--ks up to {max(ks)} needs an artifact exported with k >= {max(ks)} (this one: {m.draft_len})"
         )
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[m.dtype]
-    return program, ks, dtype
+    return program, ks, getattr(torch, m.dtype)  # the manifest names dtypes as torch does
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     references: dict = {}  # k -> eager Speculator, loaded once and reused across prompt sets
     for name, (texts, chat) in prompt_sets(args.humaneval).items():
         encoded = [encode_prompt(tok, t, chat) for t in texts[: args.prompts]]
-        # a prompt must leave room for the budget and the exported k's verify rows
-        prompts = [
-            ids for ids in encoded if len(ids) + args.max_new_tokens + m.draft_len + 1 <= m.max_seq_len
-        ]
+        room = SpeculativeGenerator(program).room  # a prompt must leave room for the whole budget
+        prompts = [ids for ids in encoded if room(len(ids)) >= args.max_new_tokens]
         if len(prompts) < len(encoded):
             print(f"{name}: {len(encoded) - len(prompts)} prompts too long for max_seq_len {m.max_seq_len}")
         per_k = {}

@@ -227,6 +227,7 @@ def _split_prompts(
     loaded: dict[str, list[str] | None],
     hf: torch.nn.Module | None,
     eos: tuple[int, ...],
+    pad: int,
 ) -> tuple[list[list[int]], list[list[int]], dict]:
     """Training and held-out prompt ids (the first --num-prompts that fit, then the next --eval-prompts)
     and the counts for training.json. `loaded` holds each source's prompts, None for 'self', which the
@@ -236,7 +237,7 @@ def _split_prompts(
     for src, texts in loaded.items():
         if texts is None:  # 'self': as many as an even share needs, and a margin for the ones dropped
             n = math.ceil(wanted / len(loaded) * 1.25) + 8
-            texts = target_written_prompts(hf, tok, n, eos, _pad_id(tok, eos), args.gen_batch_size, args.seed)
+            texts = target_written_prompts(hf, tok, n, eos, pad, args.gen_batch_size, args.seed)
         lists.append(texts)
         counts[src] = len(texts)
     texts = _interleave(lists)
@@ -336,14 +337,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     loaded = {src: None if src == "self" else load_prompts(src, args.seed) for src in _sources(args, tok)}
     eos = eos_ids(args.target)
     pad = _pad_id(tok, eos)
-    split = None if "self" in loaded else _split_prompts(args, tok, loaded, None, eos)
+    split = None if "self" in loaded else _split_prompts(args, tok, loaded, None, eos, pad)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
     try:
         t0 = time.perf_counter()
         hf = load_hf_target(args.target, tcfg, dtype, device)
-        train_ids, eval_ids, prompt_stats = split or _split_prompts(args, tok, loaded, hf, eos)
+        train_ids, eval_ids, prompt_stats = split or _split_prompts(args, tok, loaded, hf, eos, pad)
         sequences = _responses(args, hf, train_ids, pad, eos)
         seconds = {"responses": time.perf_counter() - t0}
         vocab, coverage = most_frequent((torch.tensor(s.response) for s in sequences), tcfg.vocab_size, vd)
