@@ -43,7 +43,7 @@ from .data import (
 )
 from .evaluate import acceptance
 from .head import head_config, new_head, save_head
-from .prompts import PromptError, load_prompts
+from .prompts import BUILT_IN, PromptError, load_prompts
 from .trainer import TrainSettings, train
 from .vocab import most_frequent
 
@@ -55,7 +55,8 @@ EPILOG = f"""examples:
       --max-new-tokens 128 --epochs 8 --eval-prompts 8
 
 Prompts: 'stdlib' builds instructions from the Python standard library's docstrings (deterministic for a
-seed and Python version); 'self' samples user messages from the target itself at the start of a user
+seed and Python version); 'stdlib-code' asks to implement its Python functions from their signature and
+docstring; 'self' samples user messages from the target itself at the start of a user
 turn (chat models; deterministic for a seed on one device); a .jsonl file gives one object per line
 (prompt / instruction / question / input / text, or a messages list); any other file, one prompt per
 line. Several sources, comma-separated, are interleaved. The first --num-prompts train,
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--prompts",
         default="stdlib",
-        help="comma-separated prompt sources, interleaved: 'stdlib', 'self' (user messages the target "
+        help="comma-separated prompt sources, interleaved: 'stdlib', 'stdlib-code', 'self' (user messages the target "
         "writes itself) or .jsonl / text files",
     )
     data.add_argument("--num-prompts", type=int, default=4000, help="training prompts")
@@ -175,7 +176,7 @@ def _load_tokenizer(args: argparse.Namespace):
 
 
 def _sources(args: argparse.Namespace, tok) -> list[str]:
-    """The --prompts sources, checked: 'stdlib', 'self' (needs a chat template) or files."""
+    """The --prompts sources, checked: built-in ones, 'self' (needs a chat template) or files."""
     sources = [x.strip() for x in args.prompts.split(",") if x.strip()]
     if not sources or len(set(sources)) != len(sources):
         raise UsageError(f"--prompts {args.prompts!r}: give distinct sources separated by commas")
@@ -183,8 +184,8 @@ def _sources(args: argparse.Namespace, tok) -> list[str]:
         if src == "self":
             if not getattr(tok, "chat_template", None) or args.no_chat:
                 raise UsageError("--prompts self needs the target's chat template (and no --no-chat)")
-        elif src != "stdlib" and not Path(src).is_file():
-            raise UsageError(f"--prompts {src}: neither 'stdlib', 'self' nor a file")
+        elif src not in BUILT_IN and not Path(src).is_file():
+            raise UsageError(f"--prompts {src}: neither {', '.join(map(repr, BUILT_IN))}, 'self' nor a file")
     return sources
 
 

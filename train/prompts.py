@@ -1,5 +1,5 @@
 """Offline prompt sources for self-distillation: instructions built from the standard library's own
-docstrings, or the user's text/JSONL file.
+docstrings, function stubs (signature + docstring) to implement, or the user's text/JSONL file.
 
 Nothing here reads an evaluation set (HumanEval, chat benchmarks): prompts the head is later measured on
 must never shape its training data.
@@ -7,6 +7,7 @@ must never shape its training data.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import json
@@ -42,6 +43,14 @@ TEMPLATES = (
     "I am reading code that calls `{name}{signature}`. What do its arguments mean and what does it return?",
     "Implement a simplified version of `{name}` in pure Python. Its documentation says: {summary}",
 )
+# Stubs of pure-Python stdlib functions to implement: the code-completion shape of coding benchmarks,
+# with none of their problems.
+CODE_TEMPLATES = (
+    "Implement the function below so that it does what its docstring says.\n\n```python\n{stub}```",
+    "Write the body of this Python function.\n\n```python\n{stub}```",
+    "Here is a function signature and its docstring. Write the implementation.\n\n```python\n{stub}```",
+)
+MAX_DOC_CHARS = 800
 FILE_FIELDS = ("prompt", "instruction", "question", "input", "text")
 MAX_SUMMARY_CHARS = 300
 
@@ -55,6 +64,8 @@ class DocEntry:
     name: str  # e.g. "json.dumps", "collections.Counter.most_common"
     signature: str  # "(obj, *, skipkeys=False, ...)" or ""
     summary: str  # the docstring's first paragraph, on one line
+    doc: str = ""  # the docstring's leading paragraphs, up to MAX_DOC_CHARS
+    python: bool = False  # a function or method written in Python (its signature is source code)
 
 
 def _summary(obj: object) -> str:
@@ -71,10 +82,22 @@ def _signature(obj: object) -> str:
     return re.sub(r" at 0x[0-9a-f]+", "", sig)  # default values' reprs hold addresses
 
 
+def _doc(obj: object) -> str:
+    paragraphs = (inspect.getdoc(obj) or "").strip().split("\n\n")
+    kept = paragraphs[:1]
+    for para in paragraphs[1:]:
+        if len("\n\n".join([*kept, para])) > MAX_DOC_CHARS:
+            break
+        kept.append(para)
+    return "\n\n".join(kept)[:MAX_DOC_CHARS]
+
+
 def _documented(name: str, obj: object) -> DocEntry | None:
     summary = _summary(obj)
     # One-liners like "Return self." make poor instructions.
-    return DocEntry(name, _signature(obj), summary) if len(summary) >= 20 else None
+    if len(summary) < 20:
+        return None
+    return DocEntry(name, _signature(obj), summary, _doc(obj), inspect.isfunction(obj))
 
 
 def _walk_stdlib() -> list[DocEntry]:
@@ -133,6 +156,37 @@ def stdlib_prompts(seed: int = 0) -> list[str]:
     return prompts
 
 
+def _stub(entry: DocEntry) -> str:
+    """`def name(signature):` and the docstring, indented, as the function's source would start."""
+    lines = entry.doc.replace('"""', "'''").splitlines()
+    body = "".join(f"    {line}\n" if line.strip() else "\n" for line in lines[1:])
+    return f'def {entry.name.rsplit(".", 1)[-1]}{entry.signature}:\n    """{lines[0]}\n{body}    """\n'
+
+
+def _parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except SyntaxError:
+        return False
+    return True
+
+
+def stdlib_code_prompts(seed: int = 0) -> list[str]:
+    """Stubs of the stdlib's documented Python functions and methods to implement, in a seeded order
+    that visits every function once (with a random one of CODE_TEMPLATES) before any twice."""
+    rng = random.Random(seed)
+    # Methods shared by several classes (aliases, copies) give one stub; defaults whose repr is not code
+    # (`<object ...>`) rule a stub out.
+    stubs = [s for s in dict.fromkeys(_stub(e) for e in stdlib_entries() if e.python) if _parses(s)]
+    rng.shuffle(stubs)
+    orders = [rng.sample(range(len(CODE_TEMPLATES)), len(CODE_TEMPLATES)) for _ in stubs]
+    return [
+        CODE_TEMPLATES[order[r]].format(stub=stub)
+        for r in range(len(CODE_TEMPLATES))
+        for stub, order in zip(stubs, orders)
+    ]
+
+
 def _jsonl_prompt(obj: object) -> str | None:
     if not isinstance(obj, dict):
         return None
@@ -182,9 +236,12 @@ def file_prompts(path: str | Path) -> list[str]:
     return list(prompts)
 
 
+BUILT_IN = {"stdlib": stdlib_prompts, "stdlib-code": stdlib_code_prompts}
+
+
 def load_prompts(source: str, seed: int = 0) -> list[str]:
-    """`stdlib` or a file path (see file_prompts)."""
-    return stdlib_prompts(seed) if source == "stdlib" else file_prompts(source)
+    """A built-in source (BUILT_IN: 'stdlib', 'stdlib-code') or a file path (see file_prompts)."""
+    return BUILT_IN[source](seed) if source in BUILT_IN else file_prompts(source)
 
 
 if __name__ == "__main__":

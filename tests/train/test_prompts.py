@@ -1,14 +1,21 @@
-"""Prompt sources: the stdlib instructions are deterministic, plentiful and free of HumanEval; files give
-their prompts in order and bad lines are named."""
+"""Prompt sources: the stdlib instructions and function stubs are deterministic, plentiful and free of
+HumanEval; files give their prompts in order and bad lines are named."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 
 import pytest
 
-from etspec.train.prompts import PromptError, file_prompts, load_prompts, stdlib_prompts
+from etspec.train.prompts import (
+    PromptError,
+    file_prompts,
+    load_prompts,
+    stdlib_code_prompts,
+    stdlib_prompts,
+)
 
 # A few HumanEval function names (the evaluation set is never downloaded, nor read here).
 HUMANEVAL_NAMES = (
@@ -47,6 +54,22 @@ def test_stdlib_prompts_hold_no_humaneval(prompts):
     text = "\n".join(prompts)
     assert not [name for name in HUMANEVAL_NAMES if name in text]
     assert "HumanEval" not in text and "human_eval" not in text
+
+
+def test_stdlib_code_prompts_are_stubs_that_parse():
+    prompts = stdlib_code_prompts(seed=0)
+    assert len(prompts) > 1500 and len(set(prompts)) == len(prompts)
+    assert load_prompts("stdlib-code", seed=0) == prompts
+    assert stdlib_code_prompts(seed=1) != prompts
+    stubs = [re.search(r"```python\n(.*)```", p, re.S).group(1) for p in prompts]
+    trees = [ast.parse(stub) for stub in stubs]  # each stub is a function with its docstring, no body
+    assert all(len(t.body) == 1 and isinstance(t.body[0], ast.FunctionDef) for t in trees)
+    assert all(ast.get_docstring(t.body[0]) for t in trees)
+    names = [t.body[0].name for t in trees]
+    assert len(set(names[:500])) > 400  # mostly different functions (methods like `close` recur)
+    assert "harmonic_mean" in names
+    text = "\n".join(prompts)
+    assert not [name for name in HUMANEVAL_NAMES if name in text]
 
 
 def test_file_prompts(tmp_path):
