@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     results["heads"] = {}
     for head in [h for h in args.heads.split(",") if h]:
         spec = load_speculator(args.target, head, seq, args.k, dtype, device=args.device)
-        row = {name: acceptance(spec, prompts, args.max_new_tokens, eos).length for name, prompts in sets.items()}
+        row = {
+            name: acceptance(spec, prompts, args.max_new_tokens, eos).length for name, prompts in sets.items()
+        }
         results["heads"][head] = row
         print(f"{head}: " + "  ".join(f"{name} {a:.2f}" for name, a in row.items()), flush=True)
         del spec

@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--prompts",
         default="stdlib",
-        help="comma-separated prompt sources, interleaved: 'stdlib', 'stdlib-code', 'self' (user messages the target "
-        "writes itself) or .jsonl / text files",
+        help="comma-separated prompt sources, interleaved: 'stdlib', 'stdlib-code', 'self' (user messages "
+        "the target writes itself) or .jsonl / text files",
     )
     data.add_argument("--num-prompts", type=int, default=4000, help="training prompts")
     data.add_argument(
