@@ -1,4 +1,4 @@
-"""GPU box: end-to-end decode speed against the bandwidth floor and against what users run today (issue 7).
+"""GPU box: end-to-end decode speed against the bandwidth floor and against what users run today.
 
 For a random-weight target shaped like Llama-3.2-1B or Llama-3.1-8B (bf16) and a matching EAGLE-3 head
 (Vd = 32000), max_seq_len 64K, exported once per k in --ks (cached under --work; the draft method's chain
@@ -237,7 +237,7 @@ def main() -> int:
         "--merge",
         action="store_true",
         help="keep the rows of the existing results file that this run does not measure (each row "
-        "names its run: command, device ceilings); for filling in a matrix across device sessions",
+        "names its run: command, device ceilings); for filling in a matrix across device calls",
     )
     ap.add_argument(
         "--measured-acceptance",
