@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 from etspec.models.shaped import SHAPES, head_config, write_random_pair
 
@@ -57,6 +59,99 @@ def time_call(fn, n: int = 50) -> float:
         e1.synchronize()
         times.append(e0.elapsed_time(e1) * 1e3)
     return statistics.median(times)
+
+
+def graph_us(fn, rep: int = 50) -> float:
+    """µs per call of `fn` replayed from a CUDA graph (Triton's ``do_bench_cudagraph``): no launch cost."""
+    return triton.testing.do_bench_cudagraph(fn, rep=rep) * 1e3
+
+
+def time_calls_in_graph(calls, target_ms: float = 3.0, replays: int = 11) -> float:
+    """Median device time per call (µs) of a list of zero-arg callables, via CUDA-graph replay.
+
+    The calls are captured in turn (each usually over its own input set, so that data is not served from
+    L2), repeated to fill about `target_ms` per replay; a graph that cannot be captured is timed eagerly,
+    back to back."""
+    for c in calls:  # eager warm-up (compiles, refusals raise here)
+        c()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    est_ms = (time.perf_counter() - t0) * 1e3 / len(calls)
+    inner = max(1, min(8, int(target_ms / max(est_ms, 1e-3) / len(calls))))
+    seq = calls * inner
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    try:
+        with torch.cuda.graph(g):
+            for c in seq:
+                c()
+    except Exception as e:  # not capturable: time eagerly, back to back
+        log(f"   (graph capture failed: {type(e).__name__}; eager timing)")
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for c in seq:
+                c()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) * 1e3 / len(seq))
+        return statistics.median(times)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / len(seq))
+    del g
+    return statistics.median(times)
+
+
+@triton.jit
+def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+
+@triton.jit
+def _empty_kernel(p):
+    tl.store(p, 1.0)
+
+
+def copy_bandwidths_gbs() -> dict[str, float]:
+    """Device-to-device copy of 1 GiB (bytes read + written) three ways: eager ``copy_``
+    (:func:`copy_bandwidth_gbs`), ``copy_`` replayed from a graph, a Triton copy kernel; the max is the
+    ceiling."""
+    n = 1 << 30  # bytes per buffer
+    src = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    res = {"copy_eager": copy_bandwidth_gbs()}
+    res["copy_graph"] = 2 * n / (time_calls_in_graph([lambda: dst.copy_(src)], target_ms=20) * 1e-6) / 1e9
+    blk = 8192
+    grid = (triton.cdiv(src.numel(), blk),)
+    us = time_calls_in_graph([lambda: _copy_kernel[grid](src, dst, src.numel(), BLOCK=blk, num_warps=8)], 20)
+    res["copy_triton"] = 2 * n / (us * 1e-6) / 1e9
+    return res
+
+
+def empty_graph_node_us() -> float:
+    """Cost of one empty kernel node inside a CUDA graph (µs): the fixed cost of a launch under replay."""
+    x = torch.empty(1, device="cuda")
+    return time_calls_in_graph([lambda: _empty_kernel[(1,)](x)] * 8, target_ms=0.5)
 
 
 def write_random_pair_once(work: Path, shape: str, **overrides) -> Path:

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from _common import copy_bandwidth_gbs, log
+from _common import copy_bandwidth_gbs, graph_us, log
 
-import etspec.kernels  # noqa: F401
-from etspec.kernels.linear_rows import _launch
+from etspec.kernels.linear_rows import RowsConfig, launch
 
 SHAPES = {  # name: (K, column widths, gated)
     "1b qkv": (2048, [2048, 512, 512], ""),
@@ -42,10 +41,6 @@ SHAPES = {  # name: (K, column widths, gated)
 }
 
 
-def graph_us(fn, rep: int = 50) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=rep) * 1e3
-
-
 def weights(k: int, ns: list[int], gated: str) -> list[torch.Tensor]:
     ns = [ns[0], ns[0]] if gated else ns
     return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n in ns]
@@ -55,11 +50,12 @@ def weight_bytes(ws: list[torch.Tensor]) -> int:
     return sum(w.numel() * w.element_size() for w in ws)
 
 
-def ours(x, ws, gated, cfg=None):
+def ours(x, ws, gated, config: RowsConfig | None = None):
+    """The kernel with `config` (default: the op's own tiles), into a preallocated output."""
     n = ws[0].shape[0] if gated else sum(w.shape[0] for w in ws)
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device="cuda")
     w1, w2, w3 = (ws + [None, None])[:3]
-    return lambda: _launch(x, w1, w2, w3, gated, out, cfg=cfg)
+    return lambda: launch(x, w1, w2, w3, gated, out, config=config)
 
 
 def reference_fn(ws, gated):
@@ -88,7 +84,7 @@ def sweep(bw: float) -> dict:
             for vals in itertools.product(*grid.values()):
                 cfg = dict(zip(grid, vals))
                 try:
-                    us = graph_us(ours(x, ws, gated, cfg), rep=20)
+                    us = graph_us(ours(x, ws, gated, RowsConfig(**cfg)), rep=20)
                 except Exception as e:  # out of shared memory etc.
                     log(f"{name} {cfg}: {type(e).__name__}")
                     continue

@@ -6,10 +6,13 @@ M in {1,2,4,8}, L in {4K..128K}, KV caches of max_seq_len 128K. Implementations:
 - sdpa_<backend>: F.scaled_dot_product_attention on the bounded slice, one backend forced (flash, efficient,
   cudnn, math), enable_gqa=True, a causal-block bool mask when M > 1 (n/a where the backend refuses);
 - naive: SDPA (default backend choice) over the whole 128K buffer with a mask.
-Timing: every call is captured in a CUDA graph that cycles through N_SETS input sets (so the KV is not
-served from L2), the graph is replayed and timed with CUDA events; median per call. The device-to-device
-copy bandwidth (bytes read + written) and a bf16 matmul rate are measured in the same run.
-KV GB/s counts 2*Hkv*L*D*2 bytes (the valid KV read once); ratio = that over the copy bandwidth.
+Timing (bench/_common.py): every call is captured in a CUDA graph that cycles through N_SETS input sets
+(so the KV is not served from L2), the graph is replayed and timed with CUDA events; median per call. The
+device-to-device copy bandwidth (bytes read + written) and a bf16 matmul rate are measured in the same
+run. KV GB/s counts 2*Hkv*L*D*2 bytes (the valid KV read once); ratio = that over the copy bandwidth.
+The `split-only` column is the split kernel's own device time inside eager midm calls, from the
+profiler's kernel records; the rest of the midm time is the reduce and the launch gaps.
+`--sweep` times kernel configs (passed to `sdpa_midm.launch`) and then measures with the ones it chose.
 
     python bench/bench_sdpa_midm.py [--sweep] [--quick] [--out DIR]
 writes DIR/sdpa_midm_<gpu>.csv, .json and .png, then prints a table.
@@ -24,19 +27,20 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
-from _common import copy_bandwidth_gbs, log
+from _common import copy_bandwidths_gbs, empty_graph_node_us, log, matmul_tflops, time_calls_in_graph
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import etspec.kernels  # noqa: F401
+from etspec.kernels import register_ops
 from etspec.kernels import sdpa_midm as sm
+
+register_ops()
 
 MODELS = {"llama3.1-8b": (32, 8, 128), "gemma2-9b-global": (16, 8, 256)}
 MS = (1, 2, 4, 8)
@@ -52,97 +56,9 @@ BACKENDS = {
 DT = torch.bfloat16
 
 
-def time_calls(calls, target_ms=3.0, replays=11):
-    """Median device time per call (µs) of a list of zero-arg callables, via CUDA-graph replay."""
-    for c in calls:  # eager warm-up (compiles, refusals raise here)
-        c()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    est_ms = (time.perf_counter() - t0) * 1e3 / len(calls)
-    inner = max(1, min(8, int(target_ms / max(est_ms, 1e-3) / len(calls))))
-    seq = calls * inner
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    try:
-        with torch.cuda.graph(g):
-            for c in seq:
-                c()
-    except Exception as e:  # not capturable: time eagerly, back to back
-        log(f"   (graph capture failed: {type(e).__name__}; eager timing)")
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(replays):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for c in seq:
-                c()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) * 1e3 / len(seq))
-        return statistics.median(times)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3 / len(seq))
-    del g
-    return statistics.median(times)
-
-
-@triton.jit
-def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
-
-
-@triton.jit
-def _empty_kernel(p):
-    tl.store(p, 1.0)
-
-
 def kv_floor_ratio(ts, lens, hkv, d, copy_gbs):
     """Sweep score: sum over lengths of time (µs) / bf16 K+V bytes at copy bandwidth; lower is better."""
     return sum(t / (2 * hkv * L * d * 2 / copy_gbs / 1e3) for t, L in zip(ts, lens))
-
-
-def copy_bandwidth():
-    """Device-to-device copy of 1 GiB (bytes read + written), three ways; the max is the ceiling."""
-    n = 1 << 30  # bytes per buffer
-    src = torch.randn(n // 2, device="cuda", dtype=DT)
-    dst = torch.empty_like(src)
-    res = {"copy_eager": copy_bandwidth_gbs()}
-    res["copy_graph"] = 2 * n / (time_calls([lambda s=src, d=dst: d.copy_(s)], target_ms=20) * 1e-6) / 1e9
-    blk = 8192
-    grid = (triton.cdiv(src.numel(), blk),)
-    us = time_calls([lambda s=src, d=dst: _copy_kernel[grid](s, d, s.numel(), BLOCK=blk, num_warps=8)], 20)
-    res["copy_triton"] = 2 * n / (us * 1e-6) / 1e9
-    return res
-
-
-def empty_node_us():
-    x = torch.empty(1, device="cuda")
-    return time_calls([lambda: _empty_kernel[(1,)](x)] * 8, target_ms=0.5)
-
-
-def matmul_tflops():
-    a = torch.randn(8192, 8192, device="cuda", dtype=DT)
-    b = torch.randn(8192, 8192, device="cuda", dtype=DT)
-    us = time_calls([lambda: a @ b], target_ms=20)
-    return 2 * 8192**3 / (us * 1e-6) / 1e12
 
 
 class Sets:
@@ -162,21 +78,19 @@ class Sets:
         self.k = self.v = self.q = None
 
 
-def make_calls(sets, impl, m, L):
+def make_calls(sets, impl, m, L, config=None):
+    """Zero-arg calls of `impl`, one per input set; midm runs the kernels with `config` (default: the
+    op's own for the head dim)."""
     d = sets.d
     scale = 1.0 / math.sqrt(d)
     pos = torch.arange(L - m, L, device="cuda")
     calls = []
     if impl == "midm":
-        for i in range(N_SETS):
-            q, k, v = sets.q[m][i], sets.k[i][:, :, :L], sets.v[i][:, :, :L]
-            calls.append(lambda q=q, k=k, v=v: torch.ops.etspec.sdpa_midm(q, k, v, pos, scale))
-        return calls
-    if impl == "diag_split_only":  # the split kernel alone (no reduce): how much the reduce costs
         out = torch.empty(sets.q[m][0].shape, device="cuda", dtype=DT)
+        cfg = config or sm.default_config(d)
         for i in range(N_SETS):
             q, k, v = sets.q[m][i], sets.k[i][:, :, :L], sets.v[i][:, :, :L]
-            calls.append(lambda q=q, k=k, v=v: sm._launch(q, k, v, pos, scale, 0, out, _skip_reduce=True))
+            calls.append(lambda q=q, k=k, v=v: sm.launch(q, k, v, pos, scale, 0, out, config=cfg))
         return calls
     if impl == "naive":
         j = torch.arange(MAX_SEQ, device="cuda")
@@ -203,21 +117,43 @@ def make_calls(sets, impl, m, L):
     return calls
 
 
-def measure(sets, impl, m, L):
+def split_kernel_us(calls):
+    """Mean device time (µs) of the split kernel per call, from the profiler's records of eager calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            for c in calls:
+                c()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if "_midm_split_kernel" in e.key]
+    return ev[0].self_device_time_total / ev[0].count if ev else None
+
+
+def measure(sets, impl, m, L, config=None):
     try:
-        return time_calls(make_calls(sets, impl, m, L)), ""
+        if impl == "split_only":
+            return split_kernel_us(make_calls(sets, "midm", m, L, config)), ""
+        return time_calls_in_graph(make_calls(sets, impl, m, L, config)), ""
     except Exception as e:  # backend refuses (mask / GQA / head dim) or runs out of memory
         torch.cuda.synchronize()
         msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         return None, msg
 
 
-def check_midm(sets, m, L):
-    """Relative error of midm vs the math backend in fp32 (sanity check inside the benchmark)."""
+def check_midm(sets, m, L, config=None):
+    """Relative error of midm (the op, or the kernels with `config`) vs the math backend in fp32 (sanity
+    check inside the benchmark)."""
     hq, hkv, d = sets.hq, sets.hkv, sets.d
     pos = torch.arange(L - m, L, device="cuda")
     q, k, v = sets.q[m][0], sets.k[0][:, :, :L], sets.v[0][:, :, :L]
-    out = torch.ops.etspec.sdpa_midm(q, k, v, pos, 1.0 / math.sqrt(d)).float()
+    if config is None:
+        out = torch.ops.etspec.sdpa_midm(q, k, v, pos, 1.0 / math.sqrt(d)).float()
+    else:
+        out = sm.launch(q, k, v, pos, 1.0 / math.sqrt(d), 0, torch.empty_like(q), config=config).float()
     qf = q.float().view(hkv, hq // hkv * m, d)
     s = torch.einsum("hrd,hld->hrl", qf, k[0].float()) / math.sqrt(d)
     j = torch.arange(L, device="cuda")
@@ -228,20 +164,19 @@ def check_midm(sets, m, L):
 
 
 def sweep(models, copy_gbs, results):
-    """Kernel variants (tile, warps, stages), then split plans, per head dim; sets sm._CFG."""
+    """Kernel variants (tile, warps, stages), then split plans, per head dim; returns {D: chosen config}."""
     chosen = {}
     for name, (hq, hkv, d) in models.items():
         sets = Sets(hq, hkv, d)
         m = 4
 
-        base = dict(sm._CFG[d])
+        base = sm.default_config(d)
         best, best_score = None, float("inf")
         for bn, nw, ns in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
-            cfg = dict(base, block_n=bn, num_warps=nw, num_stages=ns)
-            sm._CFG[d] = cfg
+            cfg = replace(base, block_n=bn, num_warps=nw, num_stages=ns)
             ts = []
             for L in (16384, 131072):
-                t, err = measure(sets, "midm", m, L)
+                t, err = measure(sets, "midm", m, L, cfg)
                 ts.append(t)
             if None in ts:
                 log(f"  sweep {name} bn={bn} nw={nw} ns={ns}: fails ({err})")
@@ -266,9 +201,8 @@ def sweep(models, copy_gbs, results):
                 best, best_score = cfg, score
         best2, best2_score = best, float("inf")
         for ppsm, mt in itertools.product((1, 2, 3, 4), (1, 2, 4, 8)):
-            cfg = dict(best, ppsm=ppsm, min_tiles=mt)
-            sm._CFG[d] = cfg
-            ts = [measure(sets, "midm", m, L)[0] for L in (4096, 16384)]
+            cfg = replace(best, ppsm=ppsm, min_tiles=mt)
+            ts = [measure(sets, "midm", m, L, cfg)[0] for L in (4096, 16384)]
             if None in ts:
                 continue
             score = kv_floor_ratio(ts, (4096, 16384), hkv, d, copy_gbs)
@@ -281,7 +215,6 @@ def sweep(models, copy_gbs, results):
             )
             if score < best2_score:
                 best2, best2_score = cfg, score
-        sm._CFG[d] = best2
         chosen[d] = best2
         log(f"  sweep {name}: chosen D={d}: {best2}")
         sets.free()
@@ -290,7 +223,8 @@ def sweep(models, copy_gbs, results):
 
 
 def sweep_big_r(copy_gbs, results):
-    """Config for programs of >= 32 rows (Llama GQA 4 x M=8); sets sm._CFG_BIG_R[128]."""
+    """The best config for programs of >= 32 rows (Llama GQA 4 x M=8), reported only: the op has one
+    config per head dim, which the measurements that follow keep using."""
     hq, hkv, d = MODELS["llama3.1-8b"]
     sets = Sets(hq, hkv, d)
     best, best_score = None, float("inf")
@@ -305,21 +239,20 @@ def sweep_big_r(copy_gbs, results):
         (32, 4, 4, 2),
         (128, 8, 3, 1),
     ]:
-        cfg = dict(block_n=bn, num_warps=nw, num_stages=ns, ppsm=pp)
-        sm._CFG_BIG_R[d] = cfg
-        ts = [measure(sets, "midm", 8, L)[0] for L in (16384, 131072)]
+        cfg = replace(sm.default_config(d), block_n=bn, num_warps=nw, num_stages=ns, ppsm=pp)
+        ts = [measure(sets, "midm", 8, L, cfg)[0] for L in (16384, 131072)]
         if None in ts:
             continue
         score = kv_floor_ratio(ts, (16384, 131072), hkv, d, copy_gbs)
         log(f"  sweep big-R {cfg}: 16K {ts[0]:.1f} us, 128K {ts[1]:.1f} us score {score:.3f}")
-        results.append(dict(model="llama3.1-8b", stage="big_r", M=8, **cfg, t16k_us=ts[0], t128k_us=ts[1]))
+        row = dict(block_n=bn, num_warps=nw, num_stages=ns, ppsm=pp)
+        results.append(dict(model="llama3.1-8b", stage="big_r", M=8, **row, t16k_us=ts[0], t128k_us=ts[1]))
         if score < best_score:
             best, best_score = cfg, score
-    sm._CFG_BIG_R[d] = best
-    log(f"  sweep big-R: chosen D={d} rows>=32: {best}")
+    log(f"  sweep big-R: best D={d} rows>=32: {best}")
     sets.free()
     torch.cuda.empty_cache()
-    return best
+    return asdict(best) if best else None
 
 
 COLORS = {
@@ -344,7 +277,7 @@ def plot(rows, path, copy_gbs):
         for b, m in enumerate(MS):
             ax = axes[a][b]
             sub = [r for r in rows if r["model"] == model and r["M"] == m]
-            for impl in dict.fromkeys(r["impl"] for r in sub if not r["impl"].startswith("diag")):
+            for impl in dict.fromkeys(r["impl"] for r in sub if r["impl"] != "split_only"):
                 pts = [(r["L"], r["time_us"]) for r in sub if r["impl"] == impl and r["time_us"]]
                 if pts:
                     lw = 2.5 if impl == "midm" else 1.2
@@ -366,7 +299,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--sweep", action="store_true", help="tune tile/warps/stages and split plan first")
-    ap.add_argument("--sweep-big-r", action="store_true", help="tune the >= 32-row config (Llama M=8) first")
+    ap.add_argument(
+        "--sweep-big-r", action="store_true", help="report the best config for >= 32 rows (Llama M=8) first"
+    )
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -386,10 +321,10 @@ def main():
     )
     log("meta", meta)
     t_start = time.time()
-    copies = copy_bandwidth()
+    copies = copy_bandwidths_gbs()
     copy_gbs = max(copies.values())
     tflops = matmul_tflops()
-    node_us = empty_node_us()
+    node_us = empty_graph_node_us()
     meta.update(
         copy_GBps=copy_gbs, copy_detail_GBps=copies, bf16_matmul_TFLOPs=tflops, empty_graph_node_us=node_us
     )
@@ -401,22 +336,26 @@ def main():
     models = dict(MODELS)
     ms, ls = (MS, LS) if not args.quick else ((1, 4), (4096, 131072))
     sweep_rows = []
+    configs = {d: sm.default_config(d) for _, _, d in models.values()}
     if args.sweep:
-        meta["chosen_cfg"] = {str(k): v for k, v in sweep(models, copy_gbs, sweep_rows).items()}
+        chosen = sweep(models, copy_gbs, sweep_rows)
+        configs.update(chosen)
+        meta["chosen_cfg"] = {str(k): asdict(v) for k, v in chosen.items()}
     if args.sweep_big_r:
-        meta["chosen_cfg_big_r"] = sweep_big_r(copy_gbs, sweep_rows)
-    meta["cfg"] = {str(k): v for k, v in sm._CFG.items()}
-    meta["cfg_big_r"] = {str(k): v for k, v in sm._CFG_BIG_R.items()}
+        meta["best_cfg_big_r"] = sweep_big_r(copy_gbs, sweep_rows)
+    meta["cfg"] = {str(k): asdict(v) for k, v in configs.items()}
     rows = []
-    impls = ["midm", "diag_split_only", *BACKENDS, "naive"]
+    impls = ["midm", "split_only", *BACKENDS, "naive"]
     for name, (hq, hkv, d) in models.items():
         sets = Sets(hq, hkv, d)
+        cfg = configs[d]
         for m in ms:
             for L in ls:
                 kv_bytes = 2 * hkv * L * d * 2
-                err = check_midm(sets, m, L) if L <= 32768 else float("nan")
+                own = None if cfg == sm.default_config(d) else cfg  # the op itself where it is the same
+                err = check_midm(sets, m, L, own) if L <= 32768 else float("nan")
                 for impl in impls:
-                    t, why = measure(sets, impl, m, L)
+                    t, why = measure(sets, impl, m, L, cfg)
                     gbs = kv_bytes / (t * 1e-6) / 1e9 if t else None
                     rows.append(
                         dict(
@@ -477,7 +416,7 @@ def main():
                     f"{name:18s} {m:2d} {L:7d} | {mt or float('nan'):8.1f} {mi['kv_GBps'] or 0:6.0f} "
                     f"{(mi['ratio_copy'] or 0):6.1%} | {(bt or float('nan')):8.1f} {bk[5:]:>15s} | "
                     f"{(nv or float('nan')):9.1f} | {((bt / mt) if (bt and mt) else float('nan')):6.1f} "
-                    f"{mi['midm_rel_err']:8.1e} | {sub['diag_split_only']['time_us'] or float('nan'):10.1f}"
+                    f"{mi['midm_rel_err']:8.1e} | {sub['split_only']['time_us'] or float('nan'):10.1f}"
                 )
     return 0
 

@@ -31,9 +31,11 @@ from etspec.models.config import (
     read_config_json,
 )
 
-from .lower import export_methods, lower, manifest_constant_methods, method_signatures
+from .constants import manifest_constant_methods
+from .lower import lower
 from .manifest import Manifest, checkpoint_hash, constant_table, dtype_name, file_record, toolchain_versions
 from .methods import method_specs
+from .torch_export import export_methods, method_signatures
 
 TOKENIZER_FILES = (
     "tokenizer.json",

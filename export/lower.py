@@ -1,7 +1,7 @@
 """Backend lowering: exported methods -> one ExecuTorch program (``model.pte`` [+ ``.ptd``]).
 
-Independent of the model code: callers hand in ``nn.Module`` wrappers (one per method, all
-holding the *same* model object so parameter/buffer FQNs agree across methods) and get files.
+Independent of the model code: callers hand in the programs of :func:`.torch_export.export_methods`
+(one per method, all over the *same* model object so parameter/buffer FQNs agree) and get files.
 
 Why the flags are what they are (ExecuTorch 1.5.1 source; 1.2.0 behaves the same unless noted):
 
@@ -30,175 +30,35 @@ Why the flags are what they are (ExecuTorch 1.5.1 source; 1.2.0 behaves the same
   carries its own copy. The delegate owns its buffers as AOTI constants, so nothing is left at
   the graph level for ``share_mutable_buffers``; the etspec runtime shares them by FQN.
   ``alloc_graph_input=False``: the delegate reads the caller's tensors, no planned host copy.
-* Constant methods: the emitter accepts bool/int/float/str/dtype/tensor and lists of them
-  (``exir/emit/_emitter.py`` ``_emit_prim_getters``); the manifest is a ``str`` method, which
-  ``executorch.runtime`` returns as a Python ``str`` and the flatbuffer holds as ``String``.
+
+The other modules of this package hold the rest: ``torch_export`` (the programs), ``constants`` (the
+constant methods), ``constant_order`` (one CUDA weights blob per set of weights), ``progress`` (stage
+lines), ``inductor_cache``, and the patches for older versions, ``compat_partition_outputs``
+(ExecuTorch < 1.4) and ``compat_kernel_objects`` (torch 2.11).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 from torch.export import ExportedProgram
-from tqdm import tqdm
 
-from .manifest import MANIFEST_METHOD, Manifest, MethodSig, method_signature
+from .compat_kernel_objects import one_object_per_kernel
+from .compat_partition_outputs import mutation_outputs_first
+from .constant_order import warn_unshared_blobs
+from .constants import check_constant_methods
+from .inductor_cache import private_inductor_cache
+from .progress import Progress, lowering_progress, print_progress, timed
 from .sparse_file import disk_bytes, write_sparse
 
 Backend = Literal["xnnpack", "cuda"]
-Progress = Callable[[str], None]
-#: One method to export: (wrapper module, example args, torch.export dynamic_shapes or None).
-MethodSpec = tuple[nn.Module, tuple, Any]
 
 PTE_NAME = "model.pte"
 CUDA_DATA_NAME = "aoti_cuda_blob.ptd"  # the AOTI CUDA backend's external_tag + ".ptd"
-
-_CONST_SCALARS = (bool, int, float, str, torch.dtype)
-
-
-def _print(msg: str) -> None:
-    print(f"[etspec-export] {msg}", flush=True)
-
-
-@contextmanager
-def _timed(progress: Progress, what: str):
-    progress(f"{what} ...")
-    t0 = time.perf_counter()
-    yield
-    progress(f"{what} done in {time.perf_counter() - t0:.1f}s")
-
-
-# --------------------------------------------------------------------------------------------
-# torch.export
-# --------------------------------------------------------------------------------------------
-
-
-def _freeze(module: nn.Module) -> None:
-    # Lowering deep-copies the graph's constants; parameters that require grad make that fail
-    # (probe lesson) and would put autograd ops into the graph.
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-
-
-def export_methods(
-    methods: Mapping[str, MethodSpec],
-    strict: bool = True,
-    progress: Progress | None = _print,
-) -> dict[str, ExportedProgram]:
-    """``torch.export`` each method under ``no_grad``; returns {method name: program}.
-
-    Methods are exported one by one but must be *lowered* together (see :func:`lower`) for
-    their buffers to be shared. The exported programs keep references to the module's
-    parameters (no copies), so exporting three wrappers of one 8B model costs 1x weights.
-    """
-    progress = progress or (lambda _msg: None)
-    out: dict[str, ExportedProgram] = {}
-    for name, (module, args, dynamic_shapes) in methods.items():
-        if not name.isidentifier():
-            raise ValueError(f"method name {name!r} must be an identifier")
-        _freeze(module)
-        with _timed(progress, f"torch.export {name}"), torch.no_grad():
-            out[name] = torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes, strict=strict)
-    return out
-
-
-def method_signatures(
-    methods: Mapping[str, MethodSpec], exported: Mapping[str, ExportedProgram]
-) -> dict[str, MethodSig]:
-    """Manifest signatures for each exported method, with the ``Dim`` names of its spec."""
-    return {name: method_signature(exported[name], methods[name][2]) for name in exported}
-
-
-def constants_in_first_use_order(ep: ExportedProgram) -> list[str]:
-    """The parameter and buffer FQNs of `ep`, in the order its nodes first read them.
-
-    AOTInductor lays out a method's CUDA weights blob in this order, and ExecuTorch stores two methods'
-    blobs once only when they are byte-identical: two methods over the same weights must read them in
-    one order, or the .ptd holds them twice."""
-    sig = ep.graph_signature
-    fqn = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-    order: dict[str, None] = {}
-    for node in ep.graph.nodes:
-        for arg in node.all_input_nodes:
-            if arg.name in fqn:
-                order.setdefault(fqn[arg.name])
-    return list(order)
-
-
-def _warn_unshared_blobs(exported: Mapping[str, ExportedProgram], progress: Progress) -> None:
-    """Say so when methods over the same constants will not share one CUDA weights blob."""
-    by_set: dict[frozenset, list[tuple[str, list[str]]]] = {}
-    for name, ep in exported.items():
-        order = constants_in_first_use_order(ep)
-        by_set.setdefault(frozenset(order), []).append((name, order))
-    for group in by_set.values():
-        (first, order), *rest = group
-        for name, other in rest:
-            if other != order:
-                progress(
-                    f"warning: {first} and {name} read the same weights in different orders, so the .ptd "
-                    "will hold them twice (see export.lower.constants_in_first_use_order)"
-                )
-
-
-# --------------------------------------------------------------------------------------------
-# Constant methods
-# --------------------------------------------------------------------------------------------
-
-
-def manifest_constant_methods(manifest: Manifest) -> dict[str, Any]:
-    """The constant methods every etspec program carries: the manifest and the scalars a
-    runner wants without parsing JSON (same names as ExecuTorch's LLM runners use where one
-    exists, e.g. ``get_max_seq_len``)."""
-    consts: dict[str, Any] = {
-        MANIFEST_METHOD: manifest.to_json(),
-        "get_format_version": manifest.format_version,
-        "get_max_seq_len": manifest.max_seq_len,
-        "get_max_prefill_chunk": manifest.max_prefill_chunk,
-        "get_draft_len": manifest.draft_len,
-        "get_vocab_size": manifest.vocab_size,
-        "get_hidden_size": manifest.hidden_size,
-    }
-    if manifest.eos_token_ids:
-        consts["get_eos_ids"] = list(manifest.eos_token_ids)
-    return consts
-
-
-def _check_constant_methods(consts: Mapping[str, Any], exported: Mapping[str, Any]) -> None:
-    def ok(v: Any) -> bool:
-        if isinstance(v, _CONST_SCALARS) or isinstance(v, torch.Tensor):
-            return True
-        if isinstance(v, (list, tuple)):
-            return all(ok(x) for x in v)
-        return False
-
-    for name, value in consts.items():
-        if name in exported:
-            raise ValueError(f"constant method {name!r} clashes with an exported method")
-        if not ok(value):
-            raise TypeError(
-                f"constant method {name!r}: {type(value).__name__} is not emittable "
-                "(use bool/int/float/str/dtype/tensor or a list of them)"
-            )
-        if isinstance(value, (list, tuple)) and len(value) == 0:
-            # An empty list flattens to no values; the runtime would return nothing at all.
-            raise ValueError(f"constant method {name!r} is an empty list")
-
-
-# --------------------------------------------------------------------------------------------
-# Lowering
-# --------------------------------------------------------------------------------------------
 
 
 def _executorch_version() -> str:
@@ -222,14 +82,14 @@ def lower(
     backend: Backend,
     constant_methods: Mapping[str, Any] | None,
     out_dir: str | os.PathLike[str],
-    progress: Progress | None = _print,
+    progress: Progress | None = print_progress,
     *,
     cuda_triton_kernels: bool = True,
 ) -> list[Path]:
     """Lower all methods into one program in ``out_dir``; returns the files written.
 
     ``constant_methods`` maps method names to values returned by argument-less methods
-    (typically :func:`manifest_constant_methods`). Writes ``model.pte``, and for ``cuda``
+    (typically :func:`.constants.manifest_constant_methods`). Writes ``model.pte``, and for ``cuda``
     also ``aoti_cuda_blob.ptd`` (weights outside the program).
 
     ``cuda_triton_kernels=False`` sets the CUDA backend's ``triton_kernel_mode=OFF``: by default
@@ -241,7 +101,7 @@ def lower(
     if not exported:
         raise ValueError("no methods to lower")
     consts = dict(constant_methods or {})
-    _check_constant_methods(consts, exported)
+    check_constant_methods(consts, exported)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -253,7 +113,7 @@ def lower(
         raise ValueError(f"unknown backend {backend!r} (xnnpack or cuda)")
 
     written: list[Path] = []
-    with _timed(progress, f"write {PTE_NAME}"):
+    with timed(progress, f"write {PTE_NAME}"):
         pte = out / PTE_NAME
         with open(pte, "wb") as f:
             et.write_to_file(f)
@@ -286,138 +146,6 @@ def _write_data_files(et: Any, out: Path) -> None:
         write_sparse(out / (name if name.endswith(".ptd") else f"{name}.ptd"), cord)
 
 
-class _CompileMeter:
-    """A bar per method over its partitions, fed by the backend's per-partition ``preprocess`` calls."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.planned: deque[tuple[str, int]] = deque()  # (method, partitions), in compile order
-        self.bar: tqdm | None = None
-
-    def start(self) -> None:
-        if self.bar is None:
-            self.method, self.total = self.planned.popleft() if self.planned else ("partitions", 0)
-            self.n, self.t0 = 0, time.perf_counter()
-            # disable=None: no bar when stderr is not a terminal; the per-method line below still comes.
-            self.bar = tqdm(
-                total=self.total or None,
-                desc=f"{self.method}: compile",
-                unit="partition",
-                leave=False,
-                disable=None,
-            )
-
-    def done(self) -> None:
-        assert self.bar is not None
-        self.n += 1
-        self.bar.update()
-        if self.n == self.total:
-            self.close()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-            dt = time.perf_counter() - self.t0
-            self.progress(f"{self.method}: {self.n} partition{'s' * (self.n != 1)} compiled in {dt:.1f}s")
-
-
-@contextmanager
-def _patched(
-    cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
-) -> Iterator[None]:
-    """Replace ``cls.name`` by ``make(original)`` (bound as the class sees it) until the block ends."""
-    own = cls.__dict__.get(name)
-    setattr(cls, name, staticmethod(make(getattr(cls, name))))
-    try:
-        yield
-    finally:
-        if own is None:
-            delattr(cls, name)
-        else:
-            setattr(cls, name, own)
-
-
-@contextmanager
-def _lowering_progress(
-    partitioners: Mapping[str, list[Any]], backend: type, progress: Progress
-) -> Iterator[None]:
-    """Stage lines per method, and a bar over each method's partitions, while ExecuTorch lowers.
-
-    ExecuTorch has no progress callback, so the hooks are calls it makes anyway: a method's partitioner is
-    asked ``transform_for_pre_decomposition`` / ``ops_to_not_decompose`` when that method's edge conversion
-    starts and ``partition`` once it is in edge dialect; the backend's ``preprocess_multimethod`` then
-    compiles every partition, by default one ``preprocess`` call each, method by method in partition order
-    (``exir/backend/backend_details.py``). CUDA's own ``preprocess_multimethod`` makes no per-partition
-    calls: it gets the stage lines and one timed compile line.
-    """
-    meter = _CompileMeter(progress)
-    announced: set[str] = set()
-
-    def announce(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if name not in announced:
-                announced.add(name)
-                progress(f"{name}: to edge dialect ...")
-            return fn(*args, **kwargs)
-
-        return wrapped
-
-    def count(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            result = fn(*args, **kwargs)
-            n = len(result.partition_tags)
-            if n:
-                meter.planned.append((name, n))
-            progress(f"{name}: {n} {backend.__name__} partition{'s' * (n != 1)}")
-            return result
-
-        return wrapped
-
-    def per_partition(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            meter.start()
-            result = fn(*args, **kwargs)
-            meter.done()
-            return result
-
-        return wrapped
-
-    def all_partitions(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            total = sum(n for _, n in meter.planned)
-            with _timed(progress, f"{backend.__name__}: compile {total} partitions"):
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    meter.close()
-
-        return wrapped
-
-    hooks = {
-        "transform_for_pre_decomposition": announce,
-        "ops_to_not_decompose": announce,
-        "partition": count,
-    }
-    for name, plist in partitioners.items():
-        for part in plist:
-            for attr, make in hooks.items():
-                if hasattr(part, attr):  # transform_for_pre_decomposition is newer than ExecuTorch 1.2
-                    setattr(part, attr, make(name, getattr(part, attr)))
-    try:
-        with (
-            _patched(backend, "preprocess", per_partition),
-            _patched(backend, "preprocess_multimethod", all_partitions),
-        ):
-            yield
-    finally:
-        meter.close()
-        for plist in partitioners.values():
-            for part in plist:
-                for attr in hooks:
-                    vars(part).pop(attr, None)
-
-
 def _lower_xnnpack(exported: dict[str, ExportedProgram], consts: dict[str, Any], progress: Progress):
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -435,8 +163,8 @@ def _lower_xnnpack(exported: dict[str, ExportedProgram], consts: dict[str, Any],
     partitioner = {name: [XnnpackPartitioner()] for name in exported}
     names = ", ".join(exported)
     with (
-        _timed(progress, f"to_edge_transform_and_lower (XNNPACK) [{names}]"),
-        _lowering_progress(partitioner, XnnpackBackend, progress),
+        timed(progress, f"to_edge_transform_and_lower (XNNPACK) [{names}]"),
+        lowering_progress(partitioner, XnnpackBackend, progress),
     ):
         edge = to_edge_transform_and_lower(
             exported,
@@ -446,7 +174,7 @@ def _lower_xnnpack(exported: dict[str, ExportedProgram], consts: dict[str, Any],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=consts or None,
         )
-    with _timed(progress, "to_executorch (shared mutable buffers)"):
+    with timed(progress, "to_executorch (shared mutable buffers)"):
         return edge.to_executorch(
             ExecutorchBackendConfig(
                 extract_delegate_segments=True,
@@ -489,15 +217,15 @@ def _lower_cuda(
             out.append(CompileSpec("triton_kernel_mode", b"OFF"))
         return out
 
-    _warn_unshared_blobs(exported, progress)
+    warn_unshared_blobs(exported, progress)
     partitioner = {name: [CudaPartitioner(specs(name))] for name in exported}
     names = ", ".join(exported)
     with (
-        _timed(progress, f"to_edge_transform_and_lower (CUDA/AOTI) [{names}]"),
-        _lowering_progress(partitioner, CudaBackend, progress),
-        _mutation_outputs_first_in_partitions(),
-        _private_inductor_cache(),
-        _one_object_per_kernel(),
+        timed(progress, f"to_edge_transform_and_lower (CUDA/AOTI) [{names}]"),
+        lowering_progress(partitioner, CudaBackend, progress),
+        mutation_outputs_first(),
+        private_inductor_cache(),
+        one_object_per_kernel(),
     ):
         edge = to_edge_transform_and_lower(
             exported,
@@ -506,7 +234,7 @@ def _lower_cuda(
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
             constant_methods=consts or None,
         )
-    with _timed(progress, "to_executorch"):
+    with timed(progress, "to_executorch"):
         return edge.to_executorch(
             ExecutorchBackendConfig(
                 extract_delegate_segments=True,
@@ -514,176 +242,3 @@ def _lower_cuda(
                 emit_mutable_buffer_names=True,
             )
         )
-
-
-@contextmanager
-def _one_object_per_kernel():
-    """Give each embedded Triton kernel its own object file while AOTInductor links a method.
-
-    torch 2.11 turns a kernel's binary into ``<binary>.o`` and renames its symbols to the kernel's name.
-    Two kernels of one graph whose binaries are byte-identical (one Triton function launched with
-    specialisation hints that do not change its code, e.g. etspec::linear_rows on differently divisible
-    widths) share one binary path, so the second conversion overwrites the first's object, which is then
-    linked twice: "multiple definition of `___linear_rows_kernel_7_end'". Converting a per-kernel copy of
-    the binary keeps the objects apart.
-    """
-    import torch._inductor.codecache as codecache
-
-    orig = getattr(codecache, "convert_cubin_to_obj", None)
-    if orig is None:  # a torch whose AOTInductor embeds kernels another way
-        yield
-        return
-
-    def per_kernel(cubin_file: str, kernel_name: str, *args: Any, **kwargs: Any) -> str:
-        base, ext = os.path.splitext(cubin_file)
-        own = f"{base}_{kernel_name}{ext}"
-        shutil.copyfile(cubin_file, own)
-        return orig(own, kernel_name, *args, **kwargs)
-
-    codecache.convert_cubin_to_obj = per_kernel
-    try:
-        yield
-    finally:
-        codecache.convert_cubin_to_obj = orig
-
-
-@contextmanager
-def _private_inductor_cache():
-    """A fresh Inductor cache for each CUDA lowering; the previous setting is restored afterwards.
-
-    Exports running side by side on one shared cache rewrite each other's kernel objects mid-link
-    (objcopy fails on the GPU box); a private cache costs only the reuse. It is taken even when
-    TORCHINDUCTOR_CACHE_DIR is set: torch itself sets that variable to its shared default the first time
-    anything asks for the cache, so a set value says nothing of the user's wish.
-    """
-    prev = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    d = tempfile.mkdtemp(prefix="etspec-inductor-")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = d
-    try:
-        yield
-    finally:
-        if prev is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = prev
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@contextmanager
-def _mutation_outputs_first_in_partitions():
-    """ExecuTorch < 1.4: make each partition's output tuple list buffer mutations first.
-
-    The fused submodule orders its outputs by graph position, but the ExportedProgram verifier finds
-    mutations by position (the first N outputs). With KV caches written layer by layer and a feature
-    output whose inputs are ready before the last layers run, the two disagree ("Mutation node
-    aten_linear_default_57 is neither a buffer nor a user input"). 1.4+ reorders the tuple itself
-    (``lowered_backend_module.arrange_graph_outputs``); for older versions we permute the tuple and
-    the owning graph's getitem indices the same way before the signature is built.
-    """
-    import operator
-
-    from executorch.exir import lowered_backend_module as lbm
-    from executorch.exir.backend import backend_api
-    from torch.export.graph_signature import OutputKind
-
-    if hasattr(lbm, "arrange_graph_outputs"):
-        yield
-        return
-    original = backend_api.create_exported_program_from_submodule
-
-    def patched(submodule, owning_program, tag, call_module_node, *args, **kwargs):
-        mutated = {
-            s.arg.name
-            for s in owning_program.graph_signature.output_specs
-            if s.kind == OutputKind.BUFFER_MUTATION
-        }
-        out = next(n for n in reversed(submodule.graph.nodes) if n.op == "output")
-        values = list(out.args[0])
-        getitems = {u.args[1]: u for u in call_module_node.users if u.target is operator.getitem}
-        first = [i for i in range(len(values)) if i in getitems and getitems[i].name in mutated]
-        order = first + [i for i in range(len(values)) if i not in set(first)]
-        if order != list(range(len(values))):
-            out.args = (tuple(values[i] for i in order),)
-            new_index = {old: new for new, old in enumerate(order)}
-            for old, g in getitems.items():
-                g.args = (g.args[0], new_index[old])
-            val = call_module_node.meta.get("val")
-            if isinstance(val, (tuple, list)) and len(val) == len(values):
-                call_module_node.meta["val"] = type(val)(val[i] for i in order)
-            submodule.recompile()
-        return original(submodule, owning_program, tag, call_module_node, *args, **kwargs)
-
-    backend_api.create_exported_program_from_submodule = patched
-    try:
-        yield
-    finally:
-        backend_api.create_exported_program_from_submodule = original
-
-
-# --------------------------------------------------------------------------------------------
-# Inspection (tests, reports, debugging artifacts)
-# --------------------------------------------------------------------------------------------
-
-
-def describe_program(
-    pte: str | os.PathLike[str] | bytes, ptd: list[str | os.PathLike[str]] | tuple = ()
-) -> dict[str, Any]:
-    """What an artifact holds: per method its inputs/outputs, delegates, planned arena sizes and
-    mutable buffers as FQN -> (mem_id, offset, numel); plus every named-data key with its size
-    (in the .pte and in the given ``.ptd`` files).
-
-    Two methods share a mutable buffer iff its FQN maps to the same (mem_id, offset) in both.
-    Parses the flatbuffer only, so it works on CUDA programs without a CUDA runtime.
-    """
-    from executorch.exir._serialize._program import deserialize_pte_binary
-
-    data = pte if isinstance(pte, bytes) else Path(pte).read_bytes()
-    result = deserialize_pte_binary(data)
-    program = result.program
-    info: dict[str, Any] = {
-        "pte_bytes": len(data),
-        "methods": {},
-        "named_data": {},
-        "constant_buffer_bytes": sum(len(b.storage) for b in program.constant_buffer),
-    }
-    for plan in program.execution_plan:
-        mutable = {}
-        for v in plan.values:
-            t = v.val
-            extra = getattr(t, "extra_tensor_info", None)
-            alloc = getattr(t, "allocation_info", None)
-            if extra is not None and extra.fully_qualified_name and alloc is not None:
-                numel = 1
-                for s in t.sizes:
-                    numel *= s
-                mutable[extra.fully_qualified_name] = {
-                    "mem_id": alloc.memory_id,
-                    "offset": alloc.memory_offset_low | (alloc.memory_offset_high << 32),
-                    "numel": numel,
-                }
-        info["methods"][plan.name] = {
-            "inputs": len(plan.inputs),
-            "outputs": len(plan.outputs),
-            "delegates": [d.id for d in plan.delegates],
-            "non_const_buffer_sizes": list(plan.non_const_buffer_sizes),
-            "mutable_buffers": mutable,
-        }
-    stores = [("pte", result.named_data)]
-    for path in ptd:
-        stores.append((Path(path).name, _read_ptd(Path(path))))
-    for where, store in stores:
-        if store is None:
-            continue
-        entries = dict(store.pte_data)
-        for tagged in (getattr(store, "external_data", None) or {}).values():
-            entries.update(tagged)
-        for key, entry in entries.items():
-            info["named_data"][key] = {"where": where, "bytes": len(store.buffers[entry.buffer_index])}
-    return info
-
-
-def _read_ptd(path: Path):
-    """A .ptd's named data (FlatTensor); same call in ExecuTorch 1.2.0 and 1.5.1."""
-    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
-
-    return FlatTensorSerializer().deserialize_to_named_data_store_output(path.read_bytes(), path.stem)

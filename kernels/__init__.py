@@ -1,4 +1,14 @@
-"""Triton kernels registered as torch.library ops (etspec::*), with fake and CPU implementations."""
+"""Triton kernels registered as torch.library ops (``torch.ops.etspec.*``), with fake and CPU implementations.
 
-from . import linear_rows, sdpa_midm  # noqa: F401  (registers torch.ops.etspec.*)
-from .sdpa_midm import MAX_M as SDPA_MIDM_MAX_M  # noqa: F401
+A kernel module registers its op when it is imported (``triton_op`` runs at import time). Importing this
+package alone imports no kernel (and no Triton): code that dispatches to ``torch.ops.etspec.*`` calls
+:func:`register_ops` where it turns the kernels on, so the dependency is stated where it is made.
+"""
+
+from __future__ import annotations
+
+
+def register_ops() -> None:
+    """Register ``etspec::sdpa_midm`` and ``etspec::linear_rows``; calling it again does nothing (Python
+    imports a module once)."""
+    from . import linear_rows, sdpa_midm  # noqa: F401  (importing registers the ops)

@@ -21,26 +21,43 @@ result is deterministic. CPU: the reference math in fp32.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["MAX_ROWS", "linear_rows", "linear_rows_reference"]
+__all__ = ["MAX_ROWS", "RowsConfig", "default_config", "launch", "linear_rows", "linear_rows_reference"]
 
 MAX_ROWS = 16
 """Most rows one call takes (the rows are one padded tl.dot operand)."""
 
 ACTS = ("silu", "gelu_tanh")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# Tuning, per mode (H200 sweep of block_n x block_k x warps x stages over the 1B/8B projections at 1 and 8
-# rows, bench/bench_linear_rows.py --sweep; docs/kernels.md): 32-column blocks with 256-wide K tiles for
-# plain calls, 64 x 128 for gated ones (two weight tiles per step): the tiles that recur at the top.
-_CFG = {
-    "plain": dict(block_n=32, block_k=256, num_warps=4, num_stages=4),
-    "gated": dict(block_n=64, block_k=128, num_warps=4, num_stages=3),
-}
+
+
+@dataclass(frozen=True)
+class RowsConfig:
+    """Tiles of the kernel: ``block_n`` columns per program, ``block_k`` the K tile (capped at K's next
+    power of two), Triton ``num_warps``/``num_stages``."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Per mode (H200 sweep of block_n x block_k x warps x stages over the 1B/8B projections at 1 and 8 rows,
+# bench/bench_linear_rows.py --sweep; docs/kernels.md): 32-column blocks with 256-wide K tiles for plain
+# calls, 64 x 128 for gated ones (two weight tiles per step): the tiles that recur at the top.
+PLAIN_CONFIG = RowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
+GATED_CONFIG = RowsConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
+
+
+def default_config(gated: str) -> RowsConfig:
+    """The config the op uses for a plain (``gated == ""``) or gated call."""
+    return GATED_CONFIG if gated else PLAIN_CONFIG
 
 
 @triton.jit
@@ -127,17 +144,26 @@ def _linear_rows_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _launch(x, w1, w2, w3, gated, out, *, cfg=None):
-    """Run the kernel on x [rows, K] (unit stride on K) into out [rows, N]; tests and benches call it
-    (`cfg` overrides the tiles)."""
+def launch(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor | None,
+    w3: torch.Tensor | None,
+    gated: str,
+    out: torch.Tensor,
+    *,
+    config: RowsConfig | None = None,
+) -> torch.Tensor:
+    """Run the kernel on x [rows, K] (unit stride on K) into out [rows, N] and return out; the op calls
+    it with ``config=None`` (:func:`default_config`), tests and benches with the tiles they try."""
     rows, kdim = x.shape
     act = 0 if not gated else ACTS.index(gated) + 1
     ns = [w1.shape[0], 0 if w2 is None else w2.shape[0], 0 if w3 is None else w3.shape[0]]
     if act:
         ns = [ns[0], 0, 0]
-    c = {**_CFG["gated" if gated else "plain"], **(cfg or {})}
-    block_k = min(c["block_k"], max(16, triton.next_power_of_2(kdim)))
-    grid = (sum(triton.cdiv(n, c["block_n"]) for n in ns),)
+    c = config or default_config(gated)
+    block_k = min(c.block_k, max(16, triton.next_power_of_2(kdim)))
+    grid = (sum(triton.cdiv(n, c.block_n) for n in ns),)
     kernel = _linear_rows_kernel if _INTERPRET else wrap_triton(_linear_rows_kernel)
     kernel[grid](
         x,
@@ -153,14 +179,14 @@ def _launch(x, w1, w2, w3, gated, out, *, cfg=None):
         x.stride(0),
         out.stride(0),
         BLOCK_M=MAX_ROWS,
-        BLOCK_N=c["block_n"],
+        BLOCK_N=c.block_n,
         BLOCK_K=block_k,
         ACT=act,
         EVEN_K=kdim % block_k == 0,
         FP32_DOT=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
-        num_warps=c["num_warps"],
-        num_stages=c["num_stages"],
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
     )
     return out
 
@@ -205,7 +231,7 @@ def linear_rows(
         x2 = x2.contiguous()
     ws = [None if w is None else w.contiguous() for w in (w1, w2, w3)]
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-    _launch(x2, ws[0], ws[1], ws[2], gated, out)
+    launch(x2, ws[0], ws[1], ws[2], gated, out)
     return out.view(*x.shape[:-1], n)
 
 

@@ -20,20 +20,30 @@ of the device-read range ``[lo, L)`` and writes an unnormalised partial (acc, ru
 programs whose run starts past L exit at once. The reduce kernel combines the valid splits (their number
 is again computed on the device from L) by log-sum-exp. CPU: the reference math in fp32 (eager CPU runs).
 
-``_launch(q, k, v, input_pos, scale, window, out)`` is the plain launcher used by the op on CUDA; the
-CPU tests call it directly under ``TRITON_INTERPRET=1``.
+``launch(q, k, v, input_pos, scale, window, out, config=...)`` is the plain launcher used by the op on
+CUDA (with :func:`default_config`); the CPU tests call it directly under ``TRITON_INTERPRET=1`` and the
+benchmark passes the configs it sweeps.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["MAX_M", "sdpa_midm", "sdpa_midm_reference", "plan_splits"]
+__all__ = [
+    "MAX_M",
+    "MidmConfig",
+    "default_config",
+    "launch",
+    "plan_splits",
+    "sdpa_midm",
+    "sdpa_midm_reference",
+]
 
 MAX_M = 8
 """Largest number of query rows the op accepts (verify block k+1 <= MAX_M)."""
@@ -41,29 +51,34 @@ MAX_M = 8
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _LOG2E = 1.4426950408889634
 
-# Tuning knobs, per head dim. "block_n": key tile; "ppsm": programs of the split kernel per SM that the
-# split count aims for; "min_tiles": fewest key tiles per split (bounds the partial-buffer traffic).
-# Chosen by the H100 sweep (bench --sweep, 2026-11-25; docs/kernels.md): the variants were within a few %
-# of each other; one program per SM (ppsm=1) was best at 4K-16K.
-_CFG = {
-    64: dict(block_n=64, num_warps=4, num_stages=3, ppsm=1, min_tiles=2),
-    128: dict(block_n=64, num_warps=4, num_stages=3, ppsm=1, min_tiles=2),
-    256: dict(block_n=64, num_warps=4, num_stages=2, ppsm=1, min_tiles=4),
-}
-# Overrides for programs of >= 32 rows (G*M >= 17, e.g. Llama GQA 4 with M >= 5), per head dim.
-_CFG_BIG_R: dict = {}
-# Global override (benchmark sweeps).
-_CFG_OVERRIDE: dict = {}
 _REDUCE_BLOCK_S = 32  # splits combined per step by the reduce kernel
 
 
-def _cfg(d: int, block_r: int = 16) -> dict:
-    key = d if d in _CFG else (256 if d > 128 else 64 if d < 128 else 128)
-    c = dict(_CFG[key])
-    if block_r >= 32:
-        c.update(_CFG_BIG_R.get(key, {}))
-    c.update(_CFG_OVERRIDE)
-    return c
+@dataclass(frozen=True)
+class MidmConfig:
+    """Tuning of the split kernel: ``block_n`` key tile, Triton ``num_warps``/``num_stages``, ``ppsm``
+    programs per SM that the split count aims for, ``min_tiles`` fewest key tiles per split (bounds the
+    partial-buffer traffic)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    ppsm: int = 1
+    min_tiles: int = 2
+
+
+# Per head dim. Chosen by the H100 sweep (bench --sweep, 2026-11-25; docs/kernels.md): the variants were
+# within a few % of each other; one program per SM (ppsm=1) was best at 4K-16K.
+DEFAULT_CONFIGS: dict[int, MidmConfig] = {
+    64: MidmConfig(),
+    128: MidmConfig(),
+    256: MidmConfig(num_stages=2, min_tiles=4),
+}
+
+
+def default_config(d: int) -> MidmConfig:
+    """The config the op uses for head dim `d` (the nearest tuned one for other head dims)."""
+    return DEFAULT_CONFIGS[d if d in DEFAULT_CONFIGS else (256 if d > 128 else 64 if d < 128 else 128)]
 
 
 def _next_pow2(x: int) -> int:
@@ -280,10 +295,22 @@ def plan_splits(span, hkv: int, n_sm: int, block_n: int, ppsm: int, min_tiles: i
     return nsplit, split_len, want  # want: a static upper bound of nsplit
 
 
-def _launch(q, k, v, input_pos, scale, window, out, *, n_sm=None, cfg=None, _skip_reduce=False):
-    """Run the split + reduce kernels; writes ``out`` ([1, Hq, M, D], contiguous).
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    input_pos: torch.Tensor,
+    scale: float,
+    window: int,
+    out: torch.Tensor,
+    *,
+    config: MidmConfig | None = None,
+    n_sm: int | None = None,
+) -> torch.Tensor:
+    """Run the split + reduce kernels; writes ``out`` ([1, Hq, M, D], contiguous) and returns it.
 
-    ``n_sm``/``cfg`` override the SM count and tuning (tests); ``_skip_reduce`` is a benchmark diagnostic.
+    ``config`` defaults to :func:`default_config` of the head dim; ``n_sm`` overrides the SM count that
+    the split plan aims at (tests).
     """
     _, hq, m, d = q.shape
     hkv, lb = k.shape[1], k.shape[2]
@@ -298,13 +325,11 @@ def _launch(q, k, v, input_pos, scale, window, out, *, n_sm=None, cfg=None, _ski
     # under export/AOTInductor, then size for MAX_M
     m_static = m if isinstance(m, int) else MAX_M
     block_r = max(16, _next_pow2(g * m_static))
-    c = _cfg(d, block_r)
-    if cfg:
-        c.update(cfg)
+    c = config or default_config(d)
     r = g * m
     span = lb if window <= 0 else torch.sym_min(lb, window + m - 1)
     nsplit, split_len, max_splits = plan_splits(
-        span, hkv, n_sm or _num_sms(q.device), c["block_n"], c["ppsm"], c["min_tiles"]
+        span, hkv, n_sm or _num_sms(q.device), c.block_n, c.ppsm, c.min_tiles
     )
     # Partials are flat, with room for the static bound `max_splits` per row (the kernels index rows with
     # stride max_splits). A [rows, nsplit, D] buffer with a symbolic nsplit gets a Max(1, nsplit) stride
@@ -339,16 +364,14 @@ def _launch(q, k, v, input_pos, scale, window, out, *, n_sm=None, cfg=None, _ski
         v.stride(2),
         D=d,
         BLOCK_R=block_r,
-        BLOCK_N=c["block_n"],
+        BLOCK_N=c.block_n,
         QK_SCALE=qk_scale,
         WINDOW=int(window),
         FP32_DOT=fp32_dot,
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
-        num_warps=c["num_warps"],
-        num_stages=c["num_stages"],
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
     )
-    if _skip_reduce:
-        return out
     reduce_k[(hkv * r, 1, 1)](
         po,
         pm,
@@ -390,7 +413,7 @@ def sdpa_midm(
 ) -> torch.Tensor:
     _check(q, k, v, input_pos)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _launch(q, k, v, input_pos, scale, window, out)
+    launch(q, k, v, input_pos, scale, window, out)
     return out
 
 

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from etspec.kernels import register_ops
+
 from .config import DraftConfig
 from .layers import MLP, Attention, RMSNorm, project
 
@@ -46,6 +48,8 @@ class Eagle3Layer(nn.Module):
 class Eagle3Draft(nn.Module):
     def __init__(self, cfg: DraftConfig, max_seq_len: int, own_embedding: bool, use_midm: bool = False):
         super().__init__()
+        if use_midm:
+            register_ops()  # the draft's query side dispatches to torch.ops.etspec.*
         self.cfg = cfg
         self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
         # Every draft query is one row (catch-up rows only write KV), so the few-rows kernels (split-K

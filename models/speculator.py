@@ -21,11 +21,11 @@ class Speculator(nn.Module):
             raise ValueError(f"draft_len must be >= 1, got {draft_len}")
         limits = {}
         if any(layer.self_attn.use_midm for layer in target.layers):
-            from etspec.kernels.sdpa_midm import MAX_M  # importing registers etspec::sdpa_midm
+            from etspec.kernels.sdpa_midm import MAX_M
 
             limits["split-K verify attention"] = MAX_M
         if target.rows_kernel:
-            from etspec.kernels.linear_rows import MAX_ROWS  # registers etspec::linear_rows
+            from etspec.kernels.linear_rows import MAX_ROWS
 
             limits["few-rows linear"] = MAX_ROWS
         for name, limit in limits.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from etspec.kernels import register_ops
+
 from .config import TargetConfig
 from .layers import MLP, Attention, RMSNorm, project
 
@@ -65,6 +67,8 @@ class TargetModel(nn.Module):
         use_midm: bool = False,
     ):
         super().__init__()
+        if use_midm:
+            register_ops()  # the layers' verify calls dispatch to torch.ops.etspec.*
         self.cfg = cfg
         self.max_seq_len = max_seq_len
         self.tap_layers = tuple(tap_layers if tap_layers is not None else cfg.default_tap_layers())

@@ -1,15 +1,16 @@
 """prefill and target_verify read the target's weights in one order, so their CUDA weights blobs are
-byte-identical and the .ptd holds the target once (export.lower.constants_in_first_use_order says why).
-Checked on the exported graphs, with the few-rows kernels on as in a CUDA export; `bench/blob_report.py`
-checks the blobs themselves on the GPU box."""
+byte-identical and the .ptd holds the target once (export.constant_order.constants_in_first_use_order
+says why). Checked on the exported graphs, with the few-rows kernels on as in a CUDA export;
+`bench/blob_report.py` checks the blobs themselves on the GPU box."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from etspec.export.lower import _warn_unshared_blobs, constants_in_first_use_order, export_methods
+from etspec.export.constant_order import constants_in_first_use_order, warn_unshared_blobs
 from etspec.export.methods import method_specs
+from etspec.export.torch_export import export_methods
 from etspec.models.config import parse_draft_config
 from etspec.models.draft import Eagle3Draft
 from etspec.models.speculator import Speculator
@@ -30,7 +31,7 @@ def test_prefill_and_verify_read_constants_in_one_order(family):
     assert any(".bias" in f for f in prefill) == (family == "qwen2")
     assert prefill == verify, next((a, b) for a, b in zip(prefill, verify) if a != b)
     said: list[str] = []
-    _warn_unshared_blobs(eps, said.append)
+    warn_unshared_blobs(eps, said.append)
     assert said == []
 
 
@@ -60,9 +61,9 @@ def test_warns_when_methods_read_shared_weights_in_other_orders():
     assert constants_in_first_use_order(eps["one"]) == ["pair.a.weight", "pair.b.weight"]
     assert constants_in_first_use_order(eps["two"]) == ["pair.b.weight", "pair.a.weight"]
     said: list[str] = []
-    _warn_unshared_blobs(eps, said.append)
+    warn_unshared_blobs(eps, said.append)
     assert len(said) == 1 and "one and two read the same weights in different orders" in said[0]
     methods["two"] = (_Reads(pair, False), x, None)
     said.clear()
-    _warn_unshared_blobs(export_methods(methods, progress=None), said.append)
+    warn_unshared_blobs(export_methods(methods, progress=None), said.append)
     assert said == []

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from etspec.export.cli import main as export_main
-from etspec.export.lower import export_methods
 from etspec.export.manifest import Manifest, read_manifest_from_pte
 from etspec.export.methods import method_specs
+from etspec.export.torch_export import export_methods
 from etspec.models.checkpoint import load_speculator
 from etspec.models.greedy import speculative_greedy, target_greedy
 from etspec.models.tiny import write_tiny_pair

@@ -459,7 +459,9 @@ def test_real_lowering_reports_each_method_quietly(tmp_path, monkeypatch):
     """A toy model lowered by ExecuTorch itself: stage lines and a compile line per method, and none of the
     warnings the lowering is known to raise."""
     pytest.importorskip("executorch")
-    from etspec.export.lower import export_methods, lower, manifest_constant_methods, method_signatures
+    from etspec.export.constants import manifest_constant_methods
+    from etspec.export.lower import lower
+    from etspec.export.torch_export import export_methods, method_signatures
     from tests.export.test_lower import Toy, make_manifest, method_specs
 
     monkeypatch.setattr(sys, "warnoptions", [])

@@ -23,14 +23,8 @@ from torch.export import Dim
 
 pytest.importorskip("executorch")
 
-from etspec.export.lower import (  # noqa: E402
-    PTE_NAME,
-    describe_program,
-    export_methods,
-    lower,
-    manifest_constant_methods,
-    method_signatures,
-)
+from etspec.export.constants import manifest_constant_methods  # noqa: E402
+from etspec.export.lower import PTE_NAME, lower  # noqa: E402
 from etspec.export.manifest import (  # noqa: E402
     MANIFEST_METHOD,
     Manifest,
@@ -38,6 +32,8 @@ from etspec.export.manifest import (  # noqa: E402
     TensorSig,
     read_manifest_from_pte,
 )
+from etspec.export.torch_export import export_methods, method_signatures  # noqa: E402
+from tests.export.pte_walk import describe_program  # noqa: E402
 
 V, H, NH, NKV, HD = 96, 64, 4, 2, 16
 MAX_SEQ, CHUNK, M_VERIFY = 64, 16, 4
@@ -466,7 +462,7 @@ def test_identical_kernel_binaries_get_their_own_objects(tmp_path):
     """Two kernels of one graph with byte-identical binaries link once each (torch 2.11 AOTI bug)."""
     import torch._inductor.codecache as codecache
 
-    from etspec.export.lower import _one_object_per_kernel
+    from etspec.export.compat_kernel_objects import one_object_per_kernel
 
     cubin = tmp_path / "same.fatbin"
     cubin.write_bytes(b"\x7fkernel binary" * 64)
@@ -481,7 +477,7 @@ def test_identical_kernel_binaries_get_their_own_objects(tmp_path):
 
     names = ["linear_rows_kernel_3", "linear_rows_kernel_7"]
     assert "multiple definition" in link(convert(names)).stderr  # the bug, unpatched
-    with _one_object_per_kernel():
+    with one_object_per_kernel():
         objs = convert(names)
     assert len(set(objs)) == 2
     assert link(objs).returncode == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -89,7 +90,7 @@ def rel_err(out, ref):
     return ((out.to(torch.float64) - ref).norm() / ref.norm()).item()
 
 
-# hq, hkv, M, D, L, Lb, window, dtype, n_sm, cfg, note
+# hq, hkv, M, D, L, Lb, window, dtype, n_sm, config fields changed from the default, note
 INTERP_CASES = [
     (4, 1, 4, 64, 37, 64, 0, torch.float32, 4, {"block_n": 16}, "ragged L, GQA 4, tiles+tail"),
     (2, 2, 1, 64, 50, 50, 0, torch.bfloat16, 4, {"block_n": 16}, "M=1, GQA 1"),
@@ -120,7 +121,7 @@ INTERP_CASES = [
 
 
 def run_interp_cases() -> int:
-    from etspec.kernels.sdpa_midm import _INTERPRET, _launch
+    from etspec.kernels.sdpa_midm import _INTERPRET, default_config, launch
 
     assert _INTERPRET, "set TRITON_INTERPRET=1 before importing triton"
     fails = 0
@@ -129,7 +130,7 @@ def run_interp_cases() -> int:
         q, k, v, pos = make_case(hq, hkv, m, d, L, lb, dtype, seed=100 + i, q_strided="strided" in note)
         out = torch.full((1, hq, m, d), float("nan"), dtype=dtype)
         scale = 1.0 / math.sqrt(d)
-        _launch(q, k, v, pos, scale, win, out, n_sm=n_sm, cfg=cfg)
+        launch(q, k, v, pos, scale, win, out, n_sm=n_sm, config=replace(default_config(d), **cfg))
         ref = ref64(q, k, v, pos, scale, win)
         err = rel_err(out, ref)
         ok = bool(torch.isfinite(out).all()) and err < TOL[dtype]

@@ -8,13 +8,16 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-import etspec.kernels  # noqa: F401  (registers the op)
-from etspec.kernels.linear_rows import MAX_ROWS
+from etspec.kernels import register_ops
+from etspec.kernels.linear_rows import MAX_ROWS, default_config
+
+register_ops()
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -62,7 +65,7 @@ INTERP_CASES = [
 
 
 def run_interp_cases() -> int:
-    from etspec.kernels.linear_rows import _launch
+    from etspec.kernels.linear_rows import launch
 
     for i, (rows, k, ns, gated, dt) in enumerate(INTERP_CASES):
         x, ws = make(rows, k, ns, dt, seed=i, gated=gated)
@@ -70,7 +73,7 @@ def run_interp_cases() -> int:
         for cfg in ({}, dict(block_n=16, block_k=64)):  # the shipped tiles, and more, narrower ones
             n = ns[0] if gated else sum(ns)
             out = torch.full((rows, n), float("nan"), dtype=dt)
-            _launch(x, w1, w2, w3, gated, out, cfg=cfg)
+            launch(x, w1, w2, w3, gated, out, config=replace(default_config(gated), **cfg))
             err = rel_err(out, ref64(x, ws, gated))
             assert torch.isfinite(out).all(), (i, cfg, "unwritten output")
             assert err < TOL[dt], (i, cfg, err)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_linear_rows import TOL, make, ref64, rel_err
 
-import etspec.kernels  # noqa: F401  (registers the op)
-from etspec.kernels.linear_rows import MAX_ROWS, _launch
+from etspec.kernels import register_ops
+from etspec.kernels.linear_rows import MAX_ROWS, launch
+from tests.kernels.test_linear_rows import TOL, make, ref64, rel_err
+
+register_ops()
 
 pytestmark = [
     pytest.mark.cuda,
@@ -52,7 +54,7 @@ def test_matches_float64(k, ns, gated, m, dtype):
     w1, w2, w3 = (ws + [None, None])[:3]
     n = ns[0] if gated else sum(ns)
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-    _launch(x, w1, w2, w3, gated, out)
+    launch(x, w1, w2, w3, gated, out)
     assert torch.isfinite(out).all(), "unwritten output"
     assert rel_err(out, ref64(x, ws, gated)) < TOL_GPU[dtype]
     # the op itself (allocates its output; [1, m, K] like the models' calls)
@@ -79,10 +81,10 @@ def test_cuda_graph_replay():
     x, ws = make(5, 4096, [4096, 1024, 1024], BF16, seed=2)
     x, ws = x.cuda(), [w.cuda() for w in ws]
     out = torch.empty(5, 6144, dtype=BF16, device="cuda")
-    _launch(x, *ws, "", out)  # compile outside the capture
+    launch(x, *ws, "", out)  # compile outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        _launch(x, *ws, "", out)
+        launch(x, *ws, "", out)
     for seed in range(3):
         x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(BF16))
         out.fill_(float("nan"))

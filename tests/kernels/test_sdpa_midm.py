@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import triton
-from midm_helpers import TOL, CachedAttn, make_case, ref64, rel_err
 
-import etspec.kernels  # noqa: F401  (registers the op)
+from etspec.kernels import register_ops
 from etspec.kernels.sdpa_midm import MAX_M, plan_splits
+from tests.kernels.midm_helpers import TOL, CachedAttn, make_case, ref64, rel_err
+
+register_ops()
 
 HERE = Path(__file__).resolve().parent
 

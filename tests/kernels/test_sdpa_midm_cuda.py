@@ -12,10 +12,12 @@ import tempfile
 
 import pytest
 import torch
-from midm_helpers import CachedAttn, make_case, ref64, rel_err
 
-import etspec.kernels  # noqa: F401  (registers the op)
+from etspec.kernels import register_ops
 from etspec.kernels.sdpa_midm import MAX_M
+from tests.kernels.midm_helpers import CachedAttn, make_case, ref64, rel_err
+
+register_ops()
 
 pytestmark = [
     pytest.mark.cuda,

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from etspec.export.cli import main as export_main
-from etspec.export.lower import describe_program
 from etspec.models.checkpoint import load_speculator
 from etspec.models.greedy import speculative_greedy, target_greedy
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
 from tests.conftest import TINY_CHUNK, TINY_K, TINY_MAX_SEQ
+from tests.export.pte_walk import describe_program
 from tests.recorder import Recorder
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]

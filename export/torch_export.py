@@ -1,0 +1,59 @@
+"""``torch.export`` of the method wrappers, one program per method, and their manifest signatures.
+
+Independent of the model code: callers hand in ``nn.Module`` wrappers (one per method, all holding the
+*same* model object so parameter/buffer FQNs agree across methods); :func:`etspec.export.lower.lower`
+then lowers the programs together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+
+from .manifest import MethodSig, method_signature
+from .progress import Progress, print_progress, timed
+
+#: One method to export: (wrapper module, example args, torch.export dynamic_shapes or None).
+MethodSpec = tuple[nn.Module, tuple, Any]
+
+
+def _freeze(module: nn.Module) -> None:
+    # Lowering deep-copies the graph's constants; parameters that require grad make that fail
+    # (probe lesson) and would put autograd ops into the graph.
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def export_methods(
+    methods: Mapping[str, MethodSpec],
+    strict: bool = True,
+    progress: Progress | None = print_progress,
+) -> dict[str, ExportedProgram]:
+    """``torch.export`` each method under ``no_grad``; returns {method name: program}.
+
+    Methods are exported one by one but must be *lowered* together (see
+    :func:`etspec.export.lower.lower`) for their buffers to be shared. The exported programs keep
+    references to the module's parameters (no copies), so exporting three wrappers of one 8B model costs
+    1x weights.
+    """
+    progress = progress or (lambda _msg: None)
+    out: dict[str, ExportedProgram] = {}
+    for name, (module, args, dynamic_shapes) in methods.items():
+        if not name.isidentifier():
+            raise ValueError(f"method name {name!r} must be an identifier")
+        _freeze(module)
+        with timed(progress, f"torch.export {name}"), torch.no_grad():
+            out[name] = torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes, strict=strict)
+    return out
+
+
+def method_signatures(
+    methods: Mapping[str, MethodSpec], exported: Mapping[str, ExportedProgram]
+) -> dict[str, MethodSig]:
+    """Manifest signatures for each exported method, with the ``Dim`` names of its spec."""
+    return {name: method_signature(exported[name], methods[name][2]) for name in exported}
