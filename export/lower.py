@@ -52,7 +52,9 @@ from torch import nn
 from torch.export import ExportedProgram
 from tqdm import tqdm
 
-from .manifest import MANIFEST_METHOD, Manifest, MethodSig, method_signature
+from etspec.artifact import MANIFEST_METHOD, Manifest, MethodSig
+
+from .manifest import method_signature
 from .sparse_file import disk_bytes, write_sparse
 
 Backend = Literal["xnnpack", "cuda"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from etspec.artifact import Manifest, read_manifest_from_pte
 from etspec.export.cli import main as export_main
 from etspec.export.lower import export_methods
-from etspec.export.manifest import Manifest, read_manifest_from_pte
 from etspec.export.methods import method_specs
 from etspec.models.checkpoint import load_speculator
 from etspec.models.greedy import speculative_greedy, target_greedy

@@ -23,6 +23,13 @@ from torch.export import Dim
 
 pytest.importorskip("executorch")
 
+from etspec.artifact import (  # noqa: E402
+    MANIFEST_METHOD,
+    Manifest,
+    MethodSig,
+    TensorSig,
+    read_manifest_from_pte,
+)
 from etspec.export.lower import (  # noqa: E402
     PTE_NAME,
     describe_program,
@@ -30,13 +37,6 @@ from etspec.export.lower import (  # noqa: E402
     lower,
     manifest_constant_methods,
     method_signatures,
-)
-from etspec.export.manifest import (  # noqa: E402
-    MANIFEST_METHOD,
-    Manifest,
-    MethodSig,
-    TensorSig,
-    read_manifest_from_pte,
 )
 
 V, H, NH, NKV, HD = 96, 64, 4, 2, 16
