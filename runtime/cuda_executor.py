@@ -26,11 +26,12 @@ from typing import Any
 import torch
 
 from .aoti_container import AotiContainer
-from .aoti_payload import AOTI_BACKEND_IDS, AotiPayload, BlobLayout, FqnWeightEntry
+from .aoti_payload import AOTI_BACKEND_IDS, AotiPayload, BlobLayout
 from .byte_tensors import typed_view, upload_bytes
 from .compat_dense_blob import ConstantMeta, load_dense_constants
 from .elf_validation import validate_shared_object
 from .errors import ArtifactError, ConstantBindingError, MethodInputError, UnsupportedLayoutError
+from .fqn_weight_manifest import FqnWeightEntry
 from .method_info import MethodInfo, TensorSpec
 from .pte_reader import PteProgram, read_program
 from .shared_constants import SharedConstants

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from etspec.runtime.aoti_container import AotiContainer
-from etspec.runtime.aoti_payload import BlobLayout, parse_aoti_payload, parse_fqn_manifest
+from etspec.runtime.aoti_payload import BlobLayout, parse_aoti_payload
 from etspec.runtime.compat_dense_blob import ConstantMeta
 from etspec.runtime.cuda_executor import CudaProgram
 from etspec.runtime.elf_validation import validate_shared_object
@@ -27,6 +27,7 @@ from etspec.runtime.errors import (
     MissingBlobError,
     UnsupportedLayoutError,
 )
+from etspec.runtime.fqn_weight_manifest import parse_fqn_manifest
 from etspec.runtime.method_info import DelegateInfo
 from etspec.runtime.pte_reader import read_program
 
