@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from etspec.artifact import MANIFEST_NAME, Manifest, dtype_name, file_record
 from etspec.models.checkpoint import DTYPES, CheckpointError, load_speculator
 from etspec.models.config import (
     ConfigError,
@@ -33,7 +34,7 @@ from etspec.models.config import (
 
 from .constants import manifest_constant_methods
 from .lower import lower
-from .manifest import Manifest, checkpoint_hash, constant_table, dtype_name, file_record, toolchain_versions
+from .manifest import checkpoint_hash, constant_table, toolchain_versions
 from .methods import method_specs
 from .torch_export import export_methods, method_signatures
 
@@ -47,7 +48,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-MANIFEST_FILE = "manifest.json"
 CUDA_KV_BUCKET = 1024  # kv_window rounding the runtime may use for CUDA graphs (one graph per bucket)
 DEFAULT_DTYPE = {"xnnpack": "fp32", "cuda": "bf16"}
 
@@ -240,9 +240,9 @@ def _check_out(out: Path, force: bool, inputs: dict[str, Path]) -> Path:
                     raise UsageError(
                         f"--out {out} exists and is not empty (use --force to replace an earlier artifact)"
                     )
-                if not (real / MANIFEST_FILE).is_file():
+                if not (real / MANIFEST_NAME).is_file():
                     raise UsageError(
-                        f"--out {out} is not empty and holds no etspec artifact (no {MANIFEST_FILE}); "
+                        f"--out {out} is not empty and holds no etspec artifact (no {MANIFEST_NAME}); "
                         "--force replaces only an earlier artifact or an empty directory"
                     )
         elif real.parent.exists() and not real.parent.is_dir():
@@ -435,7 +435,7 @@ def run(args: argparse.Namespace) -> Path:
         programs = sorted(f for f in stage.iterdir() if f.suffix in (".pte", ".ptd"))
         with _stage(say, "hashing " + ", ".join(f.name for f in programs)):
             manifest.files = {f.name: file_record(f) for f in programs}
-        manifest.write(stage / MANIFEST_FILE)
+        manifest.write(stage / MANIFEST_NAME)
         # `stage` now holds the complete artifact (model.pte [+ .ptd], manifest.json, tokenizer files):
         # this is the one place to read or add to it before it becomes --out.
         out = _move_into_place(stage, args)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .manifest import MANIFEST_METHOD, Manifest
+from etspec.artifact import MANIFEST_METHOD, Manifest
 
 _CONST_SCALARS = (bool, int, float, str, torch.dtype)
 

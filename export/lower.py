@@ -47,6 +47,8 @@ from typing import Any, Literal
 import torch
 from torch.export import ExportedProgram
 
+from etspec.artifact import CUDA_DATA_NAME, PTE_NAME
+
 from .compat_kernel_objects import one_object_per_kernel
 from .compat_partition_outputs import mutation_outputs_first
 from .constant_order import warn_unshared_blobs
@@ -56,9 +58,6 @@ from .progress import Progress, lowering_progress, print_progress, timed
 from .sparse_file import disk_bytes, write_sparse
 
 Backend = Literal["xnnpack", "cuda"]
-
-PTE_NAME = "model.pte"
-CUDA_DATA_NAME = "aoti_cuda_blob.ptd"  # the AOTI CUDA backend's external_tag + ".ptd"
 
 
 def _executorch_version() -> str:

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from .manifest import MethodSig, method_signature
+from etspec.artifact import MethodSig
+
+from .manifest import method_signature
 from .progress import Progress, print_progress, timed
 
 #: One method to export: (wrapper module, example args, torch.export dynamic_shapes or None).

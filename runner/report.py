@@ -7,7 +7,7 @@ from importlib import metadata
 
 import torch
 
-from etspec.runtime.program import Manifest
+from etspec.artifact import Manifest
 
 from .stats import GenerationStats
 

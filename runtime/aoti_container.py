@@ -1,44 +1,19 @@
-"""ctypes wrapper of one AOTInductor model container, loaded from shared-object bytes.
-
-The ExecuTorch pip runtime has no CUDA backend, so etspec runs each AOTI delegate itself through the
-C API that every AOTInductor ``.so`` exports (``torch/csrc/inductor/aoti_runtime/interface.h``):
-
-* ``AOTInductorModelContainerCreateWithDevice(handle*, num_models, device_str, cubin_dir)``
-* ``AOTInductorModelContainerRun(handle, AtenTensorHandle* in, n_in, AtenTensorHandle* out, n_out,
-  stream, proxy_executor)`` -- input handles are stolen, output handles are handed to the caller
-* ``...GetNumInputs/GetNumOutputs/GetInputName/GetOutputName``
-* ``...GetNumConstants/GetConstantName/GetConstantOriginalFQN/GetConstantFromFolded/GetConstantType/
-  GetConstantDtype/GetConstantDataSize``
-* ``AOTInductorModelUpdateConstantsFromBlob(handle, const uint8_t*)`` -- dense constants blob
-  (a silent no-op unless the .so was built for external weights)
-* ``AOTInductorModelContainerUpdateUserManagedConstantBufferPairs(handle,
-  const AOTInductorConstantMapEntry{const char* name; AtenTensorHandle handle;}* pairs, n,
-  bool use_inactive, bool validate_full_update)`` -- names are the *internal* constant names
-* ``AOTInductorModelContainerExtractConstantsMapEntries(handle, const Entry** out, size_t* n,
-  bool use_inactive)`` -- keyed by original FQN; torch >= 2.13 .so files only
-* ``AOTInductorGetLastError(const char**)`` -- newer .so files only
-
-Shared objects built with ``aot_inductor.link_libtorch=False`` (as ExecuTorch's CUDA backend builds
-them) leave the ``aoti_torch_*`` shim symbols undefined: they are resolved from libtorch, which must
-therefore be loaded RTLD_GLOBAL first (:func:`promote_torch_libraries`).
+"""One AOTInductor model container, loaded from shared-object bytes (the C API in :mod:`.aoti_abi`).
 
 Safety rules enforced here, because a mistake past this point ends the process instead of raising:
-the .so bytes are checked (ELF header, every loadable segment inside the file) before they are
-written to a private ``mkstemp`` file and dlopen'ed; input/output counts are checked before
-``Run`` (the container's own count check sits outside its exception guard and aborts); a dense
-constants blob must cover every constant before it is handed over. Every C return code is checked
-and raised as :class:`AotiCallError` naming the method and the C function.
+the .so bytes are checked (:func:`.elf_validation.validate_shared_object`) before they are written to
+a private ``mkstemp`` file and dlopen'ed; input/output counts are checked before ``Run`` (the
+container's own count check sits outside its exception guard and aborts); a dense constants blob must
+cover every constant before it is handed over. Every C return code is checked and raised as
+:class:`AotiCallError` naming the method and the C function.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
-import platform
-import struct
 import tempfile
-import threading
-import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,181 +21,21 @@ from typing import Any
 
 import torch
 
+from .aoti_abi import (
+    C_FUNCTIONS,
+    CONSTANT_KINDS,
+    ConstantMapEntry,
+    free_handles,
+    handles_to_tensors,
+    promote_torch_libraries,
+    tensors_to_handles,
+)
+from .byte_tensors import as_uint8_tensor
+from .elf_validation import validate_shared_object
 from .errors import AotiCallError, ArtifactError, ConstantBindingError, MethodInputError
-from .pte_reader import dtype_from_scalar_type
+from .scalar_types import dtype_from_scalar_type
 
-__all__ = [
-    "AotiContainer",
-    "ConstantInfo",
-    "promote_torch_libraries",
-    "tensors_to_handles",
-    "handles_to_tensors",
-    "validate_shared_object",
-]
-
-_CONSTANT_KINDS = {0: "unknown", 1: "parameter", 2: "buffer", 3: "tensor_constant", 4: "folded"}
-
-
-class _Entry(ctypes.Structure):
-    """AOTInductorConstantMapEntry { const char* name; AtenTensorHandle handle; }"""
-
-    _fields_ = [("name", ctypes.c_char_p), ("handle", ctypes.c_void_p)]
-
-
-_VP = ctypes.c_void_p
-_SZ = ctypes.c_size_t
-_P = ctypes.POINTER
-# name -> (argtypes, required)
-_SIGNATURES: dict[str, tuple[list[Any], bool]] = {
-    "AOTInductorModelContainerCreateWithDevice": ([_P(_VP), _SZ, ctypes.c_char_p, ctypes.c_char_p], True),
-    "AOTInductorModelContainerDelete": ([_VP], True),
-    "AOTInductorModelContainerRun": ([_VP, _P(_VP), _SZ, _P(_VP), _SZ, _VP, _VP], True),
-    "AOTInductorModelContainerGetNumInputs": ([_VP, _P(_SZ)], True),
-    "AOTInductorModelContainerGetNumOutputs": ([_VP, _P(_SZ)], True),
-    "AOTInductorModelContainerGetInputName": ([_VP, _SZ, _P(ctypes.c_char_p)], False),
-    "AOTInductorModelContainerGetOutputName": ([_VP, _SZ, _P(ctypes.c_char_p)], False),
-    "AOTInductorModelContainerGetNumConstants": ([_VP, _P(_SZ)], False),
-    "AOTInductorModelContainerGetConstantName": ([_VP, _SZ, _P(ctypes.c_char_p)], False),
-    "AOTInductorModelContainerGetConstantOriginalFQN": ([_VP, _SZ, _P(ctypes.c_char_p)], False),
-    "AOTInductorModelContainerGetConstantFromFolded": ([_VP, _SZ, _P(ctypes.c_bool)], False),
-    "AOTInductorModelContainerGetConstantType": ([_VP, _SZ, _P(ctypes.c_int32)], False),
-    "AOTInductorModelContainerGetConstantDtype": ([_VP, _SZ, _P(ctypes.c_int32)], False),
-    "AOTInductorModelContainerGetConstantDataSize": ([_VP, _SZ, _P(_SZ)], False),
-    "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs": (
-        [_VP, _P(_Entry), _SZ, ctypes.c_bool, ctypes.c_bool],
-        False,
-    ),
-    "AOTInductorModelContainerExtractConstantsMapEntries": (
-        [_VP, _P(_P(_Entry)), _P(_SZ), ctypes.c_bool],
-        False,
-    ),
-    "AOTInductorModelUpdateConstantsFromBlob": ([_VP, _VP], False),
-    "AOTInductorModelContainerGetCallSpec": ([_VP, _P(ctypes.c_char_p), _P(ctypes.c_char_p)], False),
-    "AOTInductorGetLastError": ([_P(ctypes.c_char_p)], False),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# libtorch promotion, tensor <-> AtenTensorHandle
-# ----------------------------------------------------------------------------------------------
-
-_promote_lock = threading.Lock()
-_promoted: dict[str, ctypes.CDLL] = {}
-
-
-def promote_torch_libraries() -> dict[str, ctypes.CDLL]:
-    """dlopen libtorch's libraries RTLD_GLOBAL so a link_libtorch=False .so finds the aoti_torch_* shims."""
-    with _promote_lock:
-        if _promoted:
-            return _promoted
-        libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
-        for lib in ("libc10.so", "libtorch_cpu.so", "libc10_cuda.so", "libtorch_cuda.so", "libtorch.so"):
-            p = os.path.join(libdir, lib)
-            if os.path.exists(p):
-                _promoted[lib] = ctypes.CDLL(p, mode=ctypes.RTLD_GLOBAL)
-        if "libtorch_cpu.so" not in _promoted:
-            raise ArtifactError(f"libtorch_cpu.so not found in {libdir}; cannot host AOTI shared objects")
-        return _promoted
-
-
-_pyapi_lock = threading.Lock()
-_capsule_fns: tuple[Any, Any] | None = None
-
-
-def _capsule_api() -> tuple[Any, Any]:
-    global _capsule_fns
-    with _pyapi_lock:
-        if _capsule_fns is None:
-            get_ptr = ctypes.pythonapi.PyCapsule_GetPointer
-            get_ptr.restype = ctypes.c_void_p
-            get_ptr.argtypes = [ctypes.py_object, ctypes.c_char_p]
-            new_cap = ctypes.pythonapi.PyCapsule_New
-            new_cap.restype = ctypes.py_object
-            new_cap.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-            _capsule_fns = (get_ptr, new_cap)
-        return _capsule_fns
-
-
-def tensors_to_handles(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """New heap AtenTensorHandles (at::Tensor*) aliasing ``tensors``; the caller owns them."""
-    get_ptr, _ = _capsule_api()
-    caps = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(tensors))
-    out = []
-    for c in caps:
-        p = get_ptr(c, None) if not isinstance(c, int) else c
-        if not p:
-            raise RuntimeError("unsafe_alloc_void_ptrs_from_tensors returned a null handle")
-        out.append(int(p))
-    return out
-
-
-def handles_to_tensors(handles: Sequence[int]) -> list[torch.Tensor]:
-    """Take ownership of AtenTensorHandles (deleting the handles) and return the tensors."""
-    if not handles:
-        return []
-    _, new_cap = _capsule_api()
-    caps = [new_cap(ctypes.c_void_p(h), None, None) for h in handles]
-    return list(torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(caps))
-
-
-def _free_handles(handles: Sequence[int]) -> None:
-    handles_to_tensors(list(handles))  # stolen into tensors that are dropped at once
-
-
-# ----------------------------------------------------------------------------------------------
-# .so validation
-# ----------------------------------------------------------------------------------------------
-
-_MACHINES = {"x86_64": 62, "amd64": 62, "aarch64": 183, "arm64": 183}
-
-
-def validate_shared_object(data: bytes | memoryview, what: str = "shared object") -> None:
-    """Reject bytes that are not a complete ELF64 shared object for this machine.
-
-    Checks the ELF identification, type and machine, and that the program headers, every
-    loadable segment and the section header table lie inside the data (a truncated .so would
-    otherwise be mapped past its end and fault on first touch).
-    """
-    n = len(data)
-    head = bytes(data[:64])
-    if n < 64 or head[:4] != b"\x7fELF":
-        raise ArtifactError(f"{what}: not an ELF shared object ({n} bytes, starts with {head[:4]!r})")
-    if head[4] != 2 or head[5] != 1:
-        raise ArtifactError(
-            f"{what}: only little-endian ELF64 is supported (class {head[4]}, data {head[5]})"
-        )
-    e_type, e_machine = struct.unpack_from("<HH", head, 16)
-    if e_type != 3:
-        raise ArtifactError(f"{what}: ELF type {e_type} is not a shared object (ET_DYN)")
-    want = _MACHINES.get(platform.machine().lower())
-    if want is not None and e_machine != want:
-        raise ArtifactError(f"{what}: built for ELF machine {e_machine}, this host is {platform.machine()}")
-    (e_phoff, e_shoff) = struct.unpack_from("<QQ", head, 32)
-    (e_phentsize, e_phnum, e_shentsize, e_shnum) = struct.unpack_from("<HHHH", head, 54)
-    if e_phnum == 0 or e_phentsize < 56 or e_phoff + e_phnum * e_phentsize > n:
-        raise ArtifactError(f"{what}: truncated or corrupt (program headers outside the {n}-byte file)")
-    phdrs = bytes(data[e_phoff : e_phoff + e_phnum * e_phentsize])
-    has_load = has_dynamic = False
-    for i in range(e_phnum):
-        p_type, _flags, p_offset = struct.unpack_from("<IIQ", phdrs, i * e_phentsize)
-        (p_filesz,) = struct.unpack_from("<Q", phdrs, i * e_phentsize + 32)
-        if p_type in (1, 2):  # PT_LOAD, PT_DYNAMIC
-            if p_offset + p_filesz > n:
-                raise ArtifactError(
-                    f"{what}: truncated: segment {i} needs bytes up to {p_offset + p_filesz}, "
-                    f"the data has {n}"
-                )
-            has_load |= p_type == 1
-            has_dynamic |= p_type == 2
-    if not (has_load and has_dynamic):
-        raise ArtifactError(f"{what}: no loadable/dynamic segment; not a usable shared object")
-    if e_shoff and e_shoff + e_shnum * e_shentsize > n:
-        raise ArtifactError(f"{what}: truncated: section headers end past the {n}-byte data")
-
-
-# ----------------------------------------------------------------------------------------------
-# The container
-# ----------------------------------------------------------------------------------------------
+__all__ = ["AotiContainer", "ConstantInfo"]
 
 
 @dataclass(frozen=True)
@@ -261,7 +76,7 @@ def _release(state: _State) -> None:
     state.stale_handles.clear()
     if handles:
         try:
-            _free_handles(handles)
+            free_handles(handles)
         except Exception:  # pragma: no cover
             pass
     state.keepalive.clear()
@@ -318,7 +133,7 @@ class AotiContainer:
             except OSError as e:
                 raise ArtifactError(f"[{name}] cannot load the shared object: {e}") from e
             self._fns: dict[str, Any] = {}
-            for fn, (argtypes, required) in _SIGNATURES.items():
+            for fn, (argtypes, required) in C_FUNCTIONS.items():
                 try:
                     f_ = getattr(lib, fn)
                 except AttributeError:
@@ -422,8 +237,6 @@ class AotiContainer:
     def _device_guard(self) -> Any:
         if self.device.type == "cuda":
             return torch.cuda.device(self.device.index)
-        import contextlib
-
         return contextlib.nullcontext()
 
     @property
@@ -436,26 +249,6 @@ class AotiContainer:
         return self._state.so_path
 
     # -- introspection ---------------------------------------------------------------------
-    @property
-    def input_names(self) -> list[str]:
-        if not self.has("AOTInductorModelContainerGetInputName"):
-            return [f"input_{i}" for i in range(self.num_inputs)]
-        return [self._get_str("AOTInductorModelContainerGetInputName", i) for i in range(self.num_inputs)]
-
-    @property
-    def output_names(self) -> list[str]:
-        if not self.has("AOTInductorModelContainerGetOutputName"):
-            return [f"output_{i}" for i in range(self.num_outputs)]
-        return [self._get_str("AOTInductorModelContainerGetOutputName", i) for i in range(self.num_outputs)]
-
-    @property
-    def call_spec(self) -> tuple[str, str] | None:
-        if not self.has("AOTInductorModelContainerGetCallSpec"):
-            return None
-        a, b = ctypes.c_char_p(), ctypes.c_char_p()
-        self._call("AOTInductorModelContainerGetCallSpec", self._handle(), ctypes.byref(a), ctypes.byref(b))
-        return (a.value or b"").decode(), (b.value or b"").decode()
-
     def constants(self) -> list[ConstantInfo]:
         """All constants of the model, in the .so's order (the dense blob's order)."""
         if self._constants is not None:
@@ -477,7 +270,7 @@ class AotiContainer:
             if self.has("AOTInductorModelContainerGetConstantType"):
                 t = ctypes.c_int32()
                 self._call("AOTInductorModelContainerGetConstantType", h, i, ctypes.byref(t))
-                kind = _CONSTANT_KINDS.get(int(t.value), f"type_{t.value}")
+                kind = CONSTANT_KINDS.get(int(t.value), f"type_{t.value}")
             dtype = None
             if self.has("AOTInductorModelContainerGetConstantDtype"):
                 d = ctypes.c_int32()
@@ -524,7 +317,7 @@ class AotiContainer:
         ``blob`` is any buffer (bytes, memoryview of a mapped .ptd, uint8 CPU tensor). Its size is
         checked against the constants the .so declares before the pointer is handed over.
         """
-        t = _as_uint8_tensor(blob)
+        t = as_uint8_tensor(blob)
         need = self.blob_nbytes()
         if t.numel() < need:
             raise ArtifactError(
@@ -572,12 +365,12 @@ class AotiContainer:
             return
         handles = tensors_to_handles([tensors[nm] for nm in names])
         encoded = [nm.encode("utf-8") for nm in names]
-        arr = (_Entry * len(names))(*[_Entry(e, h) for e, h in zip(encoded, handles)])
+        arr = (ConstantMapEntry * len(names))(*[ConstantMapEntry(e, h) for e, h in zip(encoded, handles)])
         try:
             with self._device_guard():
                 self._call(fn, self._handle(), arr, len(names), False, False)
         except BaseException:
-            _free_handles(handles)
+            free_handles(handles)
             raise
         st = self._state
         for nm, h in zip(names, handles):
@@ -594,7 +387,7 @@ class AotiContainer:
         """
         fn = "AOTInductorModelContainerExtractConstantsMapEntries"
         self._require(fn)
-        entries = ctypes.POINTER(_Entry)()
+        entries = ctypes.POINTER(ConstantMapEntry)()
         n = ctypes.c_size_t()
         self._call(fn, self._handle(), ctypes.byref(entries), ctypes.byref(n), False)
         libs = promote_torch_libraries()
@@ -613,7 +406,7 @@ class AotiContainer:
                 names.append(e.name.decode("utf-8", "replace") if e.name else f"constant_{i}")
                 handles.append(int(h.value))
         except BaseException:
-            _free_handles(handles)
+            free_handles(handles)
             raise
         return dict(zip(names, handles_to_tensors(handles)))
 
@@ -662,7 +455,7 @@ class AotiContainer:
         outs = [out_arr[i] for i in range(self.num_outputs)]
         if any(not p for p in outs):
             got = [p for p in outs if p]
-            _free_handles(got)
+            free_handles(got)
             raise AotiCallError(self.name, "AOTInductorModelContainerRun", 0, "returned a null output handle")
         return handles_to_tensors(outs)
 
@@ -681,17 +474,3 @@ class AotiContainer:
         n_in, n_out = getattr(self, "num_inputs", "?"), getattr(self, "num_outputs", "?")
         state = "closed" if self.closed else f"{n_in} in/{n_out} out"
         return f"AotiContainer({self.name!r}, {self.device}, {state})"
-
-
-def _as_uint8_tensor(buf: Any) -> torch.Tensor:
-    """A flat uint8 CPU tensor over ``buf`` without copying (bytes/memoryview/tensor)."""
-    if isinstance(buf, torch.Tensor):
-        if buf.device.type != "cpu" or not buf.is_contiguous():
-            raise ArtifactError("weights blob tensors must be contiguous CPU tensors")
-        return buf.view(torch.uint8).reshape(-1)
-    mv = memoryview(buf).cast("B")
-    if len(mv) == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only buffers: nothing here writes to them
-        return torch.frombuffer(mv, dtype=torch.uint8)

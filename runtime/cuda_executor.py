@@ -9,16 +9,10 @@ Each method call maps the method's inputs to the delegate's arguments exactly as
 plan says (``DelegateCall.args`` = the delegate's inputs in *its* order, then its outputs), runs
 the instruction list, and returns the method's outputs in the method's order.
 
-Constant sources, by blob layout (see :class:`.pte_reader.BlobLayout`):
-
-* ``FQN_MANIFEST`` (ExecuTorch 1.5): the manifest gives each FQN's storage key, dtype, sizes,
-  strides and offset; each storage is copied to the device once.
-* ``METHOD_KEYS`` / ``HASHED_KEYS`` (ExecuTorch 1.2 / 1.4): one dense blob per delegate. Each
-  constant's bytes are located from the .so's own constant table (``GetConstantDataSize`` in order);
-  its shape comes from ``constant_meta`` (FQN -> :class:`ConstantMeta` or a tensor, e.g. from the
-  export manifest) or, when the .so exports ``ExtractConstantsMapEntries`` (torch >= 2.13), from a
-  short-lived probe container that loads the blob once. Without either, ``allow_private_constants``
-  lets each container load its own copy (refused when a mutable buffer is used by two methods).
+Constants come from the delegate's ``ETCUDAFQN3`` manifest (ExecuTorch 1.5, ``FQN_MANIFEST``): it gives
+each FQN's storage key, dtype, sizes, strides and offset, and each storage is copied to the device
+once. Programs of ExecuTorch 1.2 / 1.4 keep one dense blob per delegate instead; those are loaded by
+:mod:`.compat_dense_blob`.
 """
 
 from __future__ import annotations
@@ -31,68 +25,18 @@ from typing import Any
 
 import torch
 
-from .aoti_container import AotiContainer, ConstantInfo, _as_uint8_tensor
-from .errors import (
-    ArtifactError,
-    ConstantBindingError,
-    MethodInputError,
-    UnsupportedLayoutError,
-)
-from .pte_reader import (
-    AOTI_BACKEND_IDS,
-    AotiPayload,
-    BlobLayout,
-    FqnWeightEntry,
-    MethodInfo,
-    PteProgram,
-    TensorSpec,
-    read_program,
-)
+from .aoti_container import AotiContainer
+from .aoti_payload import AOTI_BACKEND_IDS, AotiPayload, BlobLayout
+from .byte_tensors import typed_view, upload_bytes
+from .compat_dense_blob import ConstantMeta, load_dense_constants
+from .elf_validation import validate_shared_object
+from .errors import ArtifactError, ConstantBindingError, MethodInputError, UnsupportedLayoutError
+from .fqn_weight_manifest import FqnWeightEntry
+from .method_info import MethodInfo, TensorSpec
+from .pte_reader import PteProgram, read_program
+from .shared_constants import SharedConstants
 
-__all__ = ["ConstantMeta", "CudaMethod", "CudaProgram"]
-
-
-@dataclass(frozen=True)
-class ConstantMeta:
-    """Shape/stride description of one constant, for dense blobs whose .so cannot describe it."""
-
-    dtype: torch.dtype
-    sizes: tuple[int, ...]
-    strides: tuple[int, ...]
-    storage_offset: int = 0
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> ConstantMeta:
-        return cls(t.dtype, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()))
-
-    def required_nbytes(self) -> int:
-        if any(s == 0 for s in self.sizes):
-            return 0
-        last = self.storage_offset + sum((s - 1) * st for s, st in zip(self.sizes, self.strides))
-        return (last + 1) * self.dtype.itemsize
-
-
-def _view_on(
-    storage_bytes: torch.Tensor, dtype: torch.dtype, sizes: Sequence[int], strides: Sequence[int], offset: int
-) -> torch.Tensor:
-    """A (dtype, sizes, strides, offset) view over the untyped storage of a uint8 tensor."""
-    t = torch.empty(0, dtype=dtype, device=storage_bytes.device)
-    t.set_(storage_bytes.untyped_storage(), int(offset), list(sizes), list(strides))
-    return t
-
-
-def _upload(raw: Any, device: torch.device) -> torch.Tensor:
-    """Copy a host byte buffer to a fresh, owned uint8 tensor on ``device``."""
-    src = _as_uint8_tensor(raw)
-    if device.type == "cpu":
-        return src.clone()
-    out = torch.empty(src.numel(), dtype=torch.uint8, device=device)
-    out.copy_(src)
-    return out
-
-
-def _same_layout(t: torch.Tensor, dtype: torch.dtype, sizes: Sequence[int], strides: Sequence[int]) -> bool:
-    return t.dtype == dtype and tuple(t.shape) == tuple(sizes) and tuple(t.stride()) == tuple(strides)
+__all__ = ["CudaMethod", "CudaProgram"]
 
 
 @dataclass
@@ -207,7 +151,7 @@ class CudaProgram:
         self._allow_private = allow_private_constants
         self._containers: dict[tuple[str, int], AotiContainer] = {}
         self._payloads: dict[tuple[str, int], AotiPayload] = {}
-        self._constants: dict[str, torch.Tensor] = {}  # identity (FQN) -> shared tensor
+        self._shared = SharedConstants()
         self._storages: dict[str, torch.Tensor] = {}  # FQN-manifest storage key -> uint8 device tensor
         self._methods: dict[str, CudaMethod] = {}
         self._binds: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # container key -> bound constants
@@ -264,8 +208,6 @@ class CudaProgram:
                 )
 
     def _check_so(self, key: tuple[str, int], payload: AotiPayload, verify_hash: bool) -> None:
-        from .aoti_container import validate_shared_object
-
         data = self.program.named_data.get(payload.so_key)
         validate_shared_object(data, f"[{key[0]}] shared object {payload.so_key!r}")
         if verify_hash and payload.layout is not BlobLayout.METHOD_KEYS:
@@ -319,39 +261,36 @@ class CudaProgram:
     # ------------------------------------------------------------------------------------------
     # constants
     # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _identity(payload: AotiPayload, c: ConstantInfo) -> str:
-        fqn = c.fqn or c.name
-        if not c.fqn or fqn.startswith("_tensor_constant"):
-            # Library-local names restart in every AOTI library: never share them across .so files.
-            return f"{payload.library_key}:{fqn}"
-        return fqn
-
-    def _check_shared(
-        self, where: str, ident: str, dtype: torch.dtype, sizes: Sequence[int], strides: Sequence[int]
-    ) -> torch.Tensor | None:
-        t = self._constants.get(ident)
-        if t is not None and not _same_layout(t, dtype, sizes, strides):
-            raise ConstantBindingError(
-                f"{where}: constant {ident!r} is {t.dtype}{list(t.shape)} stride {list(t.stride())} in an "
-                f"earlier method but {dtype}{list(sizes)} stride {list(strides)} here; refusing to share"
-            )
-        return t
-
     def _load_constants(self) -> None:
         users: dict[str, list[tuple[tuple[str, int], str]]] = {}
         for key, c in self._containers.items():
             for ci in c.constants():
                 if not ci.from_folded:
-                    users.setdefault(self._identity(self._payloads[key], ci), []).append((key, ci.kind))
+                    users.setdefault(self._shared.identity(self._payloads[key], ci), []).append(
+                        (key, ci.kind)
+                    )
         for key, c in self._containers.items():
             payload = self._payloads[key]
             if payload.layout is BlobLayout.FQN_MANIFEST:
-                self._load_fqn_manifest(key, c, payload)
+                bind = self._fqn_manifest_constants(c, payload)
             else:
-                self._load_dense(key, c, payload, users)
+                bind = load_dense_constants(
+                    c,
+                    payload,
+                    self.program.named_data,
+                    self._shared,
+                    users,
+                    self._meta,
+                    allow_private=self._allow_private,
+                    tmp_dir=self._tmp_dir,
+                )
+                if bind is None:
+                    continue
+            c.bind_constants(bind)
+            self._binds[key] = bind
 
-    def _load_fqn_manifest(self, key: tuple[str, int], c: AotiContainer, payload: AotiPayload) -> None:
+    def _fqn_manifest_constants(self, c: AotiContainer, payload: AotiPayload) -> dict[str, torch.Tensor]:
+        """Internal name -> shared tensor for every constant of ``c``, uploading storages not seen yet."""
         where = f"[{c.name}]"
         by_fqn: dict[str, FqnWeightEntry] = {e.fqn: e for e in payload.entries}
         bind: dict[str, torch.Tensor] = {}
@@ -367,137 +306,24 @@ class CudaProgram:
                 raise ConstantBindingError(
                     f"{where} constant {ci.fqn!r}: manifest dtype {e.dtype}, .so dtype {ci.dtype}"
                 )
-            ident = self._identity(payload, ci)
-            t = self._check_shared(where, ident, e.dtype, e.sizes, e.strides)
+            ident = self._shared.identity(payload, ci)
+            t = self._shared.existing(where, ident, e.dtype, e.sizes, e.strides)
             if t is None:
                 storage = self._storages.get(e.storage_key)
                 if storage is None:
                     on_host = e.device_type == 0 and self.device.type != "cpu"  # mixed-device constant
                     dev = torch.device("cpu") if on_host else self.device
-                    storage = _upload(self.program.named_data.get(e.storage_key), dev)
+                    storage = upload_bytes(self.program.named_data.get(e.storage_key), dev)
                     self._storages[e.storage_key] = storage
-                t = _view_on(storage, e.dtype, e.sizes, e.strides, e.storage_offset)
-                self._constants[ident] = t
+                t = typed_view(storage, e.dtype, e.sizes, e.strides, e.storage_offset)
+                self._shared.add(ident, t)
             bind[ci.name] = t
         if missing:
             raise ConstantBindingError(
                 f"{where} constants {missing} have no entry in the delegate's FQN manifest "
                 f"({len(by_fqn)} entries)"
             )
-        c.bind_constants(bind)
-        self._binds[key] = bind
-
-    def _dense_blob(self, key: tuple[str, int], c: AotiContainer, payload: AotiPayload) -> Any:
-        if payload.weights_key is None:
-            if c.blob_nbytes() == 0:
-                return b""
-            raise ArtifactError(f"[{c.name}] the delegate names no weights blob but the model has constants")
-        blob = self.program.named_data.get(payload.weights_key)
-        need = c.blob_nbytes()
-        if len(blob) < need:
-            raise ArtifactError(
-                f"[{c.name}] weights blob {payload.weights_key!r} has {len(blob)} bytes, the model's "
-                f"constants need {need} (truncated .ptd?)"
-            )
-        return blob
-
-    def _load_dense(
-        self,
-        key: tuple[str, int],
-        c: AotiContainer,
-        payload: AotiPayload,
-        users: Mapping[str, list[tuple[tuple[str, int], str]]],
-    ) -> None:
-        where = f"[{c.name}]"
-        consts = [ci for ci in c.constants() if not ci.from_folded]
-        if not consts:
-            return
-        blob = self._dense_blob(key, c, payload)
-        layout = c.blob_layout()
-        idents = {ci.name: self._identity(payload, ci) for ci in consts}
-        todo = [ci for ci in consts if idents[ci.name] not in self._constants]
-        no_meta = [ci for ci in todo if (ci.fqn or ci.name) not in self._meta]
-        if no_meta and not c.has("AOTInductorModelContainerExtractConstantsMapEntries"):
-            if not self._allow_private:
-                raise ConstantBindingError(
-                    f"{where} cannot share constants {[ci.fqn or ci.name for ci in no_meta][:6]} across "
-                    "methods: the dense weights blob does not describe their shapes and this .so has no "
-                    "AOTInductorModelContainerExtractConstantsMapEntries (torch < 2.13). Pass constant_meta "
-                    "(FQN -> shape/stride/dtype, e.g. from the export manifest), or "
-                    "allow_private_constants=True to give each method its own copy."
-                )
-            shared_buffers = [
-                idents[ci.name]
-                for ci in consts
-                if len(users.get(idents[ci.name], [])) > 1 and ci.kind in ("buffer", "unknown")
-            ]
-            if shared_buffers:
-                raise ConstantBindingError(
-                    f"{where} mutable buffers {shared_buffers} are used by several methods and must be "
-                    "shared, which needs constant_meta or a torch >= 2.13 .so"
-                )
-            c.load_constants_from_blob(blob)
-            return
-        extracted: dict[str, torch.Tensor] = {}
-        probe: AotiContainer | None = None
-        try:
-            if no_meta:
-                # Load the blob once into a short-lived container to learn the constants' exact layout.
-                probe = AotiContainer(
-                    self.program.named_data.get(payload.so_key),
-                    device=self.device,
-                    name=f"{c.name} (probe)",
-                    tmp_dir=self._tmp_dir,
-                )
-                probe.load_constants_from_blob(blob)
-                extracted = probe.extract_constants()
-            bind: dict[str, torch.Tensor] = {}
-            for ci in consts:
-                ident = idents[ci.name]
-                fqn = ci.fqn or ci.name
-                meta = self._meta.get(fqn)
-                src = extracted.get(fqn)
-                if meta is None and src is None and ident not in self._constants:
-                    raise ConstantBindingError(
-                        f"{where} constant {fqn!r}: no shape known (not extracted, no meta)"
-                    )
-                if meta is not None:
-                    dtype, sizes, strides, offset = meta.dtype, meta.sizes, meta.strides, meta.storage_offset
-                elif src is not None:
-                    dtype, sizes, strides = src.dtype, tuple(src.shape), tuple(src.stride())
-                    offset = src.storage_offset()
-                else:
-                    t = self._constants[ident]
-                    dtype, sizes, strides = t.dtype, tuple(t.shape), tuple(t.stride())
-                    offset = t.storage_offset()
-                if ci.dtype is not None and dtype != ci.dtype:
-                    raise ConstantBindingError(
-                        f"{where} constant {fqn!r}: meta dtype {dtype}, .so dtype {ci.dtype}"
-                    )
-                t = self._check_shared(where, ident, dtype, sizes, strides)
-                if t is None:
-                    if src is not None:
-                        storage = src.untyped_storage()
-                        raw = torch.empty(0, dtype=torch.uint8, device=src.device).set_(storage)
-                        owned = raw.clone()
-                    else:
-                        off, size = layout[ci.name]
-                        cm = ConstantMeta(dtype, tuple(sizes), tuple(strides), int(offset))
-                        need = cm.required_nbytes()
-                        if need > size:
-                            raise ConstantBindingError(
-                                f"{where} constant {fqn!r}: meta needs {need} bytes, the blob holds {size}"
-                            )
-                        owned = _upload(blob[off : off + size], self.device)
-                    t = _view_on(owned, dtype, sizes, strides, offset)
-                    self._constants[ident] = t
-                bind[ci.name] = t
-        finally:
-            extracted.clear()
-            if probe is not None:
-                probe.close()
-        c.bind_constants(bind)
-        self._binds[key] = bind
+        return bind
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -520,15 +346,11 @@ class CudaProgram:
     @property
     def constants(self) -> Mapping[str, torch.Tensor]:
         """The shared constants, FQN -> tensor on the device (weights and mutable buffers)."""
-        return dict(self._constants)
+        return dict(self._shared.tensors)
 
     def constant_nbytes(self) -> int:
         """Device bytes held by shared constants (each storage counted once)."""
-        seen: dict[int, int] = {}
-        for t in self._constants.values():
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-        return sum(seen.values())
+        return self._shared.nbytes()
 
     @property
     def constant_methods(self) -> dict[str, Any]:
@@ -562,7 +384,7 @@ class CudaProgram:
             c.close()
         if hasattr(self, "_containers"):
             self._containers.clear()
-            self._constants.clear()
+            self._shared.clear()
             self._storages.clear()
             self._methods.clear()
         if getattr(self, "_owns_program", False) and hasattr(self, "program"):

@@ -16,44 +16,30 @@ from pathlib import Path
 
 import torch
 
-from etspec.export.manifest import FORMAT_VERSION, Manifest, MethodSig, sha256_file
+from etspec.artifact import (
+    CUDA_DATA_NAME,
+    MANIFEST_DTYPES,
+    PTE_NAME,
+    Manifest,
+    ManifestError,
+    MethodSig,
+    UnsupportedFormatError,
+    sha256_file,
+)
+from etspec.artifact import read_manifest as read_artifact_manifest
 
 from .errors import ArtifactError, MethodInputError, UnsupportedLayoutError
 
-PTE_NAME = "model.pte"
-MANIFEST_NAME = "manifest.json"
-CUDA_DATA_NAME = "aoti_cuda_blob.ptd"
-REQUIRED_METHODS = ("prefill", "target_verify", "draft")
-_DTYPES = {n: getattr(torch, n) for n in ("int64", "int32", "int8", "bool", "float32", "bfloat16", "float16")}
-
 
 def read_manifest(directory: Path) -> Manifest:
-    """The manifest beside the program; a newer or malformed one is refused with a clear message."""
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise ArtifactError(f"{directory}: no {MANIFEST_NAME} (not an etspec-export output directory?)")
-    import json
-
+    """The manifest beside the program, validated; a newer format raises UnsupportedLayoutError, a
+    missing or malformed one ArtifactError (the runtime's error types, with the format's message)."""
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ArtifactError(f"{path}: a manifest is a JSON object, this file holds a {type(raw).__name__}")
-    version = raw.get("format_version")
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise UnsupportedLayoutError(
-            f"{path}: artifact format {version} is newer than this etspec reads ({FORMAT_VERSION}); "
-            "upgrade etspec or re-export with this version"
-        )
-    try:
-        manifest = Manifest.from_dict(raw)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{path}: {e}") from None
-    missing = [m for m in REQUIRED_METHODS if m not in manifest.methods]
-    if missing:
-        raise ArtifactError(f"{path}: manifest lacks methods {missing}")
-    return manifest
+        return read_artifact_manifest(directory)
+    except UnsupportedFormatError as e:
+        raise UnsupportedLayoutError(str(e)) from None
+    except ManifestError as e:
+        raise ArtifactError(str(e)) from None
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, what: str = "token id") -> None:
@@ -102,7 +88,7 @@ def check_inputs(
             raise MethodInputError(
                 f"[{name}] input {spec.name!r} must be a torch.Tensor, got {type(t).__name__}"
             )
-        want = _DTYPES.get(spec.dtype)
+        want = MANIFEST_DTYPES.get(spec.dtype)
         if want is not None and t.dtype != want:
             raise MethodInputError(f"[{name}] input {spec.name!r} must be {spec.dtype}, got {t.dtype}")
         if t.dim() != len(spec.shape):
@@ -160,11 +146,11 @@ class _CpuProgram:
         self._quiet = quiet_native
         from executorch.runtime import Runtime
 
-        from .pte_reader import _check_pte_header
+        from .pte_reader import check_pte_header
 
         self._pte = pte
         data = pte.read_bytes()
-        _check_pte_header(str(pte), data)
+        check_pte_header(str(pte), data)
         try:
             self._program = Runtime.get().load_program(data)
         except Exception as e:  # the pybindings raise RuntimeError/ValueError with their own text
@@ -224,10 +210,11 @@ class Program:
                 raise ArtifactError(f"{d}: missing {CUDA_DATA_NAME} (the CUDA weights) beside {PTE_NAME}")
             if not torch.cuda.is_available():
                 raise ArtifactError(f"{d}: a CUDA artifact needs an NVIDIA GPU; none is visible")
-            from .cuda_executor import ConstantMeta, CudaProgram
+            from .compat_dense_blob import ConstantMeta
+            from .cuda_executor import CudaProgram
 
             meta = {
-                fqn: ConstantMeta(_DTYPES[c["dtype"]], tuple(c["shape"]), tuple(c["stride"]))
+                fqn: ConstantMeta(MANIFEST_DTYPES[c["dtype"]], tuple(c["shape"]), tuple(c["stride"]))
                 for fqn, c in manifest.constants.items()
             }
             executor = CudaProgram(str(pte), data_paths=[str(ptd)], constant_meta=meta)

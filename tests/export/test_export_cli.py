@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from etspec.artifact import Manifest, read_manifest_from_pte
 from etspec.export.cli import main as export_main
-from etspec.export.manifest import Manifest, read_manifest_from_pte
 from etspec.export.methods import method_specs
 from etspec.export.torch_export import export_methods
 from etspec.models.checkpoint import load_speculator

@@ -23,15 +23,16 @@ from torch.export import Dim
 
 pytest.importorskip("executorch")
 
-from etspec.export.constants import manifest_constant_methods  # noqa: E402
-from etspec.export.lower import PTE_NAME, lower  # noqa: E402
-from etspec.export.manifest import (  # noqa: E402
+from etspec.artifact import (  # noqa: E402
     MANIFEST_METHOD,
+    PTE_NAME,
     Manifest,
     MethodSig,
     TensorSig,
     read_manifest_from_pte,
 )
+from etspec.export.constants import manifest_constant_methods  # noqa: E402
+from etspec.export.lower import lower  # noqa: E402
 from etspec.export.torch_export import export_methods, method_signatures  # noqa: E402
 from tests.export.pte_walk import describe_program  # noqa: E402
 

@@ -191,7 +191,7 @@ def _make_backend():
                 processed = f"{so_key}\n{w_key}".encode()
             elif layout == "fqn_manifest":
                 CudaWeightEntry, encode_cuda_weight_metadata = _fqn_encoder()
-                from etspec.runtime.pte_reader import scalar_type_from_dtype as scalar_type_enum
+                from etspec.runtime.scalar_types import scalar_type_from_dtype as scalar_type_enum
 
                 so_key = hashlib.sha256(so).hexdigest() + "_so_blob"
                 store.add_named_data(so_key, so, 1, None)

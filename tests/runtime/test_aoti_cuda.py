@@ -12,8 +12,9 @@ import os
 import pytest
 import torch
 
+from etspec.runtime.aoti_payload import BlobLayout
 from etspec.runtime.cuda_executor import CudaProgram
-from etspec.runtime.pte_reader import BlobLayout, read_program
+from etspec.runtime.pte_reader import read_program
 
 from . import aoti_artifacts as A
 

@@ -14,8 +14,11 @@ import shutil
 import pytest
 import torch
 
-from etspec.runtime.aoti_container import AotiContainer, validate_shared_object
-from etspec.runtime.cuda_executor import ConstantMeta, CudaProgram
+from etspec.runtime.aoti_container import AotiContainer
+from etspec.runtime.aoti_payload import BlobLayout, parse_aoti_payload
+from etspec.runtime.compat_dense_blob import ConstantMeta
+from etspec.runtime.cuda_executor import CudaProgram
+from etspec.runtime.elf_validation import validate_shared_object
 from etspec.runtime.errors import (
     AotiCallError,
     ArtifactError,
@@ -24,13 +27,9 @@ from etspec.runtime.errors import (
     MissingBlobError,
     UnsupportedLayoutError,
 )
-from etspec.runtime.pte_reader import (
-    BlobLayout,
-    DelegateInfo,
-    parse_aoti_payload,
-    parse_fqn_manifest,
-    read_program,
-)
+from etspec.runtime.fqn_weight_manifest import parse_fqn_manifest
+from etspec.runtime.method_info import DelegateInfo
+from etspec.runtime.pte_reader import read_program
 
 from . import aoti_artifacts as A
 

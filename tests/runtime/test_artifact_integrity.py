@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from etspec.export.manifest import Manifest, file_record
+from etspec.artifact import Manifest, file_record
 from etspec.runner.cli import main as run_main
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.errors import ArtifactError, MethodInputError
