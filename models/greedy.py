@@ -47,6 +47,9 @@ def prefill(spec: Speculator, prompt: list[int], chunk: int) -> tuple[int, torch
 
 
 def _budget(spec: Speculator, prompt: list[int], max_new_tokens: int) -> tuple[int, str]:
+    """The token budget and the stop reason it implies. The room rule (each verify writes k+1 rows past
+    the committed length) is the one of `etspec.runner.limits.room`, restated here: models/ imports
+    nothing of runner/, whose copy reads an artifact's manifest rather than a model."""
     room = spec.max_seq_len - spec.draft_len - len(prompt)
     if room < 1:
         raise ValueError(

@@ -12,11 +12,13 @@ import os
 import sys
 from pathlib import Path
 
+from etspec.artifact import Manifest
 from etspec.runtime.errors import RuntimeErrorBase
-from etspec.runtime.program import Manifest, Program, check_token_ids, read_manifest
+from etspec.runtime.program import Program, check_token_ids, read_manifest
 
 from .errors import UsageError
 from .generator import SpeculativeGenerator
+from .limits import room
 from .quiet import quiet_third_party
 from .report import run_report, slower_reason
 from .stats import GenerationStats
@@ -188,8 +190,7 @@ def _prompt_ids(args: argparse.Namespace, m: Manifest) -> tuple[list[int], objec
         check_token_ids(ids, m.vocab_size, "--prompt-ids: token id" if args.prompt_ids else "token id")
     except RuntimeErrorBase as e:
         raise UsageError(str(e)) from None
-    room = m.max_seq_len - m.draft_len - len(ids)
-    if room < 1:
+    if room(m, len(ids)) < 1:
         raise UsageError(
             f"the prompt has {len(ids)} tokens; this artifact holds {m.max_seq_len} (max_seq_len) including "
             f"{m.draft_len} verify rows: shorten the prompt or re-export with a larger --max-seq-len"

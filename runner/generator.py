@@ -16,9 +16,27 @@ import torch
 from etspec.runtime.program import Program, check_token_ids
 
 from .errors import ContextLimitError
+from .limits import kv_cap, room
 from .stats import GenerationStats
 
-__all__ = ["ContextLimitError", "SpeculativeGenerator"]
+__all__ = ["ContextLimitError", "Round", "SpeculativeGenerator"]
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one verify decided (docs/design.md §4 step 3) and what the next round drafts from (step 4).
+
+    With j accepted drafts the round commits t, d1..dj; the bonus a_j becomes the pending token. The
+    catch-up rows n..n+j take the next tokens d1..dj, a_j, which equal the target's argmaxes a0..aj,
+    so they are views of the verify output (no copy).
+    """
+
+    tokens: list[int]  # committed host ids: the pending token t, then d1..dj
+    accepted: int  # j
+    pending: torch.Tensor  # [1] a_j on the device: the next round's t, not yet in the target KV
+    pending_id: int  # a_j on the host
+    catch_up_tokens: torch.Tensor  # [1, j+1] d1..dj, a_j
+    catch_up_features: torch.Tensor  # [1, j+1, H] the target's features of rows n..n+j
 
 
 @dataclass
@@ -91,6 +109,7 @@ class SpeculativeGenerator:
         self.simulate = simulate_acceptance
         self.device = program.device
         self.eos = set(m.eos_token_ids)
+        self._cuda = self.device.type == "cuda"
         dev = self.device
         # Persistent buffers: everything a round passes to a method is a view into one of these.
         self._positions = torch.arange(m.max_seq_len + m.draft_len + 1, dtype=torch.long, device=dev)
@@ -101,30 +120,80 @@ class SpeculativeGenerator:
         # 16-byte aligned, and AOTI copies misaligned inputs (with a warning) on every call.
         self._verify_pos = torch.zeros(m.draft_len + 1, dtype=torch.long, device=dev)
         self._draft_pos = torch.zeros(m.draft_len + 1, dtype=torch.long, device=dev)
-        self._host = torch.zeros(2 * (m.draft_len + 1), dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._host = torch.zeros(2 * (m.draft_len + 1), dtype=torch.long, pin_memory=self._cuda)
+        # Unchecked: generate() checks the prompt once; every later input is built here to fit.
         self._prefill = program.method("prefill", check=False)
         self._verify = program.method("target_verify", check=False, cuda_graph=cuda_graph)
         self._draft = program.method("draft", check=False, cuda_graph=cuda_graph)
         # kv_window is rounded up to the program's bucket (CUDA) so one captured graph serves many lengths
-        # (the methods take the exact bound from input_pos); the draft's chained steps read k-1 past it.
+        # (the methods take the exact bound from input_pos), capped at each method's exported bound.
         # Eager calls get the same rounding: the kernels then see the same shapes (same split-K plan, same
         # reduction order) with and without graphs, so both give bit-identical tokens.
         self._bucket = m.kv_bucket or 1
-        self._caps = {"verify": m.max_seq_len, "draft": m.max_seq_len - m.draft_len + 1}
+        self._caps = {name: kv_cap(m, name) for name in ("target_verify", "draft")}
         self.stats = GenerationStats()
 
-    def _win(self, n: int, method: str) -> torch.Tensor:
-        b = self._bucket
-        return self._window[: min(-(-n // b) * b, self._caps[method]) if b > 1 else n]
-
     def room(self, prompt_len: int) -> int:
-        """Tokens that fit after a prompt: verify writes k+1 rows past the committed length."""
-        return self.manifest.max_seq_len - self.manifest.draft_len - prompt_len
+        """Tokens that fit after a prompt (see `etspec.runner.limits.room`)."""
+        return room(self.manifest, prompt_len)
 
-    def _prefill_and_catch_up(self, n: int, timer: _Timer) -> torch.Tensor:
-        """Chunked prefill; each chunk's draft catch-up right after it. Returns the pending token [1]."""
+    def generate(self, prompt: list[int], max_new_tokens: int) -> Iterator[list[int]]:
+        """Yield each round's newly committed token ids until `max_new_tokens`, an EOS id (included)
+        or the context limit; `self.stats` then describes the run (`stats.stop_reason` says which).
+
+        Raises ValueError for an empty prompt, MethodInputError for ids outside the vocabulary and
+        ContextLimitError when the prompt leaves no room, all before any method runs.
+        """
+        budget = self._start(prompt, max_new_tokens)
+        stats, n = self.stats, len(prompt)
+        timer = _Timer(self._cuda)
+        t0 = time.perf_counter()
+        self._prompt[0, :n].copy_(torch.tensor(prompt, dtype=torch.long))
+        pending, drafts = self._prefill_and_catch_up(n, timer)
+        self._host[:1].copy_(pending, non_blocking=self._cuda)
+        self._sync()
+        pending_id = int(self._host[0])
+        stats.prefill_s = time.perf_counter() - t0
+        t_decode = time.perf_counter()
+        if self.spec:
+            rounds = self._speculative(n, pending, pending_id, drafts, budget, timer)
+        else:
+            rounds = self._target_only(n, pending, pending_id, budget, timer)
+        try:
+            yield from rounds
+        finally:
+            stats.decode_s = time.perf_counter() - t_decode
+            if self._cuda:
+                torch.cuda.synchronize()
+            stats.prefill_device_s = sum(timer.ms("prefill")) / 1e3
+            stats.draft_ms, stats.verify_ms = timer.ms("draft"), timer.ms("verify")
+            stats.draft_s, stats.verify_s = sum(stats.draft_ms) / 1e3, sum(stats.verify_ms) / 1e3
+
+    def _start(self, prompt: list[int], max_new_tokens: int) -> int:
+        """Check the request against the artifact, reset `self.stats`; returns the token budget."""
+        n = len(prompt)
+        if n < 1:
+            raise ValueError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_token_ids(prompt, self.manifest.vocab_size, "prompt token id")
+        fits = self.room(n)
+        if fits < 1:
+            raise ContextLimitError(
+                f"prompt of {n} tokens leaves no room to generate: max_seq_len {self.manifest.max_seq_len} "
+                f"minus {self.manifest.draft_len} verify rows"
+            )
+        self.stats = GenerationStats(
+            prompt_tokens=n, draft_len=self.k if self.spec else 0, simulated_acceptance=self.simulate
+        )
+        self.stats.stop_reason = "max_new_tokens" if max_new_tokens <= fits else "context_limit"
+        return min(max_new_tokens, fits)
+
+    def _prefill_and_catch_up(self, n: int, timer: _Timer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunked prefill; with `spec`, each chunk's draft catch-up right after it (round 0's draft).
+        Returns the pending token [1] and round 0's drafts [1, k] (None target-only)."""
         chunk = self.manifest.max_prefill_chunk
-        pending = None
+        pending = drafts = None
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             with timer.span("prefill"):
@@ -137,131 +206,118 @@ class SpeculativeGenerator:
                 (drafts,) = self._draft(
                     self._prompt[:, s + 1 : e + 1], feature, self._positions[s:e], self._window[:e]
                 )
-        return (pending, drafts) if self.spec else (pending, None)
+        return pending, drafts
 
-    def generate(self, prompt: list[int], max_new_tokens: int) -> Iterator[list[int]]:
-        """Yield each round's newly committed token ids until `max_new_tokens`, an EOS id (included)
-        or the context limit; `self.stats` then describes the run (`stats.stop_reason` says which).
-
-        Raises ValueError for an empty prompt, MethodInputError for ids outside the vocabulary and
-        ContextLimitError when the prompt leaves no room, all before any method runs.
-        """
-        n = len(prompt)
-        if n < 1:
-            raise ValueError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        check_token_ids(prompt, self.manifest.vocab_size, "prompt token id")
-        room = self.room(n)
-        if room < 1:
-            raise ContextLimitError(
-                f"prompt of {n} tokens leaves no room to generate: max_seq_len {self.manifest.max_seq_len} "
-                f"minus {self.manifest.draft_len} verify rows"
-            )
-        budget = min(max_new_tokens, room)
-        stats = self.stats = GenerationStats(
-            prompt_tokens=n, draft_len=self.k if self.spec else 0, simulated_acceptance=self.simulate
-        )
-        stats.stop_reason = "max_new_tokens" if max_new_tokens <= room else "context_limit"
-        cuda = self.device.type == "cuda"
-        timer = _Timer(cuda)
-        host = self._host
-        t0 = time.perf_counter()
-        self._prompt[0, :n].copy_(torch.tensor(prompt, dtype=torch.long))
-        pending, drafts = self._prefill_and_catch_up(n, timer)
-        host[:1].copy_(pending, non_blocking=cuda)
-        self._sync(cuda)
-        pending_host = int(host[0])
-        stats.prefill_s = time.perf_counter() - t0
-        t_decode = time.perf_counter()
-        emitted = 0
-        try:
-            while True:
-                if self.spec:
-                    new, pending, pending_next, a, feature, j = self._verify_round(
-                        n, pending, drafts, pending_host, timer
-                    )
-                else:
-                    new, j = [pending_host], 0
-                out = self._take(new, budget - emitted)
-                emitted += len(out)
-                stats.generated = emitted
-                # drafts cut off by the budget or an EOS were not committed: they do not count
-                stats.accepted.append(min(j, len(out) - 1))
-                if out and out[-1] in self.eos:
-                    stats.stop_reason = "eos"
-                finished = stats.stop_reason == "eos" or emitted >= budget
-                if not finished:
-                    if self.spec:
-                        rows = self._draft_pos[: j + 1]
-                        rows.copy_(self._positions[n : n + j + 1])
-                        with timer.span("draft"):
-                            (drafts,) = self._draft(
-                                a[:, : j + 1], feature[:, : j + 1], rows, self._win(n + j + 1, "draft")
-                            )
-                        pending_host = pending_next
-                        n += j + 1
-                    else:
-                        pending, pending_host = self._decode_step(n, pending, timer)
-                        n += 1
+    def _speculative(
+        self, n: int, pending: torch.Tensor, pending_id: int, drafts: torch.Tensor, budget: int, timer: _Timer
+    ) -> Iterator[list[int]]:
+        """The rounds of docs/design.md §4 from committed length n: verify, accept, draft the next round.
+        The next draft is launched before the round's tokens are yielded, so the device drafts while
+        the caller consumes them."""
+        while True:
+            a, feature = self._verify_drafts(n, pending, drafts, timer)
+            rnd = self._accept(pending_id, drafts, a, feature)
+            out, finished = self._commit(rnd.tokens, rnd.accepted, budget)
+            if finished:
                 yield out
-                if finished:
-                    return
-        finally:
-            stats.decode_s = time.perf_counter() - t_decode
-            if cuda:
-                torch.cuda.synchronize()
-            stats.prefill_device_s = sum(timer.ms("prefill")) / 1e3
-            stats.draft_ms, stats.verify_ms = timer.ms("draft"), timer.ms("verify")
-            stats.draft_s, stats.verify_s = sum(stats.draft_ms) / 1e3, sum(stats.verify_ms) / 1e3
+                return
+            drafts = self._draft_next(n, rnd, timer)
+            n, pending, pending_id = n + rnd.accepted + 1, rnd.pending, rnd.pending_id
+            yield out
 
-    def _take(self, new: list[int], left: int) -> list[int]:
-        """The round's tokens up to the budget and through the first EOS."""
-        out = []
-        for tok in new[:left]:
-            out.append(tok)
-            if tok in self.eos:
-                break
-        return out
+    def _target_only(
+        self, n: int, pending: torch.Tensor, pending_id: int, budget: int, timer: _Timer
+    ) -> Iterator[list[int]]:
+        """Target-only rounds: commit the pending token, then run it through target_verify as one row
+        (M = 1) for the next, launched before the token is yielded."""
+        while True:
+            out, finished = self._commit([pending_id], 0, budget)
+            if finished:
+                yield out
+                return
+            pending, pending_id = self._decode_step(n, pending, timer)
+            n += 1
+            yield out
 
-    @staticmethod
-    def _sync(cuda: bool) -> None:
-        if cuda:
-            torch.cuda.current_stream().synchronize()
-
-    def _verify_round(self, n, pending, drafts, pending_host, timer):
-        """Verify [pending, d1..dk] at n..n+k; returns the committed tokens and the new pending token."""
-        k, kk, cuda, host = self.k, self.manifest.draft_len, self.device.type == "cuda", self._host
+    def _verify_drafts(
+        self, n: int, pending: torch.Tensor, drafts: torch.Tensor, timer: _Timer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """§4 step 2: target_verify of [t, d1..dk] at positions n..n+k; the argmaxes a0..ak [1, k+1]
+        and the features [1, k+1, H]."""
+        k = self.k
         self._verify_tokens[:, :1].copy_(pending.view(1, 1))
         self._verify_tokens[:, 1 : k + 1].copy_(drafts[:, :k])
         pos = self._verify_pos[: k + 1]
         pos.copy_(self._positions[n : n + k + 1])
         with timer.span("verify"):
-            a, feature = self._verify(self._verify_tokens[:, : k + 1], pos, self._win(n + k + 1, "verify"))
-        host[: k + 1].copy_(a[0], non_blocking=cuda)  # the one device->host read of the round
-        host[kk + 1 : kk + 1 + k].copy_(drafts[0, :k], non_blocking=cuda)
-        self._sync(cuda)
+            return self._verify(self._verify_tokens[:, : k + 1], pos, self._win(n + k + 1, "target_verify"))
+
+    def _accept(self, pending_id: int, drafts: torch.Tensor, a: torch.Tensor, feature: torch.Tensor) -> Round:
+        """§4 step 3: the longest prefix with d_i == a_{i-1}, read in the round's one device->host copy."""
+        k, kk, host = self.k, self.manifest.draft_len, self._host
+        host[: k + 1].copy_(a[0], non_blocking=self._cuda)
+        host[kk + 1 : kk + 1 + k].copy_(drafts[0, :k], non_blocking=self._cuda)
+        self._sync()
         a_h, d_h = host[: k + 1].tolist(), host[kk + 1 : kk + 1 + k].tolist()
         j = 0
         while j < k and d_h[j] == a_h[j]:
             j += 1
         if self.simulate is not None:
             j = self._simulated_accepts(len(self.stats.accepted))
-        return [pending_host] + d_h[:j], a[0, j : j + 1], a_h[j], a, feature, j
+        return Round(
+            tokens=[pending_id] + d_h[:j],
+            accepted=j,
+            pending=a[0, j : j + 1],
+            pending_id=a_h[j],
+            catch_up_tokens=a[:, : j + 1],
+            catch_up_features=feature[:, : j + 1],
+        )
+
+    def _draft_next(self, n: int, rnd: Round, timer: _Timer) -> torch.Tensor:
+        """§4 steps 4 and 1: the draft catches up on rows n..n+j, then chains k-1 steps; the next
+        round's drafts [1, k]."""
+        rows = self._draft_pos[: rnd.accepted + 1]
+        rows.copy_(self._positions[n : n + rnd.accepted + 1])
+        window = self._win(n + rnd.accepted + 1, "draft")
+        with timer.span("draft"):
+            (drafts,) = self._draft(rnd.catch_up_tokens, rnd.catch_up_features, rows, window)
+        return drafts
+
+    def _decode_step(self, n: int, pending: torch.Tensor, timer: _Timer) -> tuple[torch.Tensor, int]:
+        """Target-only: one row through target_verify (M = 1); the next pending token, device and host."""
+        self._verify_tokens[:, :1].copy_(pending.view(1, 1))
+        pos = self._verify_pos[:1]
+        pos.copy_(self._positions[n : n + 1])
+        with timer.span("verify"):
+            a, _ = self._verify(self._verify_tokens[:, :1], pos, self._win(n + 1, "target_verify"))
+        self._host[:1].copy_(a[0, :1], non_blocking=self._cuda)
+        self._sync()
+        return a[0, :1], int(self._host[0])
+
+    def _commit(self, tokens: list[int], accepted: int, budget: int) -> tuple[list[int], bool]:
+        """A round's tokens up to the budget and through the first EOS, counted in `self.stats`;
+        True when the run ends with them."""
+        stats, out = self.stats, []
+        for tok in tokens[: budget - stats.generated]:
+            out.append(tok)
+            if tok in self.eos:
+                stats.stop_reason = "eos"
+                break
+        stats.generated += len(out)
+        # drafts cut off by the budget or an EOS were not committed: they do not count
+        stats.accepted.append(min(accepted, len(out) - 1))
+        return out, stats.stop_reason == "eos" or stats.generated >= budget
 
     def _simulated_accepts(self, r: int) -> int:
         """Round r's forced accept count: the running mean of j + 1 tracks simulate_acceptance exactly."""
         x = self.simulate - 1.0
         return min(self.k, int((r + 1) * x + 1e-9) - int(r * x + 1e-9))
 
-    def _decode_step(self, n, pending, timer):
-        """Target-only: one row through target_verify (M = 1)."""
-        cuda, host = self.device.type == "cuda", self._host
-        self._verify_tokens[:, :1].copy_(pending.view(1, 1))
-        pos = self._verify_pos[:1]
-        pos.copy_(self._positions[n : n + 1])
-        with timer.span("verify"):
-            a, _ = self._verify(self._verify_tokens[:, :1], pos, self._win(n + 1, "verify"))
-        host[:1].copy_(a[0, :1], non_blocking=cuda)
-        self._sync(cuda)
-        return a[0, :1], int(host[0])
+    def _win(self, n: int, method: str) -> torch.Tensor:
+        """kv_window for a valid length n: rounded up to the bucket, at most the method's cap."""
+        b = self._bucket
+        return self._window[: min(-(-n // b) * b, self._caps[method]) if b > 1 else n]
+
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.current_stream().synchronize()

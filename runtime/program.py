@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,10 +77,15 @@ def check_files(directory: Path, manifest: Manifest, verify: bool) -> None:
 
 
 def check_inputs(
-    name: str, sig: MethodSig, inputs: Sequence[torch.Tensor], vocab_size: int | None = None
+    name: str,
+    sig: MethodSig,
+    inputs: Sequence[torch.Tensor],
+    vocab_size: int | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """Refuse a call whose inputs do not fit the exported signature (count, dtype, dims), or whose
-    `tokens` hold ids outside the vocabulary (a device->host read on CUDA)."""
+    `tokens` hold ids outside the vocabulary (a device->host read on CUDA). With `device` (CUDA: the
+    AOTI containers take raw pointers), every input must also be a contiguous tensor on it."""
     if len(inputs) != len(sig.inputs):
         raise MethodInputError(f"[{name}] expects {len(sig.inputs)} inputs, got {len(inputs)}")
     bound: dict[str, int] = {}
@@ -87,6 +93,14 @@ def check_inputs(
         if not isinstance(t, torch.Tensor):
             raise MethodInputError(
                 f"[{name}] input {spec.name!r} must be a torch.Tensor, got {type(t).__name__}"
+            )
+        if device is not None and t.device != device:
+            raise MethodInputError(
+                f"[{name}] input {spec.name!r} is on {t.device}, the program runs on {device}"
+            )
+        if device is not None and not t.is_contiguous():
+            raise MethodInputError(
+                f"[{name}] input {spec.name!r} must be contiguous (compiled for contiguous strides)"
             )
         want = MANIFEST_DTYPES.get(spec.dtype)
         if want is not None and t.dtype != want:
@@ -225,7 +239,7 @@ class Program:
         self, name: str, check: bool = True, cuda_graph: bool = False
     ) -> Callable[..., tuple[torch.Tensor, ...]]:
         """The method as a callable; with `check`, inputs are validated against the manifest first
-        (signature, and token ids against the vocabulary).
+        (signature, and token ids against the vocabulary); without, nothing checks them.
 
         `cuda_graph` (CUDA artifacts): replay one captured graph per input-shape set; outputs are then
         static buffers, valid until the next call of this method with the same shapes.
@@ -236,22 +250,30 @@ class Program:
             raise MethodInputError(f"CUDA graphs need a CUDA artifact; this one is {self.manifest.backend}")
         key = f"{name}:{check}:{cuda_graph}"
         if key not in self._methods:
-            run = self._executor.method(name)
+            run = self._unchecked(self._executor.method(name))
             if cuda_graph:
                 from .cuda_graphs import GraphedMethod
 
-                run = GraphedMethod(run, lambda: self._executor.graph_copy(name), name)
+                run = GraphedMethod(run, lambda: self._unchecked(self._executor.graph_copy(name)), name)
             if check:
                 sig, vocab = self.manifest.methods[name], self.manifest.vocab_size
+                device = self._executor.device if self.device.type == "cuda" else None
 
                 def checked(*inputs: torch.Tensor, _run=run, _sig=sig) -> tuple[torch.Tensor, ...]:
-                    check_inputs(name, _sig, inputs, vocab)
+                    check_inputs(name, _sig, inputs, vocab, device)
                     return _run(*inputs)
 
                 self._methods[key] = checked
             else:
                 self._methods[key] = run
         return self._methods[key]
+
+    def _unchecked(
+        self, run: Callable[..., tuple[torch.Tensor, ...]]
+    ) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """A CUDA method without its own check against the execution plan: the one check of a call is
+        the manifest's, in `method`, or none with check=False."""
+        return partial(run, check=False) if self.device.type == "cuda" else run
 
     def close(self) -> None:
         self._methods.clear()

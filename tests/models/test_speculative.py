@@ -8,15 +8,12 @@ import torch
 from etspec.models.greedy import speculative_greedy, target_greedy
 from etspec.models.layers import MLP, Attention
 from etspec.models.tiny import tiny_pair
+from tests.helpers import random_prompt
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])  # mistral: every layer a sliding window of 7
 def pair(request):
     return tiny_pair(request.param, max_seq_len=160, draft_len=6, seed=0)
-
-
-def _prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
@@ -29,7 +26,7 @@ def test_lossless_for_every_draft_len(pair, k):
         (19, 8, 2),
         (33, 16, 3),
     ]:  # single token .. 5-chunk prompts
-        prompt = _prompt(plen, seed)
+        prompt = random_prompt(plen, seed)
         ref = target_greedy(pair, prompt, 40, chunk=chunk)
         out = speculative_greedy(pair, prompt, 40, chunk=chunk)
         assert out.tokens == ref.tokens, (plen, chunk)
@@ -42,26 +39,26 @@ def test_lossless_for_every_draft_len(pair, k):
 
 def test_eos_and_context_limit(pair):
     pair.draft_len = 4
-    prompt = _prompt(9, 7)
+    prompt = random_prompt(9, 7)
     ref = target_greedy(pair, prompt, 30)
     eos = (ref.tokens[11],)
     cut = ref.tokens[: ref.tokens.index(eos[0]) + 1]
     for fn in (target_greedy, speculative_greedy):
         out = fn(pair, prompt, 30, eos=eos)
         assert out.tokens == cut and out.stop_reason == "eos"
-    long = _prompt(150, 8)  # 160 - 4 - 150: room for 6 tokens only
+    long = random_prompt(150, 8)  # 160 - 4 - 150: room for 6 tokens only
     a = target_greedy(pair, long, 100, chunk=32)
     b = speculative_greedy(pair, long, 100, chunk=32)
     assert a.tokens == b.tokens and len(a.tokens) == 6 and b.stop_reason == "context_limit"
     with pytest.raises(ValueError, match="no room"):
-        target_greedy(pair, _prompt(156, 9), 10)
+        target_greedy(pair, random_prompt(156, 9), 10)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_lossless_other_seeds_and_sliding_gemma(seed):
     pair = tiny_pair("gemma2", max_seq_len=96, draft_len=3, seed=seed, train_steps=30)
     for plen in (3, 14):
-        prompt = _prompt(plen, seed + plen)
+        prompt = random_prompt(plen, seed + plen)
         assert (
             speculative_greedy(pair, prompt, 25, chunk=8).tokens
             == target_greedy(pair, prompt, 25, chunk=8).tokens
@@ -96,7 +93,7 @@ class _OracleDraft:
 def test_round_bookkeeping_for_every_acceptance_count(pair):
     """j = 0..k accepted drafts, in a fixed cycle, against the target-only output."""
     pair.draft_len = 4
-    prompt = _prompt(11, 12)
+    prompt = random_prompt(11, 12)
     ref = target_greedy(pair, prompt, 45, chunk=16).tokens
     oracle = _OracleDraft(pair, prompt, ref, wrong_at=[4, 0, 2, 1, 3, 4, 4])
     out = speculative_greedy(oracle, prompt, 45, chunk=16)  # one catch-up call per round
@@ -116,7 +113,7 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
     pair = tiny_pair(
         family, max_seq_len=160, draft_len=4, seed=0, train_steps=300 if family == "llama" else 30
     )
-    prompt = _prompt(21, 4)
+    prompt = random_prompt(21, 4)
     ref = speculative_greedy(pair, prompt, 30, chunk=8)
     rows, linear_rows = [], []
     op, lin = torch.ops.etspec.sdpa_midm, torch.ops.etspec.linear_rows

@@ -21,6 +21,7 @@ from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
 from tests.conftest import TINY_CHUNK, TINY_K, TINY_MAX_SEQ
 from tests.export.pte_walk import describe_program
+from tests.helpers import generate, random_prompt
 from tests.recorder import Recorder
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
@@ -61,7 +62,7 @@ def test_rounds_match_eager(cuda_art):
         torch.cuda.reset_peak_memory_stats()
         rec = Recorder(program, eager, atol=2e-3)
         for plen, seed in [(5, 0), (37, 1)]:  # 37: a three-chunk prefill
-            prompt = torch.randint(3, 256, (plen,), generator=torch.Generator().manual_seed(seed)).tolist()
+            prompt = random_prompt(plen, seed)
             spec = speculative_greedy(rec, prompt, 40, chunk=TINY_CHUNK)
             base = target_greedy(rec, prompt, 40, chunk=TINY_CHUNK)
             assert spec.tokens == base.tokens
@@ -86,24 +87,19 @@ def test_prefill_kv_is_seen_by_verify(cuda_art):
         assert not torch.allclose(feats[0], feats[1])
 
 
-def _generate(program, prompt, n, **kw):
-    gen = SpeculativeGenerator(program, **kw)
-    return [t for c in gen.generate(prompt, n) for t in c], gen.stats
-
-
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
 def test_runner_lossless(cuda_art, cuda_graph):
     _, _, out, _ = cuda_art
     with Program.load(out) as program:
         accepted = 0
         for plen, seed in [(1, 0), (16, 1), (17, 2), (45, 3)]:
-            prompt = torch.randint(3, 256, (plen,), generator=torch.Generator().manual_seed(seed)).tolist()
-            ref, _ = _generate(program, prompt, 32, spec=False)
+            prompt = random_prompt(plen, seed)
+            ref, _, _ = generate(program, prompt, 32, spec=False)
             for k in range(1, TINY_K + 1):
-                got, stats = _generate(program, prompt, 32, draft_len=k, cuda_graph=cuda_graph)
+                got, stats, _ = generate(program, prompt, 32, draft_len=k, cuda_graph=cuda_graph)
                 assert got == ref, (plen, k, cuda_graph)
                 accepted += sum(stats.accepted)
-            base, _ = _generate(program, prompt, 32, spec=False, cuda_graph=cuda_graph)
+            base, _, _ = generate(program, prompt, 32, spec=False, cuda_graph=cuda_graph)
             assert base == ref
         assert accepted > 0
 

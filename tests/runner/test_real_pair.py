@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from etspec.convert.sources import find_smollm2_gguf
 from tests.conftest import _shared_root
+from tests.helpers import generate
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD = Path(os.environ.get("ETSPEC_SMOLLM2_HEAD", REPO / "heads" / "smollm2-eagle3"))
@@ -96,14 +97,6 @@ def _prompts(artifact: Path) -> list[list[int]]:
     return [encode_prompt(tok, p, chat=True) for p in PROMPTS]
 
 
-def _generate(program, ids: list[int], **kw) -> tuple[list[int], list[int]]:
-    from etspec.runner.generator import SpeculativeGenerator
-
-    gen = SpeculativeGenerator(program, **kw)
-    out = [t for chunk in gen.generate(ids, NEW) for t in chunk]
-    return out, gen.stats.accepted
-
-
 @pytest.mark.first
 @pytest.mark.slow
 @needs_gguf
@@ -119,15 +112,15 @@ def test_cpu_greedy_equals_transformers_and_speculative_equals_target_only(reque
     with Program.load(art) as program:
         eos = list(program.manifest.eos_token_ids)
         for ids in _prompts(art):
-            base, _ = _generate(program, ids, spec=False)
-            spec, acc = _generate(program, ids)
+            base, _, _ = generate(program, ids, NEW, spec=False)
+            spec, stats, _ = generate(program, ids, NEW)
             x = torch.tensor([ids])
             with torch.no_grad():  # the explicit mask: SmolLM2's pad id is its end-of-turn id
                 ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
                                   eos_token_id=eos, pad_token_id=eos[0])[0, len(ids):].tolist()  # fmt: skip
             assert base == ref
             assert spec == base
-            accepted += acc
+            accepted += stats.accepted
     assert sum(accepted) / len(accepted) + 1 > 1.5  # measured 1.69 here; an untrained head gives ~1.0
 
 
@@ -141,10 +134,10 @@ def test_cuda_speculative_equals_target_only_eager_and_graphs(request, tmp_path_
     with Program.load(art) as program:
         k = min(K, program.manifest.draft_len)
         for ids in _prompts(art):
-            base, _ = _generate(program, ids, spec=False)
+            base, _, _ = generate(program, ids, NEW, spec=False)
             for graph in (False, True):
-                assert _generate(program, ids, spec=False, cuda_graph=graph)[0] == base
-                spec, acc = _generate(program, ids, draft_len=k, cuda_graph=graph)
+                assert generate(program, ids, NEW, spec=False, cuda_graph=graph)[0] == base
+                spec, stats, _ = generate(program, ids, NEW, draft_len=k, cuda_graph=graph)
                 assert spec == base
-                accepted += acc
+                accepted += stats.accepted
     assert sum(accepted) / len(accepted) + 1 > 1.5

@@ -11,6 +11,7 @@ from etspec.runner.cli import main as run_main
 from etspec.runner.generator import ContextLimitError, SpeculativeGenerator
 from etspec.runtime.program import Program
 from tests.conftest import TINY_K, TINY_MAX_SEQ, exported_families
+from tests.helpers import generate, random_prompt
 
 
 @pytest.fixture(scope="module", params=exported_families())
@@ -19,28 +20,18 @@ def program(request, tiny_artifacts):
         yield p
 
 
-def _generate(program, prompt, n, **kw):
-    gen = SpeculativeGenerator(program, **kw)
-    chunks = list(gen.generate(prompt, n))
-    return [t for c in chunks for t in c], gen.stats, chunks
-
-
-def _prompt(n, seed):
-    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @pytest.mark.slow
 def test_lossless_over_prompts_lengths_and_k(program):
     accepted = 0
     for plen, seed in [(1, 0), (2, 1), (15, 2), (16, 3), (17, 4), (40, 5), (63, 6)]:  # up to 4 prefill chunks
-        prompt = _prompt(plen, seed)
-        ref, base_stats, _ = _generate(program, prompt, 24, spec=False)
+        prompt = random_prompt(plen, seed)
+        ref, base_stats, _ = generate(program, prompt, 24, spec=False)
         assert base_stats.rounds == len(ref)
         assert len(ref) == 24 or (
             ref[-1] in program.manifest.eos_token_ids and base_stats.stop_reason == "eos"
         )
         for k in range(1, TINY_K + 1):
-            out, stats, chunks = _generate(program, prompt, 24, draft_len=k)
+            out, stats, chunks = generate(program, prompt, 24, draft_len=k)
             assert out == ref, (plen, k)
             # every round commits j + 1 tokens (the last one may be cut by the budget)
             assert stats.generated == len(out) == sum(len(c) for c in chunks)
@@ -51,20 +42,20 @@ def test_lossless_over_prompts_lengths_and_k(program):
 
 
 def test_eos_max_new_tokens_and_context_limit(program):
-    prompt = _prompt(9, 7)
-    ref, _, _ = _generate(program, prompt, 30, spec=False)
+    prompt = random_prompt(9, 7)
+    ref, _, _ = generate(program, prompt, 30, spec=False)
     gen = SpeculativeGenerator(program)
     gen.eos = {ref[10]}
     out = [t for c in gen.generate(prompt, 30) for t in c]
     assert out == ref[: ref.index(ref[10]) + 1] and gen.stats.stop_reason == "eos"
-    out, stats, _ = _generate(program, prompt, 5)
+    out, stats, _ = generate(program, prompt, 5)
     assert out == ref[:5] and stats.stop_reason == "max_new_tokens"
-    long = _prompt(TINY_MAX_SEQ - TINY_K - 4, 8)  # room for 4 tokens
-    a, sa, _ = _generate(program, long, 50, spec=False)
-    b, sb, _ = _generate(program, long, 50)
+    long = random_prompt(TINY_MAX_SEQ - TINY_K - 4, 8)  # room for 4 tokens
+    a, sa, _ = generate(program, long, 50, spec=False)
+    b, sb, _ = generate(program, long, 50)
     assert a == b and len(a) == 4 and sb.stop_reason == "context_limit"
     with pytest.raises(ContextLimitError, match="no room"):
-        _generate(program, _prompt(TINY_MAX_SEQ - TINY_K, 9), 5)
+        generate(program, random_prompt(TINY_MAX_SEQ - TINY_K, 9), 5)
 
 
 VIEW_OPS = {"aten::as_strided", "aten::slice", "aten::select", "aten::alias", "aten::view"}
@@ -77,7 +68,7 @@ def test_steady_state_round_has_no_allocations_and_fixed_op_count(program):
     out of the count; ExecuTorch's pybindings return each output as a fresh tensor (clone), which is the
     executor's, not the runner's."""
     gen = SpeculativeGenerator(program)
-    prompt = _prompt(12, 10)
+    prompt = random_prompt(12, 10)
     it = gen.generate(prompt, 60)
     for _ in range(3):
         next(it)
@@ -100,13 +91,13 @@ def test_steady_state_round_has_no_allocations_and_fixed_op_count(program):
 def test_simulated_acceptance_is_forced_and_labelled(tiny_artifacts, tmp_path, capsys):
     """Benchmark-only acceptance: rounds commit exactly the forced counts, and every output says so."""
     with Program.load(tiny_artifacts("llama")) as p:
-        out, st, chunks = _generate(p, _prompt(9, 3), 60, simulate_acceptance=2.5)
+        out, st, chunks = generate(p, random_prompt(9, 3), 60, simulate_acceptance=2.5)
         assert st.accepted[:6] == [1, 2, 1, 2, 1, 2] and abs(st.acceptance_length - 2.5) < 0.05
         assert [len(c) for c in chunks[:-1]] == [j + 1 for j in st.accepted[:-1]] and len(out) == 60
         assert st.simulated_acceptance == 2.5 and "SIMULATED ACCEPTANCE 2.5" in st.summary("x")
-        ones, st1, _ = _generate(p, _prompt(9, 3), 20, simulate_acceptance=1.0)
+        ones, st1, _ = generate(p, random_prompt(9, 3), 20, simulate_acceptance=1.0)
         assert set(st1.accepted) == {0} and st1.rounds == 20
-        full, st4, _ = _generate(p, _prompt(9, 3), 20, simulate_acceptance=TINY_K + 1)
+        full, st4, _ = generate(p, random_prompt(9, 3), 20, simulate_acceptance=TINY_K + 1)
         assert set(st4.accepted[:-1]) == {TINY_K}
         with pytest.raises(ValueError, match="speculative decoding only"):
             SpeculativeGenerator(p, spec=False, simulate_acceptance=2.0)
