@@ -36,7 +36,7 @@ SMOLLM2_HF := $(SMOLLM2_CACHE)/hf
 $(SMOLLM2_HF)/config.json: $(SMOLLM2_GGUF)
 	$(VENV)/bin/etspec-convert $(SMOLLM2_GGUF) --out $(SMOLLM2_HF) --force
 
-$(DEMO)/smollm2/manifest.json: $(SMOLLM2_HF)/config.json $(DEMO_HEAD)/model.safetensors $(wildcard models/*.py kernels/*.py export/*.py)
+$(DEMO)/smollm2/manifest.json: $(SMOLLM2_HF)/config.json $(DEMO_HEAD)/model.safetensors $(wildcard models/*.py kernels/*.py artifact/*.py export/*.py)
 	@echo "exporting SmolLM2-135M-Instruct + its EAGLE-3 head for the CPU, once (about 9 minutes on 2 cores)"
 	$(VENV)/bin/etspec-export --target $(SMOLLM2_HF) --draft $(DEMO_HEAD) --out $(DEMO)/smollm2 --backend xnnpack \
 		--dtype fp32 --max-seq-len 512 --max-prefill-chunk 64 --draft-len $(DEMO_K) --force
@@ -46,11 +46,11 @@ demo: $(DEMO)/smollm2/manifest.json
 
 # The tiny embedded pair (random weights, byte tokenizer), exported the same way: the path without a download.
 TINY ?= out/tiny
-$(TINY)/ckpt/.written: $(STAMP) $(wildcard models/*.py)
-	$(PY) -m etspec.models.tiny $(TINY)/ckpt
+$(TINY)/ckpt/.written: $(STAMP) $(wildcard models/*.py fixtures/*.py)
+	$(PY) -m etspec.fixtures.tiny $(TINY)/ckpt
 	touch $@
 
-$(TINY)/art/manifest.json: $(TINY)/ckpt/.written $(wildcard models/*.py kernels/*.py export/*.py)
+$(TINY)/art/manifest.json: $(TINY)/ckpt/.written $(wildcard models/*.py kernels/*.py artifact/*.py export/*.py)
 	$(VENV)/bin/etspec-export --target $(TINY)/ckpt/target --draft $(TINY)/ckpt/draft --out $(TINY)/art \
 		--backend xnnpack --dtype fp32 --max-seq-len 512 --max-prefill-chunk 64 --draft-len 4 --force
 

@@ -22,7 +22,10 @@ import torch
 
 from .files import MANIFEST_NAME
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats this etspec reads. Format 1 had one switch for both few-rows kernels (`midm_sdpa`); format 2
+#: records `linear_rows` apart, so a format-1 manifest reads with `linear_rows = midm_sdpa`.
+READABLE_FORMATS = (1, 2)
 
 #: Constant method returning the manifest JSON as a string (EValue String in the program).
 MANIFEST_METHOD = "get_manifest"
@@ -54,13 +57,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_format_version(version: Any) -> None:
-    """Refuse any format but :data:`FORMAT_VERSION`; a newer one with :class:`UnsupportedFormatError`."""
+    """Refuse any format but :data:`READABLE_FORMATS`; a newer one with :class:`UnsupportedFormatError`."""
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"artifact format_version {version} is newer than this etspec reads ({FORMAT_VERSION}); "
             "upgrade etspec or re-export with this version"
         )
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ManifestError(
             f"unsupported manifest format_version {version!r} (this etspec reads {FORMAT_VERSION})"
         )
@@ -131,7 +134,8 @@ class Manifest:
     tap_layers: list[int] = field(default_factory=list)
     draft_vocab_size: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    midm_sdpa: bool = False
+    midm_sdpa: bool = False  # target_verify and draft use the split-K attention etspec::sdpa_midm
+    linear_rows: bool = False  # ... and the few-rows linear etspec::linear_rows
     kv_bucket: int | None = None  # kv_window rounding for CUDA graphs; None = exact
     checkpoints: dict[str, str] = field(default_factory=dict)  # role -> "sha256:<hex>"
     versions: dict[str, str] = field(default_factory=dict)  # package -> version
@@ -165,6 +169,8 @@ class Manifest:
         if unknown:
             # Same format version must mean same fields; a silent drop would hide a bug.
             raise ManifestError(f"unknown manifest fields for format_version {version}: {unknown}")
+        if version == 1:
+            d = {**d, "linear_rows": d.get("midm_sdpa", False)}
         try:
             methods = {k: MethodSig.from_dict(v) for k, v in d["methods"].items()}
             return cls(**{**d, "methods": methods})

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from etspec.models.shaped import SHAPES, head_config, write_random_pair
+from etspec.fixtures.shaped import SHAPES, head_config, write_random_pair
 
 
 def log(*a) -> None:

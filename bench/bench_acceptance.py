@@ -24,6 +24,7 @@ import torch
 
 from etspec.models.checkpoint import load_speculator
 from etspec.models.greedy import speculative_greedy
+from etspec.models.layers import FewRowsKernels
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runner.text import encode_prompt, load_tokenizer
 from etspec.runtime.program import Program
@@ -124,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 # the runner leaves room for the exported k's verify rows, the reference for its own k:
                 # a cache shorter by the difference gives both the same budget near the context limit
                 seq = m.max_seq_len - (m.draft_len - k)
+                kernels = FewRowsKernels(sdpa_midm=m.midm_sdpa, linear_rows=m.linear_rows)
                 ref_spec = references[k] = load_speculator(
-                    args.target, args.draft, seq, k, dtype, use_midm=m.midm_sdpa, device=device
+                    args.target, args.draft, seq, k, dtype, kernels=kernels, device=device
                 )
             accepted: list[int] = []
             t0 = time.perf_counter()

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from _common import Floors, copy_bandwidth_gbs, export_shaped, log, matmul_tflops, write_random_pair_once
 
-from etspec.models.shaped import SHAPES
+from etspec.fixtures.shaped import SHAPES
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
 
@@ -109,6 +109,7 @@ def hf_peer(target_dir: Path, ctx: int, new: int, compiled: bool) -> dict:
 def compile_peer(work: Path, ctx: int, new: int, k: int, vocab: int) -> dict:
     """etspec's eager model (same Triton attention kernel), target-only decode via torch.compile."""
     from etspec.models.checkpoint import load_speculator
+    from etspec.models.layers import FewRowsKernels
 
     spec = load_speculator(
         work / "ckpt" / "target",
@@ -116,7 +117,7 @@ def compile_peer(work: Path, ctx: int, new: int, k: int, vocab: int) -> dict:
         MAX_SEQ,
         k,
         torch.bfloat16,
-        use_midm=True,
+        kernels=FewRowsKernels(sdpa_midm=True, linear_rows=True),
         device="cuda",
     )
     step = torch.compile(spec.target_verify, dynamic=True)

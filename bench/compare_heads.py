@@ -18,8 +18,8 @@ from bench_acceptance import prompt_sets
 from transformers import AutoTokenizer
 
 from etspec.models.checkpoint import load_speculator
+from etspec.models.config import eos_token_ids
 from etspec.runner.text import encode_prompt
-from etspec.train.data import eos_ids
 from etspec.train.evaluate import acceptance
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     tok = AutoTokenizer.from_pretrained(str(args.target))
-    eos = eos_ids(args.target)
+    eos = eos_token_ids(args.target)
     sets = {
         name: [encode_prompt(tok, t, chat) for t in texts[: args.prompts]]
         for name, (texts, chat) in prompt_sets(args.humaneval).items()

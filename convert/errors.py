@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etspec.errors import UsageError
 
-class ConvertError(ValueError):
+
+class ConvertError(UsageError):
     """A user mistake (bad path, not a GGUF, unsupported architecture, occupied --out): one line, exit 2."""

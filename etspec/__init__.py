@@ -19,10 +19,10 @@ _EXPORTS = {
     "generate_text": "etspec.runner.api",
     "SpeculativeGenerator": "etspec.runner.generator",
     "GenerationStats": "etspec.runner.stats",
-    "UsageError": "etspec.runner.errors",
+    "EtspecError": "etspec.errors",
+    "UsageError": "etspec.errors",
     "ContextLimitError": "etspec.runner.errors",
     "Program": "etspec.runtime.program",
-    "RuntimeErrorBase": "etspec.runtime.errors",
     "ArtifactError": "etspec.runtime.errors",
     "MethodInputError": "etspec.runtime.errors",
 }

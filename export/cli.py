@@ -23,19 +23,23 @@ from typing import Any
 import torch
 
 from etspec.artifact import MANIFEST_NAME, Manifest, dtype_name, file_record
+from etspec.errors import UsageError
 from etspec.models.checkpoint import DTYPES, CheckpointError, load_speculator
 from etspec.models.config import (
     ConfigError,
     check_pair,
+    eos_token_ids,
     parse_draft_config,
     parse_target_config,
     read_config_json,
 )
+from etspec.models.layers import FewRowsKernels
 
 from .constants import manifest_constant_methods
 from .lower import lower
 from .manifest import checkpoint_hash, constant_table, toolchain_versions
 from .methods import method_specs
+from .progress import Progress, timed
 from .torch_export import export_methods, method_signatures
 
 TOKENIZER_FILES = (
@@ -85,10 +89,6 @@ as it was. --force replaces an earlier etspec artifact (a directory holding mani
 directory, and nothing else: never another directory, a file, the checkpoints, the current directory
 or the home directory. Exit status: 0 on success, 2 for a bad flag, path or checkpoint.
 """
-
-
-class UsageError(ValueError):
-    """A bad combination of flags or paths: reported as one line, exit code 2."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -160,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-midm-sdpa",
         action="store_true",
-        help="do not use the split-K Triton verify-attention kernel (CUDA only; XNNPACK never uses it)",
+        help="do not use the split-K Triton verify-attention kernel, etspec::sdpa_midm (CUDA only; XNNPACK "
+        "never uses it)",
+    )
+    p.add_argument(
+        "--no-linear-rows",
+        action="store_true",
+        help="do not use the few-rows Triton linear kernel, etspec::linear_rows, in verify and draft calls "
+        "(CUDA only; XNNPACK never uses it)",
     )
     p.add_argument(
         "--cuda-triton-sdpa",
@@ -281,21 +288,6 @@ def _check_args(args: argparse.Namespace) -> Path:
     return out
 
 
-def _eos_ids(target_dir: Path) -> list[int]:
-    ids: list[int] = []
-    for name in ("config.json", "generation_config.json"):
-        f = target_dir / name
-        if f.is_file():
-            eos = _json_object(f).get("eos_token_id")
-            try:
-                for e in eos if isinstance(eos, list) else [eos] if eos is not None else []:
-                    if int(e) not in ids:
-                        ids.append(int(e))
-            except (TypeError, ValueError):
-                raise ConfigError(f"{f}: eos_token_id {eos!r} is not a token id or a list of them") from None
-    return ids
-
-
 # --------------------------------------------------------------------------------------------
 # Writing: a staging directory beside --out, swapped in when complete
 # --------------------------------------------------------------------------------------------
@@ -365,29 +357,24 @@ def _move_into_place(stage: Path, args: argparse.Namespace) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _reporter() -> Callable[[str], None]:
+def _reporter() -> Progress:
     """Progress lines on stdout, each with the time since the export started."""
     t0 = time.perf_counter()
     return lambda msg: print(f"[etspec-export {time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
 
-@contextmanager
-def _stage(say: Callable[[str], None], name: str) -> Iterator[None]:
-    say(f"{name} ...")
-    t = time.perf_counter()
-    yield
-    say(f"{name} done in {time.perf_counter() - t:.1f}s")
-
-
 def _write_artifact(args: argparse.Namespace, stage: Path, say: Callable[[str], None]) -> Manifest:
     """Write the program files and the tokenizer files into `stage`; returns the manifest to write last."""
     dtype = DTYPES[args.dtype]
-    use_midm = args.backend == "cuda" and not args.no_midm_sdpa
+    cuda = args.backend == "cuda"
+    kernels = FewRowsKernels(
+        sdpa_midm=cuda and not args.no_midm_sdpa, linear_rows=cuda and not args.no_linear_rows
+    )
     device = "cuda" if args.backend == "cuda" else "cpu"
-    eos_ids = _eos_ids(args.target)
-    with _stage(say, "load checkpoints"):
+    eos_ids = list(eos_token_ids(args.target))
+    with timed(say, "load checkpoints"):
         spec = load_speculator(
-            args.target, args.draft, args.max_seq_len, args.draft_len, dtype, use_midm=use_midm, device=device
+            args.target, args.draft, args.max_seq_len, args.draft_len, dtype, kernels=kernels, device=device
         )
     specs = method_specs(spec, args.max_prefill_chunk)
     exported = export_methods(specs, progress=say)
@@ -404,7 +391,8 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Callable[[str], 
         tap_layers=list(spec.target.tap_layers),
         draft_vocab_size=dcfg.draft_vocab_size,
         eos_token_ids=eos_ids,
-        midm_sdpa=use_midm,
+        midm_sdpa=kernels.sdpa_midm,
+        linear_rows=kernels.linear_rows,
         kv_bucket=CUDA_KV_BUCKET if args.backend == "cuda" else None,
         checkpoints={"target": checkpoint_hash(args.target), "draft": checkpoint_hash(args.draft)},
         versions=toolchain_versions(),
@@ -433,7 +421,7 @@ def run(args: argparse.Namespace) -> Path:
         say(f"building in {stage}, which becomes --out {args.out} once complete")
         manifest = _write_artifact(args, stage, say)
         programs = sorted(f for f in stage.iterdir() if f.suffix in (".pte", ".ptd"))
-        with _stage(say, "hashing " + ", ".join(f.name for f in programs)):
+        with timed(say, "hashing " + ", ".join(f.name for f in programs)):
             manifest.files = {f.name: file_record(f) for f in programs}
         manifest.write(stage / MANIFEST_NAME)
         # `stage` now holds the complete artifact (model.pte [+ .ptd], manifest.json, tokenizer files):

@@ -28,6 +28,7 @@ from .config import (
     read_config_json,
 )
 from .draft import Eagle3Draft
+from .layers import PLAIN_OPS, FewRowsKernels
 from .speculator import Speculator
 from .target import TargetModel
 
@@ -191,13 +192,13 @@ def load_target(
     max_seq_len: int,
     dtype: torch.dtype = torch.float32,
     tap_layers: tuple[int, ...] | None = None,
-    use_midm: bool = False,
+    kernels: FewRowsKernels = PLAIN_OPS,
     device: str | torch.device = "cpu",
     cfg: TargetConfig | None = None,
 ) -> TargetModel:
     cfg = cfg or parse_target_config(read_config_json(directory))
     src = find_tensors(directory, allow_bin=False)
-    model = build_empty(lambda: TargetModel(cfg, max_seq_len, tap_layers, use_midm), dtype, device)
+    model = build_empty(lambda: TargetModel(cfg, max_seq_len, tap_layers, kernels), dtype, device)
     model.tie_weights()
     # Rotary caches of transformers' checkpoints are not weights; skip them if present.
     rename = lambda k: None if k.endswith("rotary_emb.inv_freq") else _target_rename(k)
@@ -211,7 +212,7 @@ def load_draft(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     cfg: DraftConfig | None = None,
-    use_midm: bool = False,
+    kernels: FewRowsKernels = PLAIN_OPS,
 ) -> Eagle3Draft:
     """Load a standard EAGLE-3 head; d2t absent means identity, which needs draft_vocab == vocab."""
     cfg = cfg or parse_draft_config(read_config_json(directory))
@@ -223,7 +224,7 @@ def load_draft(
             "but the checkpoint has no d2t mapping"
         )
     own_embedding = "embed_tokens.weight" in keys
-    model = build_empty(lambda: Eagle3Draft(cfg, max_seq_len, own_embedding, use_midm), dtype, device)
+    model = build_empty(lambda: Eagle3Draft(cfg, max_seq_len, own_embedding, kernels), dtype, device)
     model.d2t.zero_()
     rename = lambda k: None if k == "t2d" else k
     load_into(model, src.tensors(), rename, optional=("d2t",))
@@ -241,18 +242,18 @@ def load_speculator(
     max_seq_len: int,
     draft_len: int,
     dtype: torch.dtype = torch.float32,
-    use_midm: bool = False,
+    kernels: FewRowsKernels = PLAIN_OPS,
     device: str | torch.device = "cpu",
 ) -> Speculator:
     """Load and pair a target with its head, checking they fit (hidden size, vocab, tap layers)."""
     tcfg = parse_target_config(read_config_json(target_dir))
     dcfg = parse_draft_config(read_config_json(draft_dir))
     taps = check_pair(tcfg, dcfg)
-    draft = load_draft(draft_dir, max_seq_len, dtype, device, dcfg, use_midm)
+    draft = load_draft(draft_dir, max_seq_len, dtype, device, dcfg, kernels)
     if draft.embed_tokens is None and dcfg.hidden_size != tcfg.hidden_size:
         raise ConfigError(
             f"draft head has no embed_tokens and its hidden size {dcfg.hidden_size} "
             f"differs from the target's {tcfg.hidden_size}"
         )
-    target = load_target(target_dir, max_seq_len, dtype, taps, use_midm, device, tcfg)
+    target = load_target(target_dir, max_seq_len, dtype, taps, kernels, device, tcfg)
     return Speculator(target, draft, draft_len)

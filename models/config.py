@@ -141,11 +141,27 @@ def _rope_from(params: dict[str, Any] | None, theta: float, where: str) -> RopeC
     )
 
 
-def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
+def _eos_ids(cfg: dict[str, Any], where: str = "config.json") -> tuple[int, ...]:
+    """The eos_token_id of one config: an id, a list of them, or absent."""
     eos = cfg.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+    try:
+        return tuple(int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: eos_token_id {eos!r} is not a token id or a list of them") from None
+
+
+def eos_token_ids(directory: str | Path) -> tuple[int, ...]:
+    """EOS ids of a checkpoint directory, from config.json then generation_config.json (instruct models
+    often list several there), each once, in that order."""
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        f = Path(directory) / name
+        if f.is_file():
+            cfg = read_config_json(f)
+            if not isinstance(cfg, dict):
+                raise ConfigError(f"{f} must hold a JSON object, not a {type(cfg).__name__}")
+            ids += [e for e in _eos_ids(cfg, str(f)) if e not in ids]
+    return tuple(ids)
 
 
 def parse_target_config(cfg: dict[str, Any]) -> TargetConfig:

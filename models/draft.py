@@ -11,13 +11,13 @@ from torch import nn
 from etspec.kernels import register_ops
 
 from .config import DraftConfig
-from .layers import MLP, Attention, RMSNorm, project
+from .layers import MLP, PLAIN_OPS, Attention, FewRowsKernels, RMSNorm, project
 
 
 class Eagle3Layer(nn.Module):
     """The head's `midlayer`: attention reads cat(input_layernorm(embed), hidden_norm(feature))."""
 
-    def __init__(self, cfg: DraftConfig, max_seq_len: int, use_midm: bool = False):
+    def __init__(self, cfg: DraftConfig, max_seq_len: int, kernels: FewRowsKernels = PLAIN_OPS):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.hidden_norm = RMSNorm(h, eps)
@@ -32,9 +32,9 @@ class Eagle3Layer(nn.Module):
             max_seq_len,
             cfg.rope,
             cfg.head_dim**-0.5,
-            use_midm=use_midm,
+            kernels=kernels,
         )
-        self.mlp = MLP(h, cfg.intermediate_size, cfg.hidden_act, rows_kernel=use_midm)
+        self.mlp = MLP(h, cfg.intermediate_size, cfg.hidden_act, rows_kernel=kernels.linear_rows)
 
     def attn_input(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
@@ -46,24 +46,26 @@ class Eagle3Layer(nn.Module):
 
 
 class Eagle3Draft(nn.Module):
-    def __init__(self, cfg: DraftConfig, max_seq_len: int, own_embedding: bool, use_midm: bool = False):
+    def __init__(
+        self, cfg: DraftConfig, max_seq_len: int, own_embedding: bool, kernels: FewRowsKernels = PLAIN_OPS
+    ):
         super().__init__()
-        if use_midm:
+        if kernels.any:
             register_ops()  # the draft's query side dispatches to torch.ops.etspec.*
         self.cfg = cfg
         self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
         # Every draft query is one row (catch-up rows only write KV), so the few-rows kernels (split-K
         # attention, linear_rows) serve every query-side op of the draft method.
-        self.rows_kernel = use_midm
-        self.midlayer = Eagle3Layer(cfg, max_seq_len, use_midm)
+        self.rows_kernel = kernels.linear_rows
+        self.midlayer = Eagle3Layer(cfg, max_seq_len, kernels)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if own_embedding else None
 
-    def fuse(self, taps: list[torch.Tensor], midm: bool = False) -> torch.Tensor:
+    def fuse(self, taps: list[torch.Tensor], few_rows: bool = False) -> torch.Tensor:
         """feature = fc(cat(low, mid, high)): H wide, computed inside the target methods."""
-        return project(torch.cat(taps, dim=-1), (self.fc,), midm and self.rows_kernel)[0]
+        return project(torch.cat(taps, dim=-1), (self.fc,), few_rows and self.rows_kernel)[0]
 
     def to_target_ids(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy draft id, mapped to the target vocab (target = draft + d2t[draft]); no softmax."""
@@ -96,7 +98,7 @@ class Eagle3Draft(nn.Module):
         cos, sin = attn.rotary(input_pos, x.dtype)
         attn.write_kv(x, input_pos, cos, sin)  # all R rows enter the draft KV ...
         a = attn.query(
-            x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], kv_len, midm=True
+            x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], kv_len, few_rows=True
         )  # ... only the last row goes on
         h = layer.finish(feature[:, -1:], a, rows=True)
         ids = self.to_target_ids(self.step_logits(h, rows=True))  # [1, 1]
@@ -105,7 +107,7 @@ class Eagle3Draft(nn.Module):
         for i in range(1, k):
             pos = pos + 1
             x = layer.attn_input(embed(ids), h)  # the draft's own pre-norm h is fed back (already H wide)
-            h = layer.finish(h, attn(x, pos, kv_len + i, midm=True), rows=True)
+            h = layer.finish(h, attn(x, pos, kv_len + i, few_rows=True), rows=True)
             ids = self.to_target_ids(self.step_logits(h, rows=True))
             out.append(ids)
         return torch.cat(out, dim=1)

@@ -9,12 +9,31 @@ of the valid length (CUDA-graph buckets) without any row seeing a key past its o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import RopeConfig
+
+
+@dataclass(frozen=True)
+class FewRowsKernels:
+    """Which of etspec's kernels serve the calls of a few rows (target_verify: k + 1 rows; the draft's
+    single-row queries). Prefill never uses them. Each is switched on its own: `sdpa_midm`, the split-K
+    attention etspec::sdpa_midm (full-attention layers without a logit softcap); `linear_rows`, the
+    weight-streaming linear etspec::linear_rows (projections, MLPs, heads)."""
+
+    sdpa_midm: bool = False
+    linear_rows: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.sdpa_midm or self.linear_rows
+
+
+PLAIN_OPS = FewRowsKernels()
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -173,7 +192,7 @@ class Attention(nn.Module):
         norm_offset: bool = False,
         softcap: float | None = None,
         window: int | None = None,
-        use_midm: bool = False,
+        kernels: FewRowsKernels = PLAIN_OPS,
     ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -190,8 +209,8 @@ class Attention(nn.Module):
         self.scale, self.softcap, self.window = scale, softcap, window
         # The split-K kernel covers causal (optionally windowed) attention without a logit softcap; the
         # few-rows linear kernel serves every projection of a verify/draft call.
-        self.use_midm = use_midm and softcap is None
-        self.rows_kernel = use_midm
+        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None
+        self.rows_kernel = kernels.linear_rows
         cache_shape = (1, num_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.empty(cache_shape), persistent=False)
         self.register_buffer("v_cache", torch.empty(cache_shape), persistent=False)
@@ -224,19 +243,19 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_len: int,
-        midm: bool,
+        few_rows: bool,
     ) -> torch.Tensor:
         """Projected queries q [1,M,Hq*D] over the cache slice [:kv_len], then o_proj: [1,M,out]."""
         m = q.shape[1]
         q = apply_rope(self._heads(q, self.num_heads, self.q_norm), cos, sin)
         k = self.k_cache[:, :, :kv_len]
         v = self.v_cache[:, :, :kv_len]
-        if midm and self.use_midm:
+        if few_rows and self.use_sdpa_midm:
             o = torch.ops.etspec.sdpa_midm(q, k, v, input_pos, self.scale, self.window or 0)
         else:
             o = attend(q, k, v, attention_mask(input_pos, kv_len, self.window), self.scale, self.softcap)
         o = o.transpose(1, 2).reshape(1, m, self.num_heads * self.head_dim)
-        return project(o, (self.o_proj,), midm and self.rows_kernel)[0]
+        return project(o, (self.o_proj,), few_rows and self.rows_kernel)[0]
 
     def write_kv(
         self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -252,21 +271,21 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_len: int,
-        midm: bool = False,
+        few_rows: bool = False,
     ) -> torch.Tensor:
         """Attend rows x [1,M,in] at input_pos over the cache slice [:kv_len]; returns [1,M,out].
 
-        `midm` is set by target_verify, whose row count the Speculator bounds by the kernels' row limits
+        `few_rows` is set by target_verify, whose row count the Speculator bounds by the kernels' row limits
         at construction, and by the draft, whose queries are single rows; so no test on the (possibly
         dynamic) M is needed here.
         """
-        (q,) = project(x, (self.q_proj,), midm and self.rows_kernel)
-        return self._attend(q, input_pos, cos, sin, kv_len, midm)
+        (q,) = project(x, (self.q_proj,), few_rows and self.rows_kernel)
+        return self._attend(q, input_pos, cos, sin, kv_len, few_rows)
 
     def forward(
-        self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int, midm: bool = False
+        self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int, few_rows: bool = False
     ) -> torch.Tensor:
         cos, sin = self.rotary(input_pos, x.dtype)
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), midm and self.rows_kernel)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), few_rows and self.rows_kernel)
         self._store(k, v, input_pos, cos, sin)
-        return self._attend(q, input_pos, cos, sin, kv_len, midm)
+        return self._attend(q, input_pos, cos, sin, kv_len, few_rows)

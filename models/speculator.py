@@ -20,7 +20,7 @@ class Speculator(nn.Module):
         if draft_len < 1:
             raise ValueError(f"draft_len must be >= 1, got {draft_len}")
         limits = {}
-        if any(layer.self_attn.use_midm for layer in target.layers):
+        if any(layer.self_attn.use_sdpa_midm for layer in target.layers):
             from etspec.kernels.sdpa_midm import MAX_M
 
             limits["split-K verify attention"] = MAX_M
@@ -60,8 +60,10 @@ class Speculator(nn.Module):
         self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [1,M] = [pending, d1..dk] -> (greedy ids [1,M], feature [1,M,H])."""
-        h, taps = self.target.hidden(tokens, input_pos, kv_window.shape[0], midm=True)
-        return torch.argmax(self.target.logits(h, midm=True), dim=-1), self.draft_head.fuse(taps, midm=True)
+        h, taps = self.target.hidden(tokens, input_pos, kv_window.shape[0], few_rows=True)
+        return torch.argmax(self.target.logits(h, few_rows=True), dim=-1), self.draft_head.fuse(
+            taps, few_rows=True
+        )
 
     def draft(
         self, tokens: torch.Tensor, feature: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor

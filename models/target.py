@@ -8,11 +8,11 @@ from torch import nn
 from etspec.kernels import register_ops
 
 from .config import TargetConfig
-from .layers import MLP, Attention, RMSNorm, project
+from .layers import MLP, PLAIN_OPS, Attention, FewRowsKernels, RMSNorm, project
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TargetConfig, index: int, max_seq_len: int, use_midm: bool):
+    def __init__(self, cfg: TargetConfig, index: int, max_seq_len: int, kernels: FewRowsKernels):
         super().__init__()
         sliding = cfg.layer_types[index] == "sliding_attention"
         rope = cfg.local_rope if (sliding and cfg.local_rope is not None) else cfg.rope
@@ -31,10 +31,13 @@ class DecoderLayer(nn.Module):
             norm_offset=cfg.norm_offset,
             softcap=cfg.attn_logit_softcap,
             window=cfg.sliding_window if sliding else None,
-            # docs/design.md §5: the split-K kernel serves full-attention layers only.
-            use_midm=use_midm and not sliding,
+            # docs/design.md §5: a sliding layer's attention takes the plain ops (the windowed path);
+            # its MLP takes linear_rows like every other.
+            kernels=PLAIN_OPS if sliding else kernels,
         )
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, use_midm)
+        self.mlp = MLP(
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, kernels.linear_rows
+        )
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
@@ -43,20 +46,20 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
-    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_len: int, midm: bool) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(h), input_pos, kv_len, midm)
+    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_len: int, few_rows: bool) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(h), input_pos, kv_len, few_rows)
         if self.sandwich:  # Gemma: norms on both ends of each branch
             h = h + self.post_attention_layernorm(a)
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), midm))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), few_rows))
         h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h), midm)
+        return h + self.mlp(self.post_attention_layernorm(h), few_rows)
 
 
 class TargetModel(nn.Module):
     """Decoder with KV caches; `hidden` returns the last hidden state and the tapped layer inputs.
 
-    `use_midm` turns on etspec's few-rows kernels (split-K attention, linear_rows) for calls made with
-    `midm=True` (target_verify: at most k+1 rows); prefill keeps the plain ops.
+    `kernels` picks etspec's few-rows kernels (split-K attention, linear_rows) for calls made with
+    `few_rows=True` (target_verify: at most k+1 rows); prefill keeps the plain ops.
     """
 
     def __init__(
@@ -64,21 +67,19 @@ class TargetModel(nn.Module):
         cfg: TargetConfig,
         max_seq_len: int,
         tap_layers: tuple[int, ...] | None = None,
-        use_midm: bool = False,
+        kernels: FewRowsKernels = PLAIN_OPS,
     ):
         super().__init__()
-        if use_midm:
+        if kernels.any:
             register_ops()  # the layers' verify calls dispatch to torch.ops.etspec.*
         self.cfg = cfg
         self.max_seq_len = max_seq_len
         self.tap_layers = tuple(tap_layers if tap_layers is not None else cfg.default_tap_layers())
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, max_seq_len, use_midm) for i in range(cfg.num_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, max_seq_len, kernels) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rows_kernel = use_midm  # etspec::linear_rows for the lm_head of verify calls
+        self.rows_kernel = kernels.linear_rows  # etspec::linear_rows for the lm_head of verify calls
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -93,7 +94,7 @@ class TargetModel(nn.Module):
         return h
 
     def hidden(
-        self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int, midm: bool = False
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int, few_rows: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run all layers on tokens [1,T] at input_pos; returns (pre-norm last hidden, taps)."""
         h = self.embed(tokens)
@@ -101,11 +102,11 @@ class TargetModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in self.tap_layers:
                 taps[i] = h  # the input to layer i == transformers' hidden_states[i]
-            h = layer(h, input_pos, kv_len, midm)
+            h = layer(h, input_pos, kv_len, few_rows)
         return h, [taps[i] for i in self.tap_layers]
 
-    def logits(self, h: torch.Tensor, midm: bool = False) -> torch.Tensor:
-        (logits,) = project(self.norm(h), (self.lm_head,), midm and self.rows_kernel)
+    def logits(self, h: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
+        (logits,) = project(self.norm(h), (self.lm_head,), few_rows and self.rows_kernel)
         cap = self.cfg.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

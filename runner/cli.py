@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from etspec.artifact import Manifest
-from etspec.runtime.errors import RuntimeErrorBase
+from etspec.errors import EtspecError
+from etspec.runtime.errors import MethodInputError
 from etspec.runtime.program import Program, check_token_ids, read_manifest
 
 from .errors import UsageError
@@ -188,7 +189,7 @@ def _prompt_ids(args: argparse.Namespace, m: Manifest) -> tuple[list[int], objec
         raise UsageError("the prompt is empty")
     try:
         check_token_ids(ids, m.vocab_size, "--prompt-ids: token id" if args.prompt_ids else "token id")
-    except RuntimeErrorBase as e:
+    except MethodInputError as e:
         raise UsageError(str(e)) from None
     if room(m, len(ids)) < 1:
         raise UsageError(
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_third_party(args.verbose):
             return run(args)
-    except (UsageError, RuntimeErrorBase) as e:
+    except EtspecError as e:  # a user mistake or a runtime failure: one line
         print(f"etspec-run: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `etspec-run ... | head`: the reader left; stop quietly

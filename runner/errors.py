@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from etspec.errors import UsageError
 
-class UsageError(ValueError):
-    """A bad flag, prompt or combination: reported as one line, exit code 2."""
+__all__ = ["ContextLimitError", "UsageError"]
 
 
 class ContextLimitError(UsageError):

@@ -7,12 +7,10 @@ process: malformed inputs are rejected in Python before any native code sees the
 
 from __future__ import annotations
 
-
-class RuntimeErrorBase(Exception):
-    """Base class of every exception raised by etspec.runtime."""
+from etspec.errors import EtspecError
 
 
-class ArtifactError(RuntimeErrorBase, ValueError):
+class ArtifactError(EtspecError, ValueError):
     """A .pte/.ptd/.so artifact is malformed, truncated or inconsistent."""
 
 
@@ -27,7 +25,7 @@ class MissingBlobError(ArtifactError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class AotiCallError(RuntimeErrorBase, RuntimeError):
+class AotiCallError(EtspecError, RuntimeError):
     """A call into an AOTInductor model container returned an error code."""
 
     def __init__(self, method: str, function: str, code: int, detail: str = "") -> None:
@@ -43,9 +41,9 @@ class AotiCallError(RuntimeErrorBase, RuntimeError):
         super().__init__(msg)
 
 
-class ConstantBindingError(RuntimeErrorBase, RuntimeError):
+class ConstantBindingError(EtspecError, RuntimeError):
     """Constants (weights, mutable buffers) could not be loaded or shared across methods."""
 
 
-class MethodInputError(RuntimeErrorBase, ValueError):
+class MethodInputError(EtspecError, ValueError):
     """A method was called with the wrong number, dtype, shape or device of inputs."""

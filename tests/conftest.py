@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from etspec.models.tiny import tiny_target_config
+from etspec.fixtures.tiny import tiny_target_config
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
 
@@ -76,7 +76,7 @@ def tiny_checkpoints(tmp_path_factory):
     """{family: (target_dir, draft_dir)} written on first use (the head is trained, so it costs seconds)."""
     from filelock import FileLock
 
-    from etspec.models.tiny import write_tiny_pair
+    from etspec.fixtures.tiny import write_tiny_pair
 
     root = _shared_root(tmp_path_factory, "ckpt")
 

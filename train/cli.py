@@ -22,10 +22,12 @@ from typing import NoReturn
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from etspec.errors import UsageError
 from etspec.models.checkpoint import DTYPES, CheckpointError, find_tensors, load_speculator
 from etspec.models.config import (
     ConfigError,
     check_pair,
+    eos_token_ids,
     parse_draft_config,
     parse_target_config,
     read_config_json,
@@ -35,7 +37,6 @@ from .data import (
     Sequence,
     Teacher,
     distill,
-    eos_ids,
     generate_responses,
     input_embedding,
     load_hf_target,
@@ -63,10 +64,6 @@ line. Several sources, comma-separated, are interleaved. The first --num-prompts
 the next --eval-prompts measure acceptance. --out must not exist (or be empty): the head is written to a
 temporary directory beside it and renamed on success. Then:
   etspec-export --target TARGET --draft OUT ..."""
-
-
-class UsageError(ValueError):
-    """A user mistake: reported as one line, exit code 2."""
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -336,7 +333,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     tok = _load_tokenizer(args)
     # files are read (and their mistakes reported) before the target is loaded
     loaded = {src: None if src == "self" else load_prompts(src, args.seed) for src in _sources(args, tok)}
-    eos = eos_ids(args.target)
+    eos = eos_token_ids(args.target)
     pad = _pad_id(tok, eos)
     split = None if "self" in loaded else _split_prompts(args, tok, loaded, None, eos, pad)
 

@@ -8,7 +8,6 @@ the final-norm output; tests/train/test_data.py checks both against TargetModel 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,19 +50,6 @@ class Batch:
     taps: torch.Tensor  # [B, T, 3H]
     hidden: torch.Tensor  # [B, T, H]
     label_ok: torch.Tensor  # [B, T]
-
-
-def eos_ids(target_dir: Path) -> tuple[int, ...]:
-    """EOS ids from config.json and generation_config.json (instruct models often list several)."""
-    ids: list[int] = []
-    for name in ("config.json", "generation_config.json"):
-        f = target_dir / name
-        if f.is_file():
-            eos = json.loads(f.read_text()).get("eos_token_id")
-            for e in eos if isinstance(eos, list) else [] if eos is None else [eos]:
-                if int(e) not in ids:
-                    ids.append(int(e))
-    return tuple(ids)
 
 
 @torch.no_grad()

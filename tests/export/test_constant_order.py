@@ -11,10 +11,11 @@ import torch
 from etspec.export.constant_order import constants_in_first_use_order, warn_unshared_blobs
 from etspec.export.methods import method_specs
 from etspec.export.torch_export import export_methods
+from etspec.fixtures.tiny import random_target, tiny_draft_config, tiny_target_config
 from etspec.models.config import parse_draft_config
 from etspec.models.draft import Eagle3Draft
+from etspec.models.layers import FewRowsKernels
 from etspec.models.speculator import Speculator
-from etspec.models.tiny import random_target, tiny_draft_config, tiny_target_config
 
 TARGET = ("prefill", "target_verify")
 
@@ -22,9 +23,10 @@ TARGET = ("prefill", "target_verify")
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # Llama's layers plus q/k/v biases; sandwich norms
 def test_prefill_and_verify_read_constants_in_one_order(family):
     # untrained weights: only the graph matters; max_seq_len as test_speculative's few-rows pairs
-    target = random_target(family, 160, seed=0, use_midm=True)
+    both = FewRowsKernels(sdpa_midm=True, linear_rows=True)
+    target = random_target(family, 160, seed=0, kernels=both)
     dcfg = parse_draft_config(tiny_draft_config(tiny_target_config(family)))
-    draft = Eagle3Draft(dcfg, 160, own_embedding=False, use_midm=True).eval().requires_grad_(False)
+    draft = Eagle3Draft(dcfg, 160, own_embedding=False, kernels=both).eval().requires_grad_(False)
     specs = method_specs(Speculator(target, draft, 3), 16)
     eps = export_methods({n: specs[n] for n in TARGET}, progress=None)
     prefill, verify = (constants_in_first_use_order(eps[n]) for n in TARGET)

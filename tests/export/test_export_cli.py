@@ -14,14 +14,15 @@ from etspec.artifact import Manifest, read_manifest_from_pte
 from etspec.export.cli import main as export_main
 from etspec.export.methods import method_specs
 from etspec.export.torch_export import export_methods
+from etspec.fixtures.tiny import write_tiny_pair
 from etspec.models.checkpoint import load_speculator
 from etspec.models.greedy import speculative_greedy, target_greedy
-from etspec.models.tiny import write_tiny_pair
 from etspec.runtime.program import Program
 from tests.conftest import TINY_CHUNK as CHUNK
 from tests.conftest import TINY_K as K
 from tests.conftest import TINY_MAX_SEQ as MAX_SEQ
 from tests.conftest import exported_families
+from tests.helpers import random_prompt
 from tests.recorder import Recorder
 
 
@@ -38,7 +39,7 @@ def test_rounds_match_eager(artifact):
     eager = load_speculator(target, draft, MAX_SEQ, K)
     rec = Recorder(program, eager)
     for plen, seed in [(5, 0), (37, 1)]:  # 37: a three-chunk prefill
-        prompt = torch.randint(3, 256, (plen,), generator=torch.Generator().manual_seed(seed)).tolist()
+        prompt = random_prompt(plen, seed)
         spec = speculative_greedy(rec, prompt, 30, chunk=CHUNK)
         base = target_greedy(rec, prompt, 30, chunk=CHUNK)  # M = 1 through the same target_verify
         assert spec.tokens == base.tokens

@@ -24,6 +24,7 @@ from torch.export import Dim
 pytest.importorskip("executorch")
 
 from etspec.artifact import (  # noqa: E402
+    FORMAT_VERSION,
     MANIFEST_METHOD,
     PTE_NAME,
     Manifest,
@@ -379,7 +380,12 @@ def test_manifest_roundtrip_and_validation(artifact, tmp_path):
     assert Manifest.read(m.write(tmp_path / "manifest.json")) == m
     d = json.loads(m.to_json())
     with pytest.raises(ValueError, match="format_version"):
-        Manifest.from_dict({**d, "format_version": 2})
+        Manifest.from_dict({**d, "format_version": FORMAT_VERSION + 1})
+    # format 1 had one switch for both few-rows kernels
+    old = {k: v for k, v in d.items() if k != "linear_rows"}
+    for used in (False, True):
+        v1 = Manifest.from_dict({**old, "format_version": 1, "midm_sdpa": used})
+        assert v1.linear_rows is used and v1.midm_sdpa is used
     with pytest.raises(ValueError, match="unknown manifest fields"):
         Manifest.from_dict({**d, "surprise": 1})
 
@@ -396,7 +402,7 @@ def test_manifest_readable_from_pte(artifact, program):
         "get_draft_len": [M_VERIFY - 1],
         "get_vocab_size": [V],
         "get_hidden_size": [H],
-        "get_format_version": [1],
+        "get_format_version": [FORMAT_VERSION],
         "get_eos_ids": [1, 2],
     }
     for name, want in scalars.items():

@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from etspec.models.checkpoint import CheckpointError, load_draft
-from etspec.models.config import ConfigError, parse_draft_config
-from etspec.models.tiny import (
+from etspec.fixtures.tiny import (
     draft_state_dict,
     random_draft,
     tiny_draft_config,
     tiny_target_config,
     write_draft_checkpoint,
 )
+from etspec.models.checkpoint import CheckpointError, load_draft
+from etspec.models.config import ConfigError, parse_draft_config
 
 H = 64
 STANDARD_KEYS = {

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from etspec.fixtures.tiny import random_draft, tiny_draft_config, tiny_target_config, write_draft_checkpoint
 from etspec.models.checkpoint import CheckpointError, load_speculator, load_target
 from etspec.models.config import ConfigError, parse_target_config
-from etspec.models.tiny import random_draft, tiny_draft_config, tiny_target_config, write_draft_checkpoint
 from tests.conftest import write_hf_target
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from etspec.fixtures.tiny import tiny_pair
 from etspec.models.greedy import speculative_greedy, target_greedy
 from etspec.models.layers import MLP, Attention
-from etspec.models.tiny import tiny_pair
 from tests.helpers import random_prompt
 
 
@@ -128,12 +128,12 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
 
     monkeypatch.setattr(torch.ops.etspec, "sdpa_midm", counting)
     monkeypatch.setattr(torch.ops.etspec, "linear_rows", counting_linear)
-    # the construction rules of use_midm=True: split-K attention in full-attention layers without a
+    # the construction rules of both few-rows kernels on: split-K attention in full-attention layers without a
     # logit softcap, linear_rows everywhere but a biased MLP
     flags = []
     for m in pair.modules():
         if isinstance(m, Attention):
-            flags += [(m, "use_midm", m.softcap is None and not m.window), (m, "rows_kernel", True)]
+            flags += [(m, "use_sdpa_midm", m.softcap is None and not m.window), (m, "rows_kernel", True)]
         elif isinstance(m, MLP):
             flags.append((m, "rows_kernel", m.gate_proj.bias is None))
         elif hasattr(m, "rows_kernel"):

@@ -17,6 +17,7 @@ import torch
 from etspec.export.cli import main as export_main
 from etspec.models.checkpoint import load_speculator
 from etspec.models.greedy import speculative_greedy, target_greedy
+from etspec.models.layers import FewRowsKernels
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
 from tests.conftest import TINY_CHUNK, TINY_K, TINY_MAX_SEQ
@@ -37,7 +38,10 @@ def cuda_art(request, tiny_checkpoints, tmp_path_factory):
         argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ), "--force"]
         argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
         t0 = time.perf_counter()
-        assert export_main(argv + (["--no-midm-sdpa"] if request.param == "no-midm" else [])) == 0
+        assert (
+            export_main(argv + (["--no-midm-sdpa", "--no-linear-rows"] if request.param == "no-midm" else []))
+            == 0
+        )
         print(f"[{request.param}] cuda export took {time.perf_counter() - t0:.1f}s")
     return target, draft, out, request.param == "midm"
 
@@ -51,13 +55,15 @@ def test_artifact_files_and_delegates(cuda_art):
     for name in ("prefill", "target_verify", "draft"):
         assert info["methods"][name]["delegates"] == ["CudaBackend"], info["methods"][name]
     with Program.load(out) as p:
-        assert p.manifest.midm_sdpa == midm and p.manifest.backend == "cuda"
+        assert p.manifest.midm_sdpa == p.manifest.linear_rows == midm and p.manifest.backend == "cuda"
 
 
 def test_rounds_match_eager(cuda_art):
     """20+ rounds of the docs/design.md §4 protocol, every call compared with the eager model (ids exact)."""
     target, draft, out, midm = cuda_art
-    eager = load_speculator(target, draft, TINY_MAX_SEQ, TINY_K, use_midm=midm, device="cuda")
+    eager = load_speculator(
+        target, draft, TINY_MAX_SEQ, TINY_K, kernels=FewRowsKernels(midm, midm), device="cuda"
+    )
     with Program.load(out) as program:
         torch.cuda.reset_peak_memory_stats()
         rec = Recorder(program, eager, atol=2e-3)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from etspec.models.tiny import write_byte_tokenizer
+from etspec.fixtures.tiny import write_byte_tokenizer
 from etspec.runner.text import TextStream, decode
 
 

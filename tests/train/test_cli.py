@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from etspec.models.checkpoint import load_speculator
-from etspec.models.greedy import speculative_greedy, target_greedy
-from etspec.models.tiny import (
+from etspec.fixtures.tiny import (
     random_target,
     tiny_target_config,
     write_byte_tokenizer,
     write_target_checkpoint,
 )
+from etspec.models.checkpoint import load_speculator
+from etspec.models.greedy import speculative_greedy, target_greedy
 from etspec.train.cli import main
 
 H, INTER, VOCAB, VD, TTT = 64, 128, 256, 128, 3

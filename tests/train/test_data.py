@@ -8,17 +8,17 @@ import pytest
 import torch
 import transformers
 
-from etspec.models.checkpoint import load_target
-from etspec.models.config import parse_target_config, read_config_json
-from etspec.models.greedy import target_greedy
-from etspec.models.speculator import Speculator
-from etspec.models.tiny import (
+from etspec.fixtures.tiny import (
     random_draft,
     random_target,
     tiny_draft_config,
     tiny_target_config,
     write_target_checkpoint,
 )
+from etspec.models.checkpoint import load_target
+from etspec.models.config import parse_target_config, read_config_json
+from etspec.models.greedy import target_greedy
+from etspec.models.speculator import Speculator
 from etspec.train.data import (
     Sample,
     Sequence,
@@ -112,7 +112,7 @@ def test_target_written_prompts_start_a_user_turn(tmp_path):
     token) comes back as text, decoded, deduplicated, and without messages it never finished."""
     from transformers import AutoTokenizer
 
-    from etspec.models.tiny import write_byte_tokenizer
+    from etspec.fixtures.tiny import write_byte_tokenizer
     from etspec.train.data import generate_responses, target_written_prompts, user_turn_prefix
 
     write_byte_tokenizer(tmp_path)

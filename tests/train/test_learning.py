@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from etspec.fixtures.tiny import random_target, tiny_target_config, write_target_checkpoint
 from etspec.models.checkpoint import load_target
 from etspec.models.config import check_pair, parse_draft_config, parse_target_config
 from etspec.models.draft import Eagle3Draft
 from etspec.models.speculator import Speculator
-from etspec.models.tiny import random_target, tiny_target_config, write_target_checkpoint
 from etspec.train.data import Teacher, distill, generate_responses, input_embedding, load_hf_target
 from etspec.train.evaluate import acceptance
 from etspec.train.head import head_config, new_head
@@ -24,7 +24,7 @@ N_TRAIN, N_EVAL, NEW_TOKENS, DRAFT_VOCAB, K, SEED = 48, 8, 32, 128, 3, 0
 
 
 def _write_target(directory: Path) -> Path:
-    """models/tiny.py's llama target, made to behave like a trained LM in two ways: peaked next-token
+    """fixtures/tiny.py's llama target, made to behave like a trained LM in two ways: peaked next-token
     distributions (final norm x8: ~1.7 nats instead of ~5.4, nearly uniform over 256 tokens) and a
     residual stream the current token dominates (attention and MLP outputs x0.2), so that the few
     thousand tokens a CPU test can afford teach the head its behaviour. Across seeds 0-4 the trained head

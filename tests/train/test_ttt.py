@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from etspec.models.tiny import random_draft, tiny_draft_config, tiny_target_config
+from etspec.fixtures.tiny import random_draft, tiny_draft_config, tiny_target_config
 from etspec.train import ttt
 from etspec.train.ttt import ttt_hidden
 
