@@ -15,10 +15,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -195,13 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
-def _json_object(file: Path) -> dict[str, Any]:
-    cfg = read_config_json(file)
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{file} must hold a JSON object, not a {type(cfg).__name__}")
-    return cfg
-
-
 def _check_flags(args: argparse.Namespace) -> None:
     # Each check assumes the ones before it passed, so a message blames the flag that is wrong.
     if args.draft_len < 1:
@@ -272,8 +264,8 @@ def _check_args(args: argparse.Namespace) -> Path:
         if not d.is_dir():
             raise UsageError(f"{flag} {d}: not a directory")
     out = _check_out(args.out, args.force, inputs)
-    tcfg = parse_target_config(_json_object(args.target / "config.json"))
-    check_pair(tcfg, parse_draft_config(_json_object(args.draft / "config.json")))
+    tcfg = parse_target_config(read_config_json(args.target))
+    check_pair(tcfg, parse_draft_config(read_config_json(args.draft)))
     if args.max_seq_len > tcfg.max_position_embeddings:
         raise UsageError(
             f"--max-seq-len {args.max_seq_len} exceeds the target's max_position_embeddings "
@@ -363,14 +355,14 @@ def _reporter() -> Progress:
     return lambda msg: print(f"[etspec-export {time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
 
-def _write_artifact(args: argparse.Namespace, stage: Path, say: Callable[[str], None]) -> Manifest:
+def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Manifest:
     """Write the program files and the tokenizer files into `stage`; returns the manifest to write last."""
     dtype = DTYPES[args.dtype]
     cuda = args.backend == "cuda"
     kernels = FewRowsKernels(
         sdpa_midm=cuda and not args.no_midm_sdpa, linear_rows=cuda and not args.no_linear_rows
     )
-    device = "cuda" if args.backend == "cuda" else "cpu"
+    device = "cuda" if cuda else "cpu"
     eos_ids = list(eos_token_ids(args.target))
     with timed(say, "load checkpoints"):
         spec = load_speculator(

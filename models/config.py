@@ -106,9 +106,12 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise ConfigError(f"no config.json at {file}")
     try:
-        return json.loads(file.read_text())
+        cfg = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{file} must hold a JSON object, not a {type(cfg).__name__}")
+    return cfg
 
 
 def _require(cfg: dict[str, Any], key: str, where: str) -> Any:
@@ -157,10 +160,7 @@ def eos_token_ids(directory: str | Path) -> tuple[int, ...]:
     for name in ("config.json", "generation_config.json"):
         f = Path(directory) / name
         if f.is_file():
-            cfg = read_config_json(f)
-            if not isinstance(cfg, dict):
-                raise ConfigError(f"{f} must hold a JSON object, not a {type(cfg).__name__}")
-            ids += [e for e in _eos_ids(cfg, str(f)) if e not in ids]
+            ids += [e for e in _eos_ids(read_config_json(f), str(f)) if e not in ids]
     return tuple(ids)
 
 

@@ -4,8 +4,8 @@ Both are read from the manifest, which is the artifact's contract: the runner CL
 `room` before the program loads, and the generator sizes its windows and budgets by the same numbers.
 
 The eager reference loops (`etspec.models.greedy`) apply the same room rule to an in-memory model; they
-keep their own one-line copy because `models/` imports nothing of `runner/` or `runtime/`, and this
-module reads the runtime's `Manifest`.
+keep their own one-line copy: they run an in-memory model, which has no manifest, and `models/`
+imports nothing of `runner/`.
 """
 
 from __future__ import annotations
