@@ -32,6 +32,8 @@ MANIFEST_METHOD = "get_manifest"
 
 #: The methods every etspec artifact carries (§4 of docs/design.md).
 REQUIRED_METHODS = ("prefill", "target_verify", "draft")
+#: The sampled pair an export with ``--sampling`` adds (§10 of docs/design.md).
+SAMPLED_METHODS = ("target_verify_sample", "draft_sample")
 
 #: The tensor dtypes a manifest names, by the name :func:`dtype_name` writes.
 MANIFEST_DTYPES: dict[str, torch.dtype] = {
@@ -147,6 +149,11 @@ class Manifest:
     # the copy embedded in model.pte is written before the program exists and cannot hash itself.
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the program carries the sampled methods (exported with ``--sampling``)."""
+        return all(m in self.methods for m in SAMPLED_METHODS)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -81,6 +81,8 @@ examples:
   etspec-export --target models/Llama-3.1-8B-Instruct --draft models/EAGLE3-LLaMA3.1-Instruct-8B \\
       --out art/llama8b-cuda --backend cuda --max-seq-len 8192 --draft-len 5
   # then: etspec-run --model art/llama1b-cpu --prompt "Hello" --max-new-tokens 64
+  # with the sampled methods too, for etspec-run --temperature 0.7 --top-p 0.9:
+  etspec-export --target ... --draft ... --out art/llama1b-cpu --sampling
 
 --out changes only when the export succeeds: the artifact is built in a hidden directory beside it
 (.NAME.etspec-tmp-*) and renamed into place at the end, so a failed or interrupted export leaves --out
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="etspec-export",
         description="Export a target LLM and its EAGLE-3 draft head (Hugging Face directories) into one\n"
-        "ExecuTorch program with the methods prefill, target_verify and draft.",
+        "ExecuTorch program with the methods prefill, target_verify and draft (and, with --sampling,\n"
+        "target_verify_sample and draft_sample).",
         epilog=EPILOG,
         formatter_class=_HelpFormatter,
     )
@@ -167,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not use the few-rows Triton linear kernel, etspec::linear_rows, in verify and draft calls "
         "(CUDA only; XNNPACK never uses it)",
+    )
+    p.add_argument(
+        "--sampling",
+        action="store_true",
+        help="also export target_verify_sample and draft_sample, the methods etspec-run --temperature > 0 "
+        "needs (lossless speculative sampling with temperature, top-p, top-k); greedy needs neither",
     )
     p.add_argument(
         "--cuda-triton-sdpa",
@@ -368,7 +377,8 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Man
         spec = load_speculator(
             args.target, args.draft, args.max_seq_len, args.draft_len, dtype, kernels=kernels, device=device
         )
-    specs = method_specs(spec, args.max_prefill_chunk)
+    spec.sampling_search = "bisect" if cuda else "sort"  # the ExecuTorch CUDA backend has no sort kernel
+    specs = method_specs(spec, args.max_prefill_chunk, sampling=args.sampling)
     exported = export_methods(specs, progress=say)
     tcfg, dcfg = spec.target.cfg, spec.draft_head.cfg
     manifest = Manifest(

@@ -68,8 +68,11 @@ class Eagle3Draft(nn.Module):
         return project(torch.cat(taps, dim=-1), (self.fc,), few_rows and self.rows_kernel)[0]
 
     def to_target_ids(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy draft id, mapped to the target vocab (target = draft + d2t[draft]); no softmax."""
-        draft_ids = torch.argmax(logits, dim=-1)
+        """Greedy draft id, mapped to the target vocab; no softmax."""
+        return self.map_to_target(torch.argmax(logits, dim=-1))
+
+    def map_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab ids -> target ids (target = draft + d2t[draft])."""
         return draft_ids + self.d2t[draft_ids]
 
     def step_logits(self, h: torch.Tensor, rows: bool = False) -> torch.Tensor:
@@ -83,14 +86,22 @@ class Eagle3Draft(nn.Module):
         input_pos: torch.Tensor,
         kv_len: int,
         k: int,
+        pick: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Catch up over R rows, then chain k-1 single-row steps; returns k target ids [1, k].
 
-        kv_len is the valid KV length after the catch-up writes (input_pos[-1] + 1): catch-up reads
-        [:kv_len] and chained step i reads [:kv_len + i], never an unwritten position. (Counting the
-        catch-up rather than all k writes keeps every slice length a plain symbol or symbol + i under
-        export; `kv_len - (k - 1)` could be 1 and makes export specialise.)
+        `pick(logits [1, 1, Vd], step)` chooses each step's draft-vocab id [1, 1]; the default is the
+        argmax (greedy: no softmax). kv_len is the valid KV length after the catch-up writes
+        (input_pos[-1] + 1): catch-up reads [:kv_len] and chained step i reads [:kv_len + i], never an
+        unwritten position. (Counting the catch-up rather than all k writes keeps every slice length a
+        plain symbol or symbol + i under export; `kv_len - (k - 1)` could be 1 and makes export
+        specialise.)
         """
+        if pick is None:
+
+            def pick(logits: torch.Tensor, step: int) -> torch.Tensor:
+                return torch.argmax(logits, dim=-1)
+
         layer = self.midlayer
         attn = layer.self_attn
         emb = embed(tokens)
@@ -101,13 +112,13 @@ class Eagle3Draft(nn.Module):
             x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], kv_len, few_rows=True
         )  # ... only the last row goes on
         h = layer.finish(feature[:, -1:], a, rows=True)
-        ids = self.to_target_ids(self.step_logits(h, rows=True))  # [1, 1]
+        ids = self.map_to_target(pick(self.step_logits(h, rows=True), 0))  # [1, 1]
         out = [ids]
         pos = input_pos[-1:]
         for i in range(1, k):
             pos = pos + 1
             x = layer.attn_input(embed(ids), h)  # the draft's own pre-norm h is fed back (already H wide)
             h = layer.finish(h, attn(x, pos, kv_len + i, few_rows=True), rows=True)
-            ids = self.to_target_ids(self.step_logits(h, rows=True))
+            ids = self.map_to_target(pick(self.step_logits(h, rows=True), i))
             out.append(ids)
         return torch.cat(out, dim=1)

@@ -2,7 +2,9 @@
 
 Every method takes `kv_window`, an int8 tensor whose *length* is the valid KV length after the call's
 writes (a SymInt under export); its values are never read. Greedy ids are argmaxes inside the method, so
-vocab-wide logits never leave it and no softmax runs on the greedy path.
+vocab-wide logits never leave it and no softmax runs on the greedy path. The sampled pair
+(`target_verify_sample`, `draft_sample`) does speculative sampling inside the methods too
+(`models/sampling.py`): distributions stay on the device and the runner reads ids only.
 """
 
 from __future__ import annotations
@@ -11,14 +13,23 @@ import torch
 from torch import nn
 
 from .draft import Eagle3Draft
+from .sampling import SEARCHES, draft_probs_in_target_vocab, filtered_probs, race, verify_sampled
 from .target import TargetModel
 
 
 class Speculator(nn.Module):
-    def __init__(self, target: TargetModel, draft: Eagle3Draft, draft_len: int):
+    """`sampling_search` picks how the sampled methods find top-k / top-p thresholds ("sort" for CPU
+    programs, "bisect" for CUDA ones: see `models/sampling.py`); greedy methods never read it."""
+
+    def __init__(
+        self, target: TargetModel, draft: Eagle3Draft, draft_len: int, sampling_search: str = "sort"
+    ):
         super().__init__()
         if draft_len < 1:
             raise ValueError(f"draft_len must be >= 1, got {draft_len}")
+        if sampling_search not in SEARCHES:
+            raise ValueError(f"sampling_search must be one of {SEARCHES}, got {sampling_search!r}")
+        self.sampling_search = sampling_search
         limits = {}
         if any(layer.self_attn.use_sdpa_midm for layer in target.layers):
             from etspec.kernels.sdpa_midm import MAX_M
@@ -74,3 +85,48 @@ class Speculator(nn.Module):
         return self.draft_head.draft(
             self._draft_embed, tokens, feature, input_pos, kv_window.shape[0], self.draft_len
         )
+
+    def target_verify_sample(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor,
+        kv_window: torch.Tensor,
+        draft_probs: torch.Tensor,
+        accept_u: torch.Tensor,
+        noise: torch.Tensor,
+        params: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """target_verify with speculative sampling: tokens [1,M] = [pending, d1..dk], draft_probs [1,M,Vd]
+        (the draft's distributions for d1..dk; row M-1 unread), accept_u [1,M] uniforms, noise [1,1,V]
+        Exp(1), params [3] -> (ids [1,M], feature [1,M,H]). ids[i] = d(i+1) while accepted; the first
+        other entry is the new token (`models.sampling.verify_sampled`). M = 1 samples one token."""
+        h, taps = self.target.hidden(tokens, input_pos, kv_window.shape[0], few_rows=True)
+        p = filtered_probs(self.target.logits(h, few_rows=True), params, self.sampling_search)
+        q = draft_probs_in_target_vocab(draft_probs, self.draft_head.d2t, p.shape[-1])
+        ids = verify_sampled(tokens, p, q, accept_u, noise)
+        return ids, self.draft_head.fuse(taps, few_rows=True)
+
+    def draft_sample(
+        self,
+        tokens: torch.Tensor,
+        feature: torch.Tensor,
+        input_pos: torch.Tensor,
+        kv_window: torch.Tensor,
+        noise: torch.Tensor,
+        params: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """draft with each step sampled from the head's filtered distribution: noise [1,k,Vd] Exp(1),
+        params [3] -> (k target ids [1,k], the k distributions over the draft vocab and a zero row
+        [1,k+1,Vd]: what target_verify_sample takes as draft_probs)."""
+        probs = []
+
+        def pick(logits: torch.Tensor, step: int) -> torch.Tensor:
+            q = filtered_probs(logits, params, self.sampling_search)  # [1, 1, Vd]
+            probs.append(q)
+            return race(q, noise[:, step : step + 1])
+
+        ids = self.draft_head.draft(
+            self._draft_embed, tokens, feature, input_pos, kv_window.shape[0], self.draft_len, pick
+        )
+        probs.append(torch.zeros_like(probs[0]))
+        return ids, torch.cat(probs, dim=1)

@@ -9,6 +9,7 @@ from pathlib import Path
 from etspec.runtime.program import Program
 
 from .generator import SpeculativeGenerator
+from .sampling import Sampling
 from .stats import GenerationStats
 from .text import decode, encode_prompt, load_tokenizer
 
@@ -31,9 +32,15 @@ def generate_text(
     draft_len: int | None = None,
     speculative: bool = True,
     cuda_graph: bool = False,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
 ) -> Generation:
-    """Greedy generation of up to `max_new_tokens` after `prompt` (wrapped in the chat template when
-    `chat`), speculative unless `speculative=False`; the tokens equal target-only greedy decoding.
+    """Up to `max_new_tokens` after `prompt` (wrapped in the chat template when `chat`), speculative unless
+    `speculative=False`. Greedy by default: the tokens equal target-only greedy decoding. `temperature` > 0
+    samples (with the `top_p` / `top_k` filters; `seed` repeats a run): the tokens are distributed as
+    target-only sampling's; the artifact must have been exported with `--sampling`.
 
     `model` is an artifact directory (loaded for this call, about a second on the CPU) or a loaded
     `Program` to reuse across calls (its directory holds the tokenizer).
@@ -41,7 +48,13 @@ def generate_text(
     program = model if isinstance(model, Program) else Program.load(Path(model))
     try:
         tok = load_tokenizer(program.directory)
-        gen = SpeculativeGenerator(program, draft_len=draft_len, spec=speculative, cuda_graph=cuda_graph)
+        gen = SpeculativeGenerator(
+            program,
+            draft_len=draft_len,
+            spec=speculative,
+            cuda_graph=cuda_graph,
+            sampling=Sampling(temperature, top_p, top_k, seed),
+        )
         ids = [t for chunk in gen.generate(encode_prompt(tok, prompt, chat), max_new_tokens) for t in chunk]
         return Generation(decode(tok, ids), ids, gen.stats)
     finally:

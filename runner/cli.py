@@ -1,4 +1,4 @@
-"""`etspec-run`: greedy speculative generation from an etspec artifact, streamed to stdout.
+"""`etspec-run`: speculative generation (greedy or sampled) from an etspec artifact, streamed to stdout.
 
 Everything that needs only the manifest and the tokenizer (flags, prompt, ids, lengths, the stats
 file) is checked before the program loads, so a mistake costs no load time and loses no run.
@@ -22,6 +22,7 @@ from .generator import SpeculativeGenerator
 from .limits import room
 from .quiet import quiet_third_party
 from .report import run_report, slower_reason
+from .sampling import Sampling
 from .stats import GenerationStats
 from .text import TextStream, decode, encode_prompt, has_tokenizer, load_tokenizer
 
@@ -30,6 +31,8 @@ EXAMPLES = """examples:
   etspec-run --model ART --prompt-file q.txt --max-new-tokens 256 --compare --stats-json run.json
   etspec-run --model ART --prompt-ids 1,2,3 --no-spec --quiet
   etspec-run --model CUDA_ART --prompt "..." --cuda-graph --verify
+  etspec-run --model ART --prompt "Tell me a story" --chat --temperature 0.7 --top-p 0.9 --seed 1
+    (sampling needs an artifact exported with --sampling)
 """
 
 
@@ -46,9 +49,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="etspec-run",
-        description="Generate text greedily from an etspec-export artifact with EAGLE-3 speculative decoding "
-        "(draft a chain, verify it in one target pass, accept the longest matching prefix). The output is "
-        "identical to target-only greedy decoding.",
+        description="Generate text from an etspec-export artifact with EAGLE-3 speculative decoding (draft a "
+        "chain, verify it in one target pass, accept, repeat). Greedy by default: the output is identical "
+        "to target-only greedy decoding. With --temperature > 0 it samples losslessly: the output is "
+        "distributed exactly as target-only sampling with the same temperature, top-p and top-k.",
         epilog=EXAMPLES,
         formatter_class=_Formatter,
     )
@@ -102,9 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the run's statistics (ids, text, per-round accepts and timings, versions) as JSON",
     )
     p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 is greedy decoding (argmax, nothing random). > 0 needs an artifact "
+        "exported with --sampling",
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus filter for sampling: 1 keeps every token"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="keep the k most likely tokens when sampling: 0 keeps every token",
+    )
+    p.add_argument(
         "--seed",
         type=int,
-        help="not used: decoding is greedy, nothing is random (refused, so that no one relies on it)",
+        help="seed of a sampled run (default: a fresh one, printed with the stats): the same seed, "
+        "artifact and flags repeat a run on the same backend. Greedy runs use no randomness",
     )
     p.add_argument("--quiet", action="store_true", help="do not stream the generated text")
     p.add_argument(
@@ -124,8 +145,22 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--draft-len sets drafts per speculative round; --no-spec drafts nothing")
     if args.chat and args.prompt_ids is not None:
         raise UsageError("--chat wraps prompt text in the chat template; --prompt-ids are already tokens")
-    if args.seed is not None:
-        raise UsageError("--seed: decoding is greedy and uses no randomness, so a seed would change nothing")
+    if args.temperature == 0 and args.seed is not None:
+        raise UsageError(
+            "--seed: decoding is greedy (--temperature 0) and uses no randomness; a seed would change nothing"
+        )
+    try:
+        args.sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
+    except ValueError as e:
+        flags = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed"}
+        msg = str(e)
+        for name, flag in flags.items():
+            msg = msg.replace(name, flag)
+        raise UsageError(msg) from None
+    if not args.sampling.greedy and args.simulate_acceptance is not None:
+        raise UsageError(
+            "--simulate-acceptance forces greedy accept decisions; it does not combine with sampling"
+        )
     if not args.model.is_dir():
         raise UsageError(f"--model {args.model}: no such artifact directory")
     if args.stats_json is not None:
@@ -153,6 +188,11 @@ def _check_manifest_limits(args: argparse.Namespace, m: Manifest) -> int:
     """Checks that need only the manifest; returns the draft length the run uses."""
     if args.cuda_graph and m.backend != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA artifact; {args.model} is {m.backend}")
+    if not args.sampling.greedy and not m.sampling:
+        raise UsageError(
+            f"--temperature {args.temperature}: {args.model} has no sampled methods; re-export it with "
+            "etspec-export --sampling (or use --temperature 0)"
+        )
     if args.draft_len is not None and not 1 <= args.draft_len <= m.draft_len:
         raise UsageError(f"--draft-len must be between 1 and the exported {m.draft_len}")
     k = args.draft_len or m.draft_len
@@ -250,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
                 spec=spec,
                 cuda_graph=args.cuda_graph,
                 simulate_acceptance=args.simulate_acceptance,
+                sampling=args.sampling,
             )
             out = _run(gen, ids, args, tok, label)
             runs[label or ("speculative" if spec else "target-only")] = (out, gen.stats)
@@ -258,7 +299,13 @@ def run(args: argparse.Namespace) -> int:
     texts = {name: decode(tok, out) if tok is not None else None for name, (out, _) in runs.items()}
     report = run_report(args, manifest, k, ids, runs, texts)
     code = 0
-    if args.compare:
+    if args.compare and not args.sampling.greedy:
+        print(
+            f"speculative decode speedup: {report['speedup']:.2f}x (sampled: both outputs are draws from the "
+            "target's distribution, not expected to be equal)",
+            file=sys.stderr,
+        )
+    elif args.compare:
         same, speedup = report["identical"], report["speedup"]
         print(f"outputs identical: {same}; speculative decode speedup: {speedup:.2f}x", file=sys.stderr)
         why = slower_reason(runs["speculative"][1], runs["target-only"][1])

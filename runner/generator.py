@@ -1,8 +1,13 @@
-"""Round-by-round greedy speculative generation over a loaded program (docs/design.md §4).
+"""Round-by-round speculative generation over a loaded program (docs/design.md §4, sampling §10).
 
 Hot-loop hygiene: every per-round tensor is a view into a buffer allocated once (positions, kv_window,
 prompt and token buffers); next round's catch-up tokens are the verify output itself (accepted drafts
 equal the target's argmaxes, so [d1..dj, a_j] == a[:j+1]); and each round makes one device->host read.
+
+Sampling (temperature > 0) runs the same rounds through the sampled methods, whose verify output has the
+same shape of meaning: ids[i] = d(i+1) while accepted, then the new token. Its prefill stops one token
+short of the prompt, so the first verify's first row is the prompt's last token and the first generated
+token is drawn there, from the target's distribution, like every later one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from etspec.runtime.program import Program, check_token_ids
 
 from .errors import ContextLimitError
 from .limits import kv_cap, room
+from .sampling import Sampling, SamplingInputs
 from .stats import GenerationStats
 
 __all__ = ["ContextLimitError", "Round", "SpeculativeGenerator"]
@@ -76,7 +82,11 @@ class _Timer:
 
 
 class SpeculativeGenerator:
-    """Greedy generation from an etspec program; `generate` yields lists of newly committed token ids.
+    """Generation from an etspec program; `generate` yields lists of newly committed token ids.
+
+    `sampling` (a `Sampling` with temperature > 0; the artifact must carry the sampled methods, export
+    `--sampling`) samples losslessly: the output is distributed as target-only sampling with the same
+    temperature and filters. Its default, temperature 0, is greedy decoding.
 
     `draft_len` may be below the exported k (the draft still computes k; verify takes k+1 rows).
     `spec=False` decodes target-only through target_verify with one row: the losslessness baseline.
@@ -95,8 +105,19 @@ class SpeculativeGenerator:
         spec: bool = True,
         cuda_graph: bool = False,
         simulate_acceptance: float | None = None,
+        sampling: Sampling | None = None,
     ):
         m = program.manifest
+        sampling = sampling or Sampling()
+        if not sampling.greedy and not m.sampling:
+            raise ValueError(
+                "this artifact has no sampled methods: re-export it with etspec-export --sampling to sample "
+                "with a temperature > 0"
+            )
+        if not sampling.greedy and simulate_acceptance is not None:
+            raise ValueError(
+                "simulate_acceptance is for greedy benchmarks; it cannot be combined with sampling"
+            )
         self.program, self.manifest, self.spec = program, m, spec
         self.k = m.draft_len if draft_len is None else draft_len
         if not 1 <= self.k <= m.draft_len:
@@ -122,15 +143,20 @@ class SpeculativeGenerator:
         self._draft_pos = torch.zeros(m.draft_len + 1, dtype=torch.long, device=dev)
         self._host = torch.zeros(2 * (m.draft_len + 1), dtype=torch.long, pin_memory=self._cuda)
         # Unchecked: generate() checks the prompt once; every later input is built here to fit.
+        self.sampling = sampling
+        self._rand = None if sampling.greedy else SamplingInputs(m, sampling, dev)
+        self._verify_name = "target_verify" if sampling.greedy else "target_verify_sample"
+        self._draft_name = "draft" if sampling.greedy else "draft_sample"
         self._prefill = program.method("prefill", check=False)
-        self._verify = program.method("target_verify", check=False, cuda_graph=cuda_graph)
-        self._draft = program.method("draft", check=False, cuda_graph=cuda_graph)
+        self._verify_method = program.method(self._verify_name, check=False, cuda_graph=cuda_graph)
+        self._draft_method = program.method(self._draft_name, check=False, cuda_graph=cuda_graph)
+        self._draft_probs: torch.Tensor | None = None  # the last sampled draft's distributions
         # kv_window is rounded up to the program's bucket (CUDA) so one captured graph serves many lengths
         # (the methods take the exact bound from input_pos), capped at each method's exported bound.
         # Eager calls get the same rounding: the kernels then see the same shapes (same split-K plan, same
         # reduction order) with and without graphs, so both give bit-identical tokens.
         self._bucket = m.kv_bucket or 1
-        self._caps = {name: kv_cap(m, name) for name in ("target_verify", "draft")}
+        self._caps = {"target_verify": kv_cap(m, self._verify_name), "draft": kv_cap(m, self._draft_name)}
         self.stats = GenerationStats()
 
     def room(self, prompt_len: int) -> int:
@@ -149,16 +175,19 @@ class SpeculativeGenerator:
         timer = _Timer(self._cuda)
         t0 = time.perf_counter()
         self._prompt[0, :n].copy_(torch.tensor(prompt, dtype=torch.long))
-        pending, drafts = self._prefill_and_catch_up(n, timer)
-        self._host[:1].copy_(pending, non_blocking=self._cuda)
-        self._sync()
-        pending_id = int(self._host[0])
+        if self._rand is None:
+            pending, drafts = self._prefill_and_catch_up(n, timer)
+            self._host[:1].copy_(pending, non_blocking=self._cuda)
+            self._sync()
+            committed, pending_id, prompt_pending = n, int(self._host[0]), False
+        else:
+            committed, pending, pending_id, drafts, prompt_pending = self._sampled_start(prompt, timer)
         stats.prefill_s = time.perf_counter() - t0
         t_decode = time.perf_counter()
         if self.spec:
-            rounds = self._speculative(n, pending, pending_id, drafts, budget, timer)
+            rounds = self._speculative(committed, pending, pending_id, drafts, budget, timer, prompt_pending)
         else:
-            rounds = self._target_only(n, pending, pending_id, budget, timer)
+            rounds = self._target_only(committed, pending, pending_id, budget, timer)
         try:
             yield from rounds
         finally:
@@ -183,8 +212,15 @@ class SpeculativeGenerator:
                 f"prompt of {n} tokens leaves no room to generate: max_seq_len {self.manifest.max_seq_len} "
                 f"minus {self.manifest.draft_len} verify rows"
             )
+        sampled = None
+        if self._rand is not None:
+            sp = self.sampling
+            sampled = dict(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, seed=self._rand.seed)
         self.stats = GenerationStats(
-            prompt_tokens=n, draft_len=self.k if self.spec else 0, simulated_acceptance=self.simulate
+            prompt_tokens=n,
+            draft_len=self.k if self.spec else 0,
+            simulated_acceptance=self.simulate,
+            sampling=sampled,
         )
         self.stats.stop_reason = "max_new_tokens" if max_new_tokens <= fits else "context_limit"
         return min(max_new_tokens, fits)
@@ -200,30 +236,67 @@ class SpeculativeGenerator:
                 pending, feature = self._prefill(self._prompt[:, s:e], self._positions[s:e], self._window[:e])
             if not self.spec:
                 continue
-            if e == n:
+            if e == n and self._rand is None:
                 self._prompt[0, n] = pending[0]  # the catch-up row at n-1 pairs with the pending token
             with timer.span("prefill"):  # the prompt's draft catch-up is prefill work, not a round's
-                (drafts,) = self._draft(
+                drafts = self._draft(
                     self._prompt[:, s + 1 : e + 1], feature, self._positions[s:e], self._window[:e]
                 )
         return pending, drafts
 
+    def _sampled_start(
+        self, prompt: list[int], timer: _Timer
+    ) -> tuple[int, torch.Tensor, int, torch.Tensor | None, bool]:
+        """Sampling's prefill: (committed length, pending token [1] and its id, drafts, whether the
+        pending token is the prompt's own last one). The prefill stops one token short, so the prompt's
+        last token is verified like a pending token and the first new token is drawn from its row. A
+        speculative run then starts its rounds there; a target-only run, or a one-token prompt (nothing
+        to catch the draft up on), draws that first token in a one-row step, counted as prefill."""
+        n = len(prompt)
+        last = self._prompt[0, n - 1 : n]
+        drafts = self._prefill_and_catch_up(n - 1, timer)[1] if n > 1 else None
+        if self.spec and drafts is not None:
+            self._sync()
+            return n - 1, last, prompt[-1], drafts, True
+        self._verify_tokens[:, :1].copy_(last.view(1, 1))
+        pos = self._verify_pos[:1]
+        pos.copy_(self._positions[n - 1 : n])
+        with timer.span("prefill"):
+            a, feature = self._verify(self._verify_tokens[:, :1], pos, self._win(n, "target_verify"), 0)
+            if self.spec:  # the draft's catch-up on the one prompt row, paired with the drawn token
+                rows = self._draft_pos[:1]
+                rows.copy_(self._positions[:1])
+                drafts = self._draft(a[:, :1], feature[:, :1], rows, self._win(1, "draft"))
+        self._host[:1].copy_(a[0, :1], non_blocking=self._cuda)
+        self._sync()
+        return n, a[0, :1], int(self._host[0]), drafts, False
+
     def _speculative(
-        self, n: int, pending: torch.Tensor, pending_id: int, drafts: torch.Tensor, budget: int, timer: _Timer
+        self,
+        n: int,
+        pending: torch.Tensor,
+        pending_id: int,
+        drafts: torch.Tensor,
+        budget: int,
+        timer: _Timer,
+        prompt_pending: bool = False,
     ) -> Iterator[list[int]]:
         """The rounds of docs/design.md §4 from committed length n: verify, accept, draft the next round.
         The next draft is launched before the round's tokens are yielded, so the device drafts while
-        the caller consumes them."""
+        the caller consumes them. `prompt_pending`: the pending token is the prompt's last (sampling), so
+        the first round does not emit it."""
         while True:
             a, feature = self._verify_drafts(n, pending, drafts, timer)
             rnd = self._accept(pending_id, drafts, a, feature)
-            out, finished = self._commit(rnd.tokens, rnd.accepted, budget)
+            out, finished = self._commit(rnd.tokens, rnd.accepted, budget, prompt_pending)
+            prompt_pending = False
             if finished:
                 yield out
                 return
             drafts = self._draft_next(n, rnd, timer)
             n, pending, pending_id = n + rnd.accepted + 1, rnd.pending, rnd.pending_id
-            yield out
+            if out:  # empty only when sampling's first round accepted nothing: its one token is pending
+                yield out
 
     def _target_only(
         self, n: int, pending: torch.Tensor, pending_id: int, budget: int, timer: _Timer
@@ -243,14 +316,16 @@ class SpeculativeGenerator:
         self, n: int, pending: torch.Tensor, drafts: torch.Tensor, timer: _Timer
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """§4 step 2: target_verify of [t, d1..dk] at positions n..n+k; the argmaxes a0..ak [1, k+1]
-        and the features [1, k+1, H]."""
+        (sampling: the ids of `models.sampling.verify_sampled`) and the features [1, k+1, H]."""
         k = self.k
         self._verify_tokens[:, :1].copy_(pending.view(1, 1))
         self._verify_tokens[:, 1 : k + 1].copy_(drafts[:, :k])
         pos = self._verify_pos[: k + 1]
         pos.copy_(self._positions[n : n + k + 1])
         with timer.span("verify"):
-            return self._verify(self._verify_tokens[:, : k + 1], pos, self._win(n + k + 1, "target_verify"))
+            return self._verify(
+                self._verify_tokens[:, : k + 1], pos, self._win(n + k + 1, "target_verify"), k
+            )
 
     def _accept(self, pending_id: int, drafts: torch.Tensor, a: torch.Tensor, feature: torch.Tensor) -> Round:
         """§4 step 3: the longest prefix with d_i == a_{i-1}, read in the round's one device->host copy."""
@@ -280,8 +355,7 @@ class SpeculativeGenerator:
         rows.copy_(self._positions[n : n + rnd.accepted + 1])
         window = self._win(n + rnd.accepted + 1, "draft")
         with timer.span("draft"):
-            (drafts,) = self._draft(rnd.catch_up_tokens, rnd.catch_up_features, rows, window)
-        return drafts
+            return self._draft(rnd.catch_up_tokens, rnd.catch_up_features, rows, window)
 
     def _decode_step(self, n: int, pending: torch.Tensor, timer: _Timer) -> tuple[torch.Tensor, int]:
         """Target-only: one row through target_verify (M = 1); the next pending token, device and host."""
@@ -289,24 +363,51 @@ class SpeculativeGenerator:
         pos = self._verify_pos[:1]
         pos.copy_(self._positions[n : n + 1])
         with timer.span("verify"):
-            a, _ = self._verify(self._verify_tokens[:, :1], pos, self._win(n + 1, "target_verify"))
+            a, _ = self._verify(self._verify_tokens[:, :1], pos, self._win(n + 1, "target_verify"), 0)
         self._host[:1].copy_(a[0, :1], non_blocking=self._cuda)
         self._sync()
         return a[0, :1], int(self._host[0])
 
-    def _commit(self, tokens: list[int], accepted: int, budget: int) -> tuple[list[int], bool]:
+    def _commit(
+        self, tokens: list[int], accepted: int, budget: int, prompt_pending: bool = False
+    ) -> tuple[list[int], bool]:
         """A round's tokens up to the budget and through the first EOS, counted in `self.stats`;
-        True when the run ends with them."""
+        True when the run ends with them. `prompt_pending`: tokens[0] is the prompt's last token, not
+        output (sampling's first round)."""
         stats, out = self.stats, []
-        for tok in tokens[: budget - stats.generated]:
+        lead = 1 if prompt_pending else 0
+        for tok in tokens[lead : lead + budget - stats.generated]:
             out.append(tok)
             if tok in self.eos:
                 stats.stop_reason = "eos"
                 break
         stats.generated += len(out)
         # drafts cut off by the budget or an EOS were not committed: they do not count
-        stats.accepted.append(min(accepted, len(out) - 1))
+        stats.accepted.append(min(accepted, len(out) - 1 + lead))
         return out, stats.stop_reason == "eos" or stats.generated >= budget
+
+    def _verify(
+        self, tokens: torch.Tensor, pos: torch.Tensor, window: torch.Tensor, drafts: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """target_verify, or target_verify_sample with the last draft's distributions and fresh noise."""
+        if self._rand is None:
+            return self._verify_method(tokens, pos, window)
+        rows = drafts + 1
+        probs = self._draft_probs[:, :rows] if drafts else self._rand.no_drafts[:, :rows]
+        u, noise = self._rand.verify(rows)
+        return self._verify_method(tokens, pos, window, probs, u, noise, self._rand.params)
+
+    def _draft(
+        self, tokens: torch.Tensor, feature: torch.Tensor, pos: torch.Tensor, window: torch.Tensor
+    ) -> torch.Tensor:
+        """draft, or draft_sample (keeping its distributions for the next verify); the drafts [1, k]."""
+        if self._rand is None:
+            (drafts,) = self._draft_method(tokens, feature, pos, window)
+            return drafts
+        drafts, self._draft_probs = self._draft_method(
+            tokens, feature, pos, window, self._rand.draft(), self._rand.params
+        )
+        return drafts
 
     def _simulated_accepts(self, r: int) -> int:
         """Round r's forced accept count: the running mean of j + 1 tracks simulate_acceptance exactly."""

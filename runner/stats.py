@@ -18,6 +18,7 @@ class GenerationStats:
     draft_s: float = 0.0  # time inside draft calls (device time on CUDA)
     verify_s: float = 0.0  # time inside target_verify calls
     simulated_acceptance: float | None = None  # benchmark-only: forced acceptance, output not the model's
+    sampling: dict | None = None  # temperature, top_p, top_k, seed of a sampled run; None = greedy
     verify_ms: list[float] = field(default_factory=list)  # per round
     draft_ms: list[float] = field(default_factory=list)  # per round that drafted the next one
 
@@ -49,7 +50,8 @@ class GenerationStats:
     def per_round(self) -> list[dict]:
         """(accepted drafts, draft ms, verify ms) of each round. A speculative round verifies its drafts
         and then drafts the next round (the last one drafts nothing); target-only round r emits the
-        token that the verify of round r-1 (the prefill, for r = 0) computed."""
+        token that the verify of round r-1 (the prefill, for r = 0) computed; so does a sampled one,
+        whose first token comes from a one-row step counted as prefill."""
         verify = self.verify_ms if self.draft_len else [0.0] + self.verify_ms
         pad = lambda xs: xs + [0.0] * (self.rounds - len(xs))
         return [
@@ -85,6 +87,15 @@ class GenerationStats:
             lines.append(
                 f"[{label}] acceptance length {self.acceptance_length:.2f} (k={self.draft_len}); "
                 f"accepted drafts j=0..{self.draft_len}: {self.histogram()}"
+            )
+        if self.sampling is not None:
+            sp = self.sampling
+            filters = [f"top-p {sp['top_p']}"] if sp["top_p"] < 1 else []
+            filters += [f"top-k {sp['top_k']}"] if sp["top_k"] else []
+            lines.append(
+                f"[{label}] sampled at temperature {sp['temperature']}"
+                + "".join(f", {f}" for f in filters)
+                + f"; seed {sp['seed']} (pass --seed {sp['seed']} to repeat this run)"
             )
         if self.simulated_acceptance is not None:
             lines.append(

@@ -137,3 +137,27 @@ def tiny_artifacts(tiny_checkpoints, tmp_path_factory):
         return root / family
 
     return get
+
+
+@pytest.fixture(scope="session")
+def small_vocab_artifact(tmp_path_factory) -> tuple[Path, Path]:
+    """(artifact, target checkpoint): `etspec-export --backend xnnpack --sampling` of the small-vocabulary
+    pair (fixtures.tiny), once per run and shared by the xdist workers (ETSPEC_TEST_ART_CACHE keeps it
+    between local runs)."""
+    from filelock import FileLock
+
+    from etspec.export.cli import main as export_main
+    from etspec.fixtures.tiny import write_small_vocab_pair
+
+    keep = os.environ.get("ETSPEC_TEST_ART_CACHE")
+    root = Path(keep) if keep else _shared_root(tmp_path_factory, "art")
+    root.mkdir(parents=True, exist_ok=True)
+    out, ckpt = root / "small-vocab-sampling", root / "small-vocab-ckpt"
+    with FileLock(root / "small-vocab-sampling.lock"):
+        if not (out / "manifest.json").is_file() or not (ckpt / "target").is_dir():
+            target, draft = write_small_vocab_pair(ckpt)
+            argv = ["--target", str(target), "--draft", str(draft), "--out", str(out), "--backend", "xnnpack"]
+            argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ), "--sampling", "--force"]
+            argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
+            assert export_main(argv) == 0
+    return out, ckpt / "target"
