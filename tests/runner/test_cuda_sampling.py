@@ -25,7 +25,7 @@ from tests.sampling_reference import ALPHA, distribution_p_value, exact_first_tw
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 RUNS = 20_000
-PROMPT = [5, 7, 9, 11]
+PROMPT = [12, 6, 20]
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +80,9 @@ def test_sampling_matches_target_distribution(pair, hf_target, graph, spec, temp
         program, PROMPT, RUNS, seed=3, temperature=temperature, cuda_graph=graph, **extra, **kw
     )
     print(f"{RUNS} runs in {time.perf_counter() - t0:.1f}s, {accepted} drafts accepted")
-    if spec:
-        assert accepted > RUNS // 10
     assert distribution_p_value(exact, counts) > ALPHA
+    if spec:
+        assert accepted > RUNS // 5
 
 
 def test_seeded_runs_repeat_and_graphs_equal_eager(pair):

@@ -17,7 +17,7 @@ from tests.sampling_reference import ALPHA, distribution_p_value, exact_first_tw
 
 RUNS = 20_000
 FILTERS = {"none": {}, "top-p 0.8, top-k 8": {"top_p": 0.8, "top_k": 8}}
-PROMPTS = {1: [5], 3: [5, 7, 9, 11]}  # k = 1 starts from a one-token prompt (a one-row first step)
+PROMPTS = {1: [5], 3: [12, 6, 20]}  # k = 1 starts from a one-token prompt (a one-row first step)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,8 @@ def test_speculative_sampling_matches_target_distribution(pair, hf_target, tempe
     counts, accepted = sample_first_two(
         program, prompt, RUNS, seed=k, temperature=temperature, draft_len=k, **kw
     )
-    assert accepted > RUNS // 10, "the head must get drafts accepted, or the accept path goes untested"
     assert distribution_p_value(exact, counts) > ALPHA
+    assert accepted > RUNS // 5, "the head must get drafts accepted, or the accept path goes untested"
 
 
 @pytest.mark.slow
