@@ -141,6 +141,8 @@ class SpeculativeGenerator:
         # 16-byte aligned, and AOTI copies misaligned inputs (with a warning) on every call.
         self._verify_pos = torch.zeros(m.draft_len + 1, dtype=torch.long, device=dev)
         self._draft_pos = torch.zeros(m.draft_len + 1, dtype=torch.long, device=dev)
+        # The prompt's catch-up tokens are the prompt shifted by one: copied here, not passed as a view.
+        self._catch_up = torch.zeros(1, m.max_prefill_chunk, dtype=torch.long, device=dev)
         self._host = torch.zeros(2 * (m.draft_len + 1), dtype=torch.long, pin_memory=self._cuda)
         # Unchecked: generate() checks the prompt once; every later input is built here to fit.
         self.sampling = sampling
@@ -240,7 +242,7 @@ class SpeculativeGenerator:
                 self._prompt[0, n] = pending[0]  # the catch-up row at n-1 pairs with the pending token
             with timer.span("prefill"):  # the prompt's draft catch-up is prefill work, not a round's
                 drafts = self._draft(
-                    self._prompt[:, s + 1 : e + 1], feature, self._positions[s:e], self._window[:e]
+                    self._catch_up_tokens(s, e), feature, self._positions[s:e], self._window[:e]
                 )
         return pending, drafts
 
@@ -270,6 +272,12 @@ class SpeculativeGenerator:
         self._host[:1].copy_(a[0, :1], non_blocking=self._cuda)
         self._sync()
         return n, a[0, :1], int(self._host[0]), drafts, False
+
+    def _catch_up_tokens(self, s: int, e: int) -> torch.Tensor:
+        """The prompt's next tokens of rows s..e-1, in an aligned buffer of their own."""
+        out = self._catch_up[:, : e - s]
+        out.copy_(self._prompt[:, s + 1 : e + 1])
+        return out
 
     def _speculative(
         self,
