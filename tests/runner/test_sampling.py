@@ -94,7 +94,7 @@ def test_same_seed_same_output_and_the_greedy_limit(pair, spec):
     cold, stats, _ = generate(program, prompt, 24, spec=spec, sampling=Sampling(1e-4, seed=0))
     assert cold == greedy  # T -> 0: every draw is the argmax
     if spec:
-        assert stats.acceptance_length > 1.5
+        assert stats.acceptance_length > 1.2  # drafts get accepted at the greedy limit too
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:
