@@ -48,7 +48,7 @@ def test_speculative_sampling_matches_target_distribution(pair, hf_target, tempe
         program, prompt, RUNS, seed=k, temperature=temperature, draft_len=k, **kw
     )
     assert distribution_p_value(exact, counts) > ALPHA
-    assert accepted > RUNS // 5, "the head must get drafts accepted, or the accept path goes untested"
+    assert accepted > RUNS // 10, "the head must get drafts accepted, or the accept path goes untested"
 
 
 @pytest.mark.slow
