@@ -260,11 +260,8 @@ class SpeculativeGenerator:
         if self.spec and drafts is not None:
             self._sync()
             return n - 1, last, prompt[-1], drafts, True
-        self._verify_tokens[:, :1].copy_(last.view(1, 1))
-        pos = self._verify_pos[:1]
-        pos.copy_(self._positions[n - 1 : n])
         with timer.span("prefill"):
-            a, feature = self._verify(self._verify_tokens[:, :1], pos, self._win(n, "target_verify"), 0)
+            a, feature = self._one_row(n - 1, last)
             if self.spec:  # the draft's catch-up on the one prompt row, paired with the drawn token
                 rows = self._draft_pos[:1]
                 rows.copy_(self._positions[:1])
@@ -365,13 +362,17 @@ class SpeculativeGenerator:
         with timer.span("draft"):
             return self._draft(rnd.catch_up_tokens, rnd.catch_up_features, rows, window)
 
-    def _decode_step(self, n: int, pending: torch.Tensor, timer: _Timer) -> tuple[torch.Tensor, int]:
-        """Target-only: one row through target_verify (M = 1); the next pending token, device and host."""
-        self._verify_tokens[:, :1].copy_(pending.view(1, 1))
+    def _one_row(self, n: int, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """target_verify of the one token [1] at position n (M = 1): its next-token ids and feature."""
+        self._verify_tokens[:, :1].copy_(token.view(1, 1))
         pos = self._verify_pos[:1]
         pos.copy_(self._positions[n : n + 1])
+        return self._verify(self._verify_tokens[:, :1], pos, self._win(n + 1, "target_verify"), 0)
+
+    def _decode_step(self, n: int, pending: torch.Tensor, timer: _Timer) -> tuple[torch.Tensor, int]:
+        """Target-only: one row through target_verify (M = 1); the next pending token, device and host."""
         with timer.span("verify"):
-            a, _ = self._verify(self._verify_tokens[:, :1], pos, self._win(n + 1, "target_verify"), 0)
+            a, _ = self._one_row(n, pending)
         self._host[:1].copy_(a[0, :1], non_blocking=self._cuda)
         self._sync()
         return a[0, :1], int(self._host[0])
