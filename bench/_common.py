@@ -148,6 +148,31 @@ def copy_bandwidths_gbs() -> dict[str, float]:
     return res
 
 
+@triton.jit
+def _read_kernel(src, out, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out + tl.program_id(0), tl.sum(acc))  # one value per program: the write traffic is nil
+
+
+def read_bandwidth_gbs() -> float:
+    """Streaming-read bandwidth (bytes read per second) of a 1 GiB buffer, best of a few Triton tilings:
+    the ceiling of a weight stream, which reads and barely writes (a copy also writes what it reads)."""
+    n = 1 << 30  # bytes
+    src = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16)
+
+    def timed(block: int, iters: int, warps: int) -> float:
+        grid = (triton.cdiv(src.numel(), block * iters),)
+        out = torch.empty(grid[0], device="cuda", dtype=torch.float32)
+        call = lambda: _read_kernel[grid](src, out, src.numel(), BLOCK=block, ITERS=iters, num_warps=warps)
+        return n / (time_calls_in_graph([call], target_ms=20) * 1e-6) / 1e9
+
+    return max(timed(*t) for t in ((4096, 8, 8), (8192, 4, 8), (2048, 16, 4), (4096, 16, 8)))
+
+
 def empty_graph_node_us() -> float:
     """Cost of one empty kernel node inside a CUDA graph (µs): the fixed cost of a launch under replay."""
     x = torch.empty(1, device="cuda")
@@ -203,9 +228,10 @@ def export_shaped(
 
 
 class Floors:
-    """Bytes each call must read, from the shape, and their time at the measured copy bandwidth."""
+    """Bytes each call must read, from the shape, and their time at the measured read bandwidth (a weight
+    stream is a read); `copy_factor` converts a floor to the copy-bandwidth floor older results used."""
 
-    def __init__(self, shape: str, draft_vocab: int, k: int, copy_gbs: float):
+    def __init__(self, shape: str, draft_vocab: int, k: int, read_gbs: float, copy_gbs: float):
         t = SHAPES[shape]
         d = head_config(t, draft_vocab)
         h, hd, kvh, inter = t["hidden_size"], t["head_dim"], t["num_key_value_heads"], t["intermediate_size"]
@@ -223,7 +249,8 @@ class Floors:
         self.fc_bytes = 2 * 3 * h * h
         self.draft_kv_tok = 2 * kvh * hd * 2
         self.k = k  # the exported draft length: the draft method computes all k steps
-        self.bw = copy_gbs * 1e9
+        self.bw = read_gbs * 1e9
+        self.copy_factor = read_gbs / copy_gbs
 
     def verify_ms(self, ctx: int) -> float:
         return (self.target_bytes + self.kv_tok * ctx) / self.bw * 1e3

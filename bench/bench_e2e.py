@@ -4,7 +4,8 @@ For a random-weight target shaped like Llama-3.2-1B or Llama-3.1-8B (bf16) and a
 (Vd = 32000), max_seq_len 64K, exported once per k in --ks (cached under --work; the draft method's chain
 length is fixed at export, so each k is measured with its own program):
 
-- ceilings measured in the same run: device copy bandwidth and the bf16 matmul rate;
+- ceilings measured in the same run: read bandwidth (a streaming-read kernel), copy bandwidth and the
+  bf16 matmul rate;
 - etspec-run paths at each context: target-only (`--no-spec`) and speculative with k in --ks, eager and
   with CUDA graphs. Random weights accept nothing, so speculative runs use the runner's benchmark-only
   acceptance simulator (`simulate_acceptance`) at the published chain acceptance of Llama-3.1-8B +
@@ -12,7 +13,8 @@ length is fixed at export, so each k is measured with its own program):
 - with `--measured-acceptance FILE` (from bench_acceptance.py): also at the acceptance a real trained
   pair measured, per prompt set (SmolLM2-135M + its head, heads/), labelled as such;
 - per configuration: decode tok/s, ms per round split into draft / verify / host, and each against its
-  bandwidth floor (bytes of weights + valid KV the call must read / measured copy bandwidth);
+  bandwidth floor (bytes of weights + valid KV the call must read / measured read bandwidth), and the
+  round against the copy-bandwidth floor as older results reported it;
 - peers on the same shapes and prompts: Hugging Face `generate` with a static cache (compiled and not),
   and a `torch.compile` decode loop of etspec's own eager model (target-only).
 
@@ -36,7 +38,15 @@ import traceback
 from pathlib import Path
 
 import torch
-from _common import Floors, copy_bandwidth_gbs, export_shaped, log, matmul_tflops, write_random_pair_once
+from _common import (
+    Floors,
+    copy_bandwidth_gbs,
+    export_shaped,
+    log,
+    matmul_tflops,
+    read_bandwidth_gbs,
+    write_random_pair_once,
+)
 
 from etspec.fixtures.shaped import SHAPES
 from etspec.runner.generator import SpeculativeGenerator
@@ -44,7 +54,7 @@ from etspec.runtime.program import Program
 
 PUBLISHED_ACCEPTANCE = {3: 2.93, 5: 3.55, 7: 3.91}  # Llama-3.1-8B + EAGLE-3 chain (docs/design.md §8)
 MAX_SEQ, CHUNK = 65536, 256
-RUN_KEYS = ("command", "device", "torch", "transformers", "copy_gbs", "matmul_tflops")
+RUN_KEYS = ("command", "device", "torch", "transformers", "read_gbs", "copy_gbs", "matmul_tflops")
 
 
 def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
@@ -81,6 +91,7 @@ def run_etspec(program: Program, prompt: list[int], new: int, floors: Floors, **
     row["verify_vs_floor"] = row["verify_ms"] / row["verify_floor_ms"]
     row["draft_vs_floor"] = row["draft_ms"] / row["draft_floor_ms"] if gen.spec else None
     row["round_vs_floor"] = row["ms_round"] / row["round_floor_ms"]
+    row["round_vs_copy_floor"] = row["round_vs_floor"] / floors.copy_factor
     return row
 
 
@@ -201,7 +212,8 @@ def write(res: dict, rows: list[dict], base: Path, png: bool = False) -> None:
             }
     (base.parent / f"{base.name}.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
     keys = ["impl", "ctx", "k", "tok_s", "ms_round", "verify_ms", "draft_ms", "host_ms", "round_floor_ms"]
-    keys += ["round_vs_floor", "verify_vs_floor", "draft_vs_floor", "speedup_vs_target_only"]
+    keys += ["round_vs_floor", "round_vs_copy_floor", "verify_vs_floor", "draft_vs_floor"]
+    keys += ["speedup_vs_target_only"]
     keys += ["simulated", "run"]
     with open(base.parent / f"{base.name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -214,6 +226,8 @@ def write(res: dict, rows: list[dict], base: Path, png: bool = False) -> None:
 def merge_previous(old: dict, res: dict) -> tuple[list[dict], list[dict]]:
     """An earlier results file's runs and rows (each row naming its run); `res` takes its ks/exports."""
     runs = old.get("runs") or [{key: old.get(key) for key in RUN_KEYS}]
+    if any(run.get("read_gbs") is None for run in runs):
+        raise SystemExit("--merge: the earlier results took copy bandwidth for their floors; run without it")
     res["ks"] = sorted(set(old["ks"]) | set(res["ks"]))
     res["export"] = {**old["export"], **{str(k): v for k, v in res["export"].items()}}
     return runs, [{**r, "run": r.get("run", 0)} for r in old["rows"]]
@@ -281,11 +295,15 @@ def main() -> int:
         "max_seq_len": MAX_SEQ,
         "ks": ks,
         "export": infos,
+        "read_gbs": read_bandwidth_gbs(),
         "copy_gbs": copy_bandwidth_gbs(),
         "matmul_tflops": matmul_tflops(),
         "note": "speculative rows: benchmark-only acceptance simulator (random weights accept nothing)",
     }
-    log(f"{gpu}: copy {res['copy_gbs']:.0f} GB/s, bf16 matmul {res['matmul_tflops']:.0f} TFLOP/s")
+    log(
+        f"{gpu}: read {res['read_gbs']:.0f} GB/s, copy {res['copy_gbs']:.0f} GB/s, "
+        f"bf16 matmul {res['matmul_tflops']:.0f} TFLOP/s"
+    )
     rows: list[dict] = []
     peers = [] if args.peers == "none" else args.peers.split(",")
     base: dict = {}
@@ -304,7 +322,7 @@ def main() -> int:
         write(res, rows, args.out / name)  # after every row: a run cut short keeps what it measured
 
     for k in ks:
-        floors = Floors(args.shape, 32000, k, res["copy_gbs"])
+        floors = Floors(args.shape, 32000, k, res["read_gbs"], res["copy_gbs"])
         acc = PUBLISHED_ACCEPTANCE.get(k, min(k + 1, 3.5))
         with Program.load(arts[k]) as program:
             vocab = program.manifest.vocab_size

@@ -4,7 +4,7 @@ Records, in one JSON (default bench/results/runtime_1b_<gpu>.json):
 - export wall time and artifact sizes (`etspec-export --backend cuda`, bf16, midm on);
 - GPU memory after `Program.load` against 1x weights + KV caches (constants shared across methods);
 - per-call latency of target_verify (M = 1 and M = k+1) eager vs CUDA-graph replay, with the
-  bandwidth floor (weight + valid-KV bytes / measured copy bandwidth) for reference;
+  bandwidth floor (weight + valid-KV bytes / measured read bandwidth) for reference;
 - a long-context generation (prompt >= 32K tokens, max_seq_len 64K) target-only and speculative, with
   and without CUDA graphs, and whether their outputs are identical.
 
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import Floors, copy_bandwidth_gbs, export_shaped, log, time_call
+from _common import Floors, copy_bandwidth_gbs, export_shaped, log, read_bandwidth_gbs, time_call
 
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
@@ -85,9 +85,9 @@ def main() -> int:
     gpu = torch.cuda.get_device_name()
     res: dict = {"device": gpu, "torch": torch.__version__, "python": platform.python_version()}
     res["command"] = " ".join(["python", *sys.argv])
-    copy_gbs = copy_bandwidth_gbs()
-    res["copy_gbs"] = copy_gbs
-    log(f"{gpu}: copy bandwidth {copy_gbs:.0f} GB/s")
+    read_gbs, copy_gbs = read_bandwidth_gbs(), copy_bandwidth_gbs()
+    res["read_gbs"], res["copy_gbs"] = read_gbs, copy_gbs
+    log(f"{gpu}: read bandwidth {read_gbs:.0f} GB/s, copy {copy_gbs:.0f} GB/s")
     art, res["export"] = export(args.work)
     log(json.dumps(res["export"]))
     if args.export_only:
@@ -100,7 +100,7 @@ def main() -> int:
     torch.cuda.synchronize()
     target_bytes = (args.work / "ckpt" / "target" / "model.safetensors").stat().st_size
     head_bytes = (args.work / "ckpt" / "draft" / "model.safetensors").stat().st_size
-    floors = Floors(SHAPE, 32000, K, copy_gbs)
+    floors = Floors(SHAPE, 32000, K, read_gbs, copy_gbs)
     kv_all = (floors.kv_tok + floors.draft_kv_tok) * MAX_SEQ  # target + the draft's one layer
     free1, _ = torch.cuda.mem_get_info()
     mem = {

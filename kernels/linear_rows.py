@@ -12,10 +12,14 @@ Why: at a handful of rows a linear layer is a GEMV, bound by reading the weight 
 backend compiles matmuls to AOTInductor's Triton mm templates, tiled for matrices; at one to eight rows
 they ran at 50-75% of copy bandwidth and were most of target_verify's time (docs/PERFORMANCE.md).
 
-CUDA: one Triton kernel, grid = column blocks of all weights. A program streams a ``[BLOCK_N, K]`` slab
-of one weight in ``[BLOCK_N, BLOCK_K]`` tiles (contiguous along K) against the rows, padded to 16 for
-``tl.dot``; no split-K, so the sum order of a row does not depend on the other rows or on M, and the
-result is deterministic. CPU: the reference math in fp32.
+CUDA: one Triton kernel, grid = (column blocks of all weights, K splits). A program streams a
+``[BLOCK_N, K / splits]`` slab of one weight in ``[BLOCK_N, BLOCK_K]`` tiles (contiguous along K) against
+the rows, padded to 16 for ``tl.dot``. A long-K matrix with too few column blocks to keep the SMs
+streaming (the 1B down projection: 64 blocks on 132 SMs) is split along K (:func:`plan_split_k`): each
+split stores an fp32 partial and a second kernel adds them in split order (and applies the gate). The
+split count depends only on the weight shape and the SM count, never on M, and the sums run in a fixed
+order, so a row's result does not depend on the other rows or on M and is deterministic. CPU: the
+reference math in fp32.
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["MAX_ROWS", "RowsConfig", "default_config", "launch", "linear_rows", "linear_rows_reference"]
+__all__ = [
+    "MAX_ROWS",
+    "RowsConfig",
+    "default_config",
+    "launch",
+    "linear_rows",
+    "linear_rows_reference",
+    "plan_split_k",
+]
 
 MAX_ROWS = 16
 """Most rows one call takes (the rows are one padded tl.dot operand)."""
@@ -40,12 +52,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 @dataclass(frozen=True)
 class RowsConfig:
     """Tiles of the kernel: ``block_n`` columns per program, ``block_k`` the K tile (capped at K's next
-    power of two), Triton ``num_warps``/``num_stages``."""
+    power of two), Triton ``num_warps``/``num_stages``; ``split_k`` K splits (0: :func:`plan_split_k`)."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 0
 
 
 # Per mode (H200 sweep of block_n x block_k x warps x stages over the 1B/8B projections at 1 and 8 rows,
@@ -55,9 +68,42 @@ PLAIN_CONFIG = RowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
 GATED_CONFIG = RowsConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
 
 
+# K splits (plan_split_k) only for a long K (SPLIT_MIN_K_TILES tiles or more) under a grid of at most one
+# column block per two SMs: the one regime where splitting paid on an H200 (the 1B down projection, 64
+# blocks x 32 tiles: 19.5 -> 13.6 µs). Elsewhere the partials' round trip and the second launch cost more
+# than the extra programs bring (8B o: 12.3 -> 16.3 µs at 4 splits); bench/bench_linear_rows.py --sweep,
+# docs/kernels.md. MIN_SPLIT_TILES: fewest tiles per split (shorter ones spend their time filling the
+# pipeline).
+SPLIT_MIN_K_TILES = 32
+SPLIT_MAX_BLOCKS_PER_SM = 0.5
+MAX_SPLIT_K = 8
+MIN_SPLIT_TILES = 8
+_REDUCE_BLOCK = 256
+
+
 def default_config(gated: str) -> RowsConfig:
     """The config the op uses for a plain (``gated == ""``) or gated call."""
     return GATED_CONFIG if gated else PLAIN_CONFIG
+
+
+def plan_split_k(blocks: int, k_tiles: int, n_sm: int) -> int:
+    """K splits for a grid of `blocks` column blocks over `k_tiles` K tiles on `n_sm` SMs (static: the
+    shapes and the SM count only): 1 outside the regime where splits pay, else the largest power of two
+    that keeps ``MIN_SPLIT_TILES`` tiles per split and the grid within two programs per SM."""
+    if blocks > SPLIT_MAX_BLOCKS_PER_SM * n_sm or k_tiles < SPLIT_MIN_K_TILES:
+        return 1
+    split = 1
+    while (
+        split * 2 <= MAX_SPLIT_K and blocks * split * 2 <= 2 * n_sm and k_tiles >= split * 2 * MIN_SPLIT_TILES
+    ):
+        split *= 2
+    return split
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter
 
 
 @triton.jit
@@ -86,13 +132,17 @@ def _linear_rows_kernel(
     w2_ptr,
     w3_ptr,
     out_ptr,
+    part_ptr,
     M,
     K,
+    K_SPLIT,
     N1,
     N2,
     N3,
     stride_xm,
     stride_om,
+    SPLIT: tl.constexpr,  # K splits: 1 stores the result, more store fp32 partials
+    GATES: tl.constexpr,  # partials per split: 1, or 2 for gated calls (gate and up)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -102,6 +152,7 @@ def _linear_rows_kernel(
     UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    sid = tl.program_id(1)
     nb1 = tl.cdiv(N1, BLOCK_N)
     nb2 = tl.cdiv(N2, BLOCK_N)
     # which weight this column block reads: selects, not branches, so every value keeps one type
@@ -124,7 +175,8 @@ def _linear_rows_kernel(
     x_rows = offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = sid * K_SPLIT  # K_SPLIT: a multiple of BLOCK_K, so only the last split's last tile is ragged
+    for k0 in range(k_lo, tl.minimum(K, k_lo + K_SPLIT), BLOCK_K):
         kk = k0 + offs_k
         if EVEN_K:
             xm = m_ok[:, None]
@@ -138,10 +190,47 @@ def _linear_rows_kernel(
         if ACT != 0:
             w2 = tl.load(w2_ptr + w_rows + kk[None, :], mask=wm, other=0.0)
             acc2 = _dot(x, w2, acc2, FP32_DOT, UPCAST)
+    ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT == 1:
+        if ACT != 0:
+            acc = _act(acc, ACT) * acc2
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + (col0 + offs_n)[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        width = N1 + N2 + N3
+        prow = (sid * GATES * M + offs_m).to(tl.int64) * width  # partials [SPLIT, GATES, M, width]
+        part = part_ptr + prow[:, None] + (col0 + offs_n)[None, :]
+        tl.store(part, acc, mask=ok)
+        if ACT != 0:
+            tl.store(part + M * width, acc2, mask=ok)
+
+
+@triton.jit
+def _split_sum_kernel(
+    part_ptr,
+    out_ptr,
+    M,
+    N,
+    stride_om,
+    SPLIT: tl.constexpr,
+    ACT: tl.constexpr,
+    GATES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # one row's BLOCK columns: the K splits' partials added in split order, then the gate
+    m = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    acc2 = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(SPLIT):
+        row = part_ptr + ((s * GATES * M + m).to(tl.int64) * N)
+        acc += tl.load(row + offs, mask=ok, other=0.0)
+        if ACT != 0:
+            acc2 += tl.load(row + M * N + offs, mask=ok, other=0.0)
     if ACT != 0:
         acc = _act(acc, ACT) * acc2
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + (col0 + offs_n)[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def launch(
@@ -163,21 +252,33 @@ def launch(
         ns = [ns[0], 0, 0]
     c = config or default_config(gated)
     block_k = min(c.block_k, max(16, triton.next_power_of_2(kdim)))
-    grid = (sum(triton.cdiv(n, c.block_n) for n in ns),)
-    kernel = _linear_rows_kernel if _INTERPRET else wrap_triton(_linear_rows_kernel)
-    kernel[grid](
+    blocks = sum(triton.cdiv(n, c.block_n) for n in ns)
+    k_tiles = triton.cdiv(kdim, block_k)
+    split = c.split_k or plan_split_k(blocks, k_tiles, _num_sms(x.device))
+    k_split = triton.cdiv(k_tiles, split) * block_k
+    split = triton.cdiv(kdim, k_split)  # no empty splits
+    width = sum(ns)
+    part = out
+    if split > 1:
+        part = torch.empty((split, 2 if act else 1, rows, width), dtype=torch.float32, device=x.device)
+    wrap = (lambda k: k) if _INTERPRET else wrap_triton
+    wrap(_linear_rows_kernel)[(blocks, split)](
         x,
         w1,
         w1 if w2 is None else w2,
         w1 if w3 is None else w3,
         out,
+        part,
         rows,
         kdim,
+        k_split,
         ns[0],
         ns[1],
         ns[2],
         x.stride(0),
         out.stride(0),
+        SPLIT=split,
+        GATES=2 if act else 1,
         BLOCK_M=MAX_ROWS,
         BLOCK_N=c.block_n,
         BLOCK_K=block_k,
@@ -188,6 +289,20 @@ def launch(
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )
+    if split > 1:
+        grid = (triton.cdiv(width, _REDUCE_BLOCK), rows)
+        wrap(_split_sum_kernel)[grid](
+            part,
+            out,
+            rows,
+            width,
+            out.stride(0),
+            SPLIT=split,
+            ACT=act,
+            GATES=2 if act else 1,
+            BLOCK=_REDUCE_BLOCK,
+            num_warps=4,
+        )
     return out
 
 

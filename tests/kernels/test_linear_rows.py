@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from etspec.kernels import register_ops
-from etspec.kernels.linear_rows import MAX_ROWS, default_config
+from etspec.kernels.linear_rows import MAX_ROWS, default_config, plan_split_k
 
 register_ops()
 
@@ -70,7 +70,8 @@ def run_interp_cases() -> int:
     for i, (rows, k, ns, gated, dt) in enumerate(INTERP_CASES):
         x, ws = make(rows, k, ns, dt, seed=i, gated=gated)
         w1, w2, w3 = (ws + [None, None])[:3]
-        for cfg in ({}, dict(block_n=16, block_k=64)):  # the shipped tiles, and more, narrower ones
+        # the shipped tiles; more, narrower ones; and K split in three (a ragged last split where K is)
+        for cfg in ({}, dict(block_n=16, block_k=64), dict(block_n=16, block_k=64, split_k=3)):
             n = ns[0] if gated else sum(ns)
             out = torch.full((rows, n), float("nan"), dtype=dt)
             launch(x, w1, w2, w3, gated, out, config=replace(default_config(gated), **cfg))
@@ -158,3 +159,25 @@ def test_export_strict_keeps_one_node_per_call_with_dynamic_rows():
 
 if __name__ == "__main__":
     sys.exit(run_interp_cases())
+
+
+def test_k_splits_only_where_they_paid():
+    """On an H200 (132 SMs) the plan splits the 1B down projection alone (docs/kernels.md): the split
+    count comes from the shape and the SM count, never from the row count."""
+    h200 = {  # name: (column blocks, K tiles) under the default tiles
+        "1b qkv": (96, 8),
+        "1b o": (64, 8),
+        "1b gate+up": (128, 16),
+        "1b down": (64, 32),
+        "8b qkv": (192, 16),
+        "8b o": (128, 16),
+        "8b gate+up": (224, 32),
+        "8b down": (128, 56),
+        "8b lm_head": (4008, 16),
+    }
+    assert {name: plan_split_k(b, t, 132) for name, (b, t) in h200.items()} == {
+        **{name: 1 for name in h200},
+        "1b down": 4,
+    }
+    assert plan_split_k(16, 64, 132) == 8  # capped
+    assert plan_split_k(10, 40, 132) == 4  # 10 tiles per split; 8 splits would leave 5

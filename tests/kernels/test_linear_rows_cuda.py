@@ -5,11 +5,13 @@ must agree), and CUDA-graph replay."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from etspec.kernels import register_ops
-from etspec.kernels.linear_rows import MAX_ROWS, launch
+from etspec.kernels.linear_rows import MAX_ROWS, default_config, launch
 from tests.kernels.test_linear_rows import TOL, make, ref64, rel_err
 
 register_ops()
@@ -63,10 +65,35 @@ def test_matches_float64(k, ns, gated, m, dtype):
     torch.testing.assert_close(got[0], out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("gated", ["", "silu"])
-def test_rows_are_independent_bit_for_bit(gated):
-    """Each row's result is identical whatever the other rows are and however many there are."""
-    x, ws = make(MAX_ROWS, 2048, [2048, 512, 512], BF16, seed=1, gated=gated)
+@pytest.mark.parametrize(
+    "k,ns,gated,m,split",
+    [
+        (14336, [4096], "", 8, 2),
+        (4096, [4096], "", 1, 8),
+        (4096, [14336], "silu", 5, 4),
+        (1000, [333, 77], "", 16, 3),  # ragged K: the last split ends in a partial tile
+        (8192, [2048], "gelu_tanh", 2, 8),
+    ],
+)
+def test_k_splits_match_float64(k, ns, gated, m, split):
+    """Explicit K splits (the op plans its own from the shape): partials and their fixed-order sum."""
+    x, ws = make(m, k, ns, BF16, seed=split + m, gated=gated)
+    x, ws = x.cuda(), [w.cuda() for w in ws]
+    w1, w2, w3 = (ws + [None, None])[:3]
+    out = torch.full((m, ns[0] if gated else sum(ns)), float("nan"), dtype=BF16, device="cuda")
+    launch(x, w1, w2, w3, gated, out, config=replace(default_config(gated), split_k=split))
+    assert torch.isfinite(out).all(), "unwritten output"
+    assert rel_err(out, ref64(x, ws, gated)) < TOL_GPU[BF16]
+
+
+@pytest.mark.parametrize(
+    "k,ns,gated",
+    [(2048, [2048, 512, 512], ""), (2048, [8192], "silu"), (8192, [2048], ""), (14336, [4096], "")],
+)
+def test_rows_are_independent_bit_for_bit(k, ns, gated):
+    """Each row's result is identical whatever the other rows are and however many there are (the 1B
+    down shape, K 8192 -> 2048, runs with planned K splits)."""
+    x, ws = make(MAX_ROWS, k, ns, BF16, seed=1, gated=gated)
     x, ws = x.cuda(), [w.cuda() for w in ws]
     full = torch.ops.etspec.linear_rows(x, *ws, gated=gated)
     for m in range(1, MAX_ROWS + 1):
@@ -91,3 +118,45 @@ def test_cuda_graph_replay():
         g.replay()
         torch.cuda.synchronize()
         assert rel_err(out, ref64(x, ws)) < TOL_GPU[BF16]
+
+
+class _Rows(torch.nn.Module):
+    """A 1B down projection (planned with K splits) and an MLP's gate+up, as the models call the op."""
+
+    def __init__(self):
+        super().__init__()
+        fixed = lambda w: torch.nn.Parameter(w.cuda(), requires_grad=False)
+        (d,), (g, u) = make(1, 8192, [2048], BF16, seed=7)[1], make(1, 2048, [4096], BF16, 8, "silu")[1]
+        self.d, self.g, self.u = fixed(d), fixed(g), fixed(u)
+
+    def forward(self, x):
+        y = torch.ops.etspec.linear_rows(x, self.d)
+        return torch.ops.etspec.linear_rows(y, self.g, self.u, gated="silu")
+
+
+def test_lowered_through_cuda_partitioner_matches_eager(tmp_path):
+    """AOTInductor compiles the op body (both kernels, the partials planned inside) into the delegate,
+    with a dynamic row count, and the delegate gives the eager op's result."""
+    from tests.kernels.aoti_helpers import AotiMethod, delegate_input_order, lower_for_cuda, named_blobs
+
+    model = _Rows().eval()
+    dm = torch.export.Dim("m", min=1, max=MAX_ROWS)
+    x = torch.randn(1, 5, 8192, device="cuda").to(BF16)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,), dynamic_shapes=({1: dm},), strict=True)
+    pte = lower_for_cuda(ep, "rows", str(tmp_path))
+    program, blobs = named_blobs(pte, str(tmp_path))
+    so = next(v for k, v in blobs.items() if k.endswith("so_blob"))
+    weights = next(v for k, v in blobs.items() if k.endswith("weights_blob"))
+    meth = AotiMethod(so, weights)
+    try:
+        assert delegate_input_order(program, meth.ni) == [0]
+        for m in (1, 8, 3, 16):
+            x = torch.randn(1, m, 8192, device="cuda").to(BF16)
+            got = meth(x)[0]
+            want = model(x)
+            assert got.shape == want.shape == (1, m, 4096)
+            assert torch.isfinite(got).all()
+            assert rel_err(got, want.double()) < TOL_GPU[BF16], m
+    finally:
+        meth.close()
