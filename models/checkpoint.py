@@ -179,11 +179,13 @@ def load_into(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], re
         raise CheckpointError("checkpoint does not match the model: " + " | ".join(parts))
 
 
-def _target_rename(key: str) -> str | None:
-    if key.startswith("model."):
-        return key[len("model.") :]
-    if key == "lm_head.weight":
-        return key
+def _target_rename(key: str, prefix: str = "model.") -> str | None:
+    """The decoder's name for a checkpoint key: `prefix` stripped (a multimodal checkpoint's text model
+    sits under model.language_model.; its other towers' weights are skipped)."""
+    if key.startswith(prefix):
+        return key[len(prefix) :]
+    if prefix != "model." and key.startswith("model."):
+        return None  # vision / audio towers and their embedders
     return key
 
 
@@ -201,7 +203,7 @@ def load_target(
     model = build_empty(lambda: TargetModel(cfg, max_seq_len, tap_layers, kernels), dtype, device)
     model.tie_weights()
     # Rotary caches of transformers' checkpoints are not weights; skip them if present.
-    rename = lambda k: None if k.endswith("rotary_emb.inv_freq") else _target_rename(k)
+    rename = lambda k: None if k.endswith("rotary_emb.inv_freq") else _target_rename(k, cfg.checkpoint_prefix)
     load_into(model, src.tensors(), rename)
     return model.eval().requires_grad_(False)
 

@@ -8,7 +8,7 @@ one shape of config to read.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,13 @@ FAMILIES = {
     "mistral": "MistralForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "gemma4_text": "Gemma4ForCausalLM",
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MULTIMODAL = {"gemma4": ("Gemma4ForConditionalGeneration", "gemma4_text", "model.language_model.")}
+"""model_type: (architecture, its text model's model_type, the text model's weight prefix): a
+multimodal checkpoint whose text part etspec runs (the other towers' weights are skipped)."""
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "proportional")
+GEMMA = ("gemma2", "gemma3_text", "gemma4_text")
 DRAFT_ARCHITECTURES = ("LlamaForCausalLMEagle3",)
 
 
@@ -36,6 +41,7 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    partial_rotary_factor: float = 1.0  # "proportional": the share of frequency pairs rotated
 
 
 @dataclass(frozen=True)
@@ -63,18 +69,34 @@ class TargetConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # Gemma-specific
-    norm_offset: bool = False  # RMSNorm scales by (1 + w)
+    norm_style: str = "llama"  # layers.RMSNorm's scaling: "offset" (1 + w) for Gemma 2/3, "fp32" for 4
     sandwich_norm: bool = False  # pre/post feed-forward norms and post-attention norm on the branch
     embed_scale: bool = False
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    # Gemma 4
+    unit_attn_scale: bool = False  # scores are q.k, unscaled (q and k are RMS-normed)
+    v_norm: bool = False  # values RMS-normed without a weight
+    layer_scalar: bool = False  # each layer's output times a per-layer scalar weight
+    k_eq_v: bool = False  # full-attention layers: no v_proj, the key projection serves as the value
+    layer_overrides: tuple[tuple[int, int] | None, ...] = ()  # per layer: (head_dim, num_kv_heads) or None
+    checkpoint_prefix: str = "model."  # the decoder's weight prefix in the checkpoint
 
-    @property
-    def attn_scale(self) -> float:
+    def layer_head_dim(self, i: int) -> int:
+        o = self.layer_overrides[i] if self.layer_overrides else None
+        return o[0] if o else self.head_dim
+
+    def layer_kv_heads(self, i: int) -> int:
+        o = self.layer_overrides[i] if self.layer_overrides else None
+        return o[1] if o else self.num_kv_heads
+
+    def layer_attn_scale(self, i: int) -> float:
+        if self.unit_attn_scale:
+            return 1.0
         if self.query_pre_attn_scalar is not None:
             return float(self.query_pre_attn_scalar) ** -0.5
-        return self.head_dim**-0.5
+        return self.layer_head_dim(i) ** -0.5
 
     def default_tap_layers(self) -> tuple[int, int, int]:
         """EAGLE-3's default taps: the inputs of layers 2, L//2 and L-3."""
@@ -131,6 +153,13 @@ def _rope_from(params: dict[str, Any] | None, theta: float, where: str) -> RopeC
         )
     if rope_type == "default":
         return RopeConfig(theta=theta)
+    if rope_type == "proportional":
+        return RopeConfig(
+            theta=theta,
+            rope_type="proportional",
+            factor=float(params.get("factor", 1.0)),
+            partial_rotary_factor=float(params.get("partial_rotary_factor", 1.0)),
+        )
     factor = float(_require(params, "factor", f"{where} rope_scaling"))
     if rope_type == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=factor)
@@ -167,6 +196,8 @@ def eos_token_ids(directory: str | Path) -> tuple[int, ...]:
 def parse_target_config(cfg: dict[str, Any]) -> TargetConfig:
     """Normalise a target model's config.json; unsupported families raise ConfigError."""
     model_type = cfg.get("model_type")
+    if model_type in MULTIMODAL and isinstance(cfg.get("text_config"), dict):
+        return _parse_multimodal(cfg, model_type)
     if model_type == "gemma3" and "text_config" in cfg:
         raise ConfigError(
             "model_type 'gemma3' is the multimodal Gemma 3; export its text-only checkpoint "
@@ -192,7 +223,13 @@ def parse_target_config(cfg: dict[str, Any]) -> TargetConfig:
 
     rope_params = cfg.get("rope_parameters")
     theta = float(cfg.get("rope_theta", 10000.0))
-    gemma = model_type in ("gemma2", "gemma3_text")
+    gemma = model_type in GEMMA
+    gemma4 = model_type == "gemma4_text"
+    if gemma4 and not rope_params:  # transformers' defaults for Gemma 4
+        rope_params = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+        }
     local_rope = None
     if isinstance(rope_params, dict) and "full_attention" in rope_params:  # transformers 5, per layer type
         rope = _rope_from(rope_params["full_attention"], theta, where)
@@ -207,7 +244,7 @@ def parse_target_config(cfg: dict[str, Any]) -> TargetConfig:
     if layer_types is None:
         if model_type == "gemma2":
             layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
-        elif model_type == "gemma3_text":
+        elif model_type in ("gemma3_text", "gemma4_text"):
             pattern = int(cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6)))
             layer_types = [
                 "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
@@ -221,6 +258,8 @@ def parse_target_config(cfg: dict[str, Any]) -> TargetConfig:
             layer_types = ["full_attention"] * n_layers
     if model_type == "mistral" and sliding_window:
         layer_types = ["sliding_attention"] * n_layers
+    if gemma4 and layer_types:  # transformers forces the last Gemma 4 layer to full attention
+        layer_types = [*layer_types[:-1], "full_attention"]
     layer_types = tuple(layer_types)
     if len(layer_types) != n_layers or set(layer_types) - {"full_attention", "sliding_attention"}:
         raise ConfigError(f"{where}: layer_types must list full_attention/sliding_attention for each layer")
@@ -233,6 +272,7 @@ def parse_target_config(cfg: dict[str, Any]) -> TargetConfig:
     attention_bias = model_type == "qwen2" or (
         model_type != "mistral" and bool(cfg.get("attention_bias", False))
     )
+    extra = _gemma4_fields(cfg, layer_types, head_dim, kv_heads, heads, where) if gemma4 else {}
     return TargetConfig(
         family=model_type,
         hidden_size=hidden,
@@ -249,21 +289,86 @@ def parse_target_config(cfg: dict[str, Any]) -> TargetConfig:
         sliding_window=int(sliding_window) if sliding_window else None,
         hidden_act=act,
         attention_bias=attention_bias,
-        o_proj_bias=attention_bias and model_type in ("llama", "qwen3", "gemma2", "gemma3_text"),
+        o_proj_bias=attention_bias and model_type in ("llama", "qwen3", *GEMMA),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "gemma4_text"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 131072)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg),
-        norm_offset=gemma,
+        norm_style="fp32" if gemma4 else "offset" if gemma else "llama",
         sandwich_norm=gemma,
         embed_scale=gemma,
         query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"])
         if gemma and cfg.get("query_pre_attn_scalar")
         else None,
-        attn_logit_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
+        attn_logit_softcap=cfg.get("attn_logit_softcapping") if gemma and not gemma4 else None,
         final_logit_softcap=cfg.get("final_logit_softcapping") if gemma else None,
+        **extra,
+    )
+
+
+def _parse_multimodal(cfg: dict[str, Any], model_type: str) -> TargetConfig:
+    """The text model of a multimodal checkpoint: its text_config, with the top level's token ids and
+    embedding tie (what generation and the checkpoint's lm_head follow)."""
+    arch, text_type, prefix = MULTIMODAL[model_type]
+    archs = cfg.get("architectures") or [arch]
+    if arch not in archs:
+        raise ConfigError(f"{model_type} target: architectures {archs} not supported; expected {arch}")
+    text = {**cfg["text_config"], "model_type": text_type, "architectures": [FAMILIES[text_type]]}
+    for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings"):
+        if cfg.get(key) is not None:
+            text[key] = cfg[key]
+    return replace(parse_target_config(text), checkpoint_prefix=prefix)
+
+
+def _gemma4_fields(
+    cfg: dict[str, Any], layer_types: tuple[str, ...], head_dim: int, kv_heads: int, heads: int, where: str
+) -> dict[str, Any]:
+    """Gemma 4 (dense): K = V full layers, per-layer head_dim / kv-head overrides, unit attention scale,
+    value norm, layer scalars. Per-layer embeddings, KV sharing, MoE and bidirectional attention are
+    refused by name."""
+    refuse = {
+        "hidden_size_per_layer_input": "per-layer embeddings (PLE) are not supported yet",
+        "num_kv_shared_layers": "KV sharing across layers is not supported yet",
+        "enable_moe_block": "mixture-of-experts Gemma 4 models are not supported",
+    }
+    defaults = {"hidden_size_per_layer_input": 256, "num_kv_shared_layers": 0, "enable_moe_block": False}
+    for key, why in refuse.items():
+        if cfg.get(key, defaults[key]):
+            raise ConfigError(f"{where}: {key} = {cfg.get(key, defaults[key])!r}: {why}")
+    if cfg.get("use_bidirectional_attention") == "all":
+        raise ConfigError(f"{where}: use_bidirectional_attention = 'all' is not a causal decoder")
+    k_eq_v = bool(cfg.get("attention_k_eq_v", False))
+    per_layer = cfg.get("per_layer_config")
+    if per_layer is None:  # transformers' expansion: full layers take global_head_dim (and kv heads)
+        full: dict[str, Any] = {"head_dim": int(cfg.get("global_head_dim", 512))}
+        if k_eq_v and cfg.get("num_global_key_value_heads") is not None:
+            full["num_key_value_heads"] = int(cfg["num_global_key_value_heads"])
+        per_layer = {i: full for i, t in enumerate(layer_types) if t == "full_attention"}
+    if not isinstance(per_layer, dict):
+        raise ConfigError(f"{where}: per_layer_config must map layer indices to overrides")
+    overrides: list[tuple[int, int] | None] = [None] * len(layer_types)
+    for key, o in per_layer.items():
+        try:
+            i = int(key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: per_layer_config key {key!r} is not a layer index") from None
+        if not 0 <= i < len(layer_types) or not isinstance(o, dict):
+            raise ConfigError(f"{where}: per_layer_config[{key!r}] is not an override of a layer")
+        unknown = set(o) - {"head_dim", "num_key_value_heads"}
+        if unknown:
+            raise ConfigError(f"{where}: per_layer_config overrides {sorted(unknown)}: not supported")
+        d, kv = int(o.get("head_dim", head_dim)), int(o.get("num_key_value_heads", kv_heads))
+        if heads % kv:
+            raise ConfigError(f"{where}: layer {i}: {heads} query heads are not a multiple of {kv} kv heads")
+        overrides[i] = (d, kv)
+    return dict(
+        unit_attn_scale=True,
+        v_norm=True,
+        layer_scalar=True,
+        k_eq_v=k_eq_v,
+        layer_overrides=tuple(overrides),
     )
 
 

@@ -37,7 +37,14 @@ PLAIN_OPS = FewRowsKernels()
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies, fp32, with the checkpoint's scaling applied (same math as transformers)."""
+    """Inverse frequencies, fp32, with the checkpoint's scaling applied (same math as transformers).
+
+    "proportional" (Gemma 4's full layers) rotates the first `partial_rotary_factor` of the frequency
+    pairs, with exponents over the whole head_dim, and leaves the others unrotated (frequency 0)."""
+    if rope.rope_type == "proportional":
+        angles = int(rope.partial_rotary_factor * head_dim // 2)
+        inv = 1.0 / (rope.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
+        return torch.cat((inv, torch.zeros(head_dim // 2 - angles))) / rope.factor
     inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope.rope_type == "linear":
         return inv / rope.factor
@@ -80,20 +87,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm in fp32; Gemma scales by (1 + w) in fp32, Llama-style casts before scaling by w."""
+NORM_STYLES = ("llama", "offset", "fp32", "unit")
 
-    def __init__(self, dim: int, eps: float, offset: bool = False):
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32, then one of four scalings (`style`): "llama" casts, then scales by w; "offset"
+    (Gemma 2/3) scales by (1 + w) in fp32; "fp32" (Gemma 4) scales by w in fp32; "unit" has no weight
+    (Gemma 4's value norm)."""
+
+    def __init__(self, dim: int, eps: float, style: str = "llama"):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        if style not in NORM_STYLES:
+            raise ValueError(f"RMSNorm style must be one of {NORM_STYLES}, got {style!r}")
+        if style != "unit":
+            self.weight = nn.Parameter(torch.zeros(dim) if style == "offset" else torch.ones(dim))
         self.eps = eps
-        self.offset = offset
+        self.style = style
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
+        if self.style == "offset":
             return (h * (1.0 + self.weight.float())).to(x.dtype)
+        if self.style == "fp32":
+            return (h * self.weight.float()).to(x.dtype)
+        if self.style == "unit":
+            return h.to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
@@ -172,8 +191,15 @@ def attend(
     return (scores.softmax(-1).to(v.dtype)) @ v
 
 
+MIDM_MAX_HEAD_DIM = 256
+"""Largest head_dim the verify layers hand to etspec::sdpa_midm (docs/kernels.md); wider heads (Gemma 4's
+512-wide full layers) take the plain path."""
+
+
 class Attention(nn.Module):
-    """Multi-head attention with a static KV cache, GQA, optional qk-norm, softcap and sliding window."""
+    """Multi-head attention with a static KV cache, GQA, optional qk-norm, value norm, shared key/value
+    projection (Gemma 4's K = V layers: no v_proj, the raw key projection is the value), softcap and
+    sliding window."""
 
     def __init__(
         self,
@@ -189,7 +215,9 @@ class Attention(nn.Module):
         bias: bool = False,
         o_bias: bool = False,
         qk_norm_eps: float | None = None,
-        norm_offset: bool = False,
+        norm_style: str = "llama",
+        v_norm_eps: float | None = None,
+        k_eq_v: bool = False,
         softcap: float | None = None,
         window: int | None = None,
         kernels: FewRowsKernels = PLAIN_OPS,
@@ -198,18 +226,19 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_proj = nn.Linear(in_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(in_dim, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(in_dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = None if k_eq_v else nn.Linear(in_dim, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, out_dim, bias=o_bias)
         if qk_norm_eps is not None:
-            self.q_norm = RMSNorm(head_dim, qk_norm_eps, norm_offset)
-            self.k_norm = RMSNorm(head_dim, qk_norm_eps, norm_offset)
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, norm_style)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, norm_style)
         else:
             self.q_norm = self.k_norm = None
+        self.v_norm = RMSNorm(head_dim, v_norm_eps, "unit") if v_norm_eps is not None else None
         self.rotary = Rotary(rope, head_dim)
         self.scale, self.softcap, self.window = scale, softcap, window
         # The split-K kernel covers causal (optionally windowed) attention without a logit softcap; the
         # few-rows linear kernel serves every projection of a verify/draft call.
-        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None
+        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= MIDM_MAX_HEAD_DIM
         self.rows_kernel = kernels.linear_rows
         cache_shape = (1, num_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.empty(cache_shape), persistent=False)
@@ -234,7 +263,7 @@ class Attention(nn.Module):
         """Rotate the projected k [1,R,Hkv*D] and store k/v rows at input_pos."""
         k = apply_rope(self._heads(k, self.num_kv_heads, self.k_norm), cos, sin)
         self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, self._heads(v, self.num_kv_heads, None))
+        self.v_cache.index_copy_(2, input_pos, self._heads(v, self.num_kv_heads, self.v_norm))
 
     def _attend(
         self,
@@ -261,8 +290,15 @@ class Attention(nn.Module):
         self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> None:
         """Project x [1,R,in] to k/v, rotate k, and store the R rows at input_pos (R may be large)."""
-        k, v = project(x, (self.k_proj, self.v_proj), False)
+        k, v = self._kv(project(x, self._kv_projs(), False))
         self._store(k, v, input_pos, cos, sin)
+
+    def _kv_projs(self) -> tuple[nn.Linear, ...]:
+        return (self.k_proj,) if self.v_proj is None else (self.k_proj, self.v_proj)
+
+    def _kv(self, outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) from the key/value projections' outputs: with K = V the key output serves as both."""
+        return (outs[0], outs[0]) if self.v_proj is None else (outs[0], outs[1])
 
     def query(
         self,
@@ -286,6 +322,7 @@ class Attention(nn.Module):
         self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int, few_rows: bool = False
     ) -> torch.Tensor:
         cos, sin = self.rotary(input_pos, x.dtype)
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), few_rows and self.rows_kernel)
+        q, *kv = project(x, (self.q_proj, *self._kv_projs()), few_rows and self.rows_kernel)
+        k, v = self._kv(kv)
         self._store(k, v, input_pos, cos, sin)
         return self._attend(q, input_pos, cos, sin, kv_len, few_rows)

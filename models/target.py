@@ -1,4 +1,5 @@
-"""The target decoder (Llama / Qwen2 / Qwen3 / Mistral / Gemma 2 / Gemma 3 text) over static KV caches."""
+"""The target decoder (Llama / Qwen2 / Qwen3 / Mistral / Gemma 2 / Gemma 3 / Gemma 4 text) over static KV
+caches."""
 
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ class DecoderLayer(nn.Module):
             cfg.hidden_size,
             cfg.hidden_size,
             cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
+            cfg.layer_kv_heads(index),
+            cfg.layer_head_dim(index),
             max_seq_len,
             rope,
-            cfg.attn_scale,
+            cfg.layer_attn_scale(index),
             bias=cfg.attention_bias,
             o_bias=cfg.o_proj_bias,
             qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
-            norm_offset=cfg.norm_offset,
+            norm_style=cfg.norm_style,
+            v_norm_eps=cfg.rms_norm_eps if cfg.v_norm else None,
+            k_eq_v=cfg.k_eq_v and not sliding,
             softcap=cfg.attn_logit_softcap,
             window=cfg.sliding_window if sliding else None,
             # docs/design.md §5: a sliding layer's attention takes the plain ops (the windowed path);
@@ -38,19 +41,22 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(
             cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, kernels.linear_rows
         )
-        eps, off = cfg.rms_norm_eps, cfg.norm_offset
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        eps, style = cfg.rms_norm_eps, cfg.norm_style
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, style)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, style)
         self.sandwich = cfg.sandwich_norm
         if self.sandwich:
-            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
-            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, style)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, style)
+        # Gemma 4: a learned scalar on each layer's output (a weight of the checkpoint)
+        self.layer_scalar = nn.Parameter(torch.ones(1)) if cfg.layer_scalar else None
 
     def forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_len: int, few_rows: bool) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(h), input_pos, kv_len, few_rows)
         if self.sandwich:  # Gemma: norms on both ends of each branch
             h = h + self.post_attention_layernorm(a)
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), few_rows))
+            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), few_rows))
+            return h if self.layer_scalar is None else h * self.layer_scalar
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h), few_rows)
 
@@ -77,7 +83,7 @@ class TargetModel(nn.Module):
         self.tap_layers = tuple(tap_layers if tap_layers is not None else cfg.default_tap_layers())
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, max_seq_len, kernels) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rows_kernel = kernels.linear_rows  # etspec::linear_rows for the lm_head of verify calls
         self.tie_weights()

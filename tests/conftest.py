@@ -10,7 +10,7 @@ import torch
 
 from etspec.fixtures.tiny import tiny_target_config
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "gemma4_text"]
 
 
 def pytest_collection_modifyitems(config, items):

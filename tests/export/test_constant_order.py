@@ -20,7 +20,8 @@ from etspec.models.speculator import Speculator
 TARGET = ("prefill", "target_verify")
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # Llama's layers plus q/k/v biases; sandwich norms
+# Llama's layers plus q/k/v biases; sandwich norms; K = V layers (no v_proj) beside plain ones
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma4_text"])
 def test_prefill_and_verify_read_constants_in_one_order(family):
     # untrained weights: only the graph matters; max_seq_len as test_speculative's few-rows pairs
     both = FewRowsKernels(sdpa_midm=True, linear_rows=True)

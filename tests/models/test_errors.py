@@ -45,6 +45,47 @@ def test_transformers5_rope_parameters():
     assert parsed.layer_types[:3] == ("sliding_attention", "sliding_attention", "full_attention")
 
 
+def test_gemma4_config_forms_and_refusals(tmp_path):
+    """A published config (global_head_dim, num_global_key_value_heads) and the per_layer_config that
+    transformers writes back parse to the same model; what etspec does not run is refused by name."""
+    import transformers
+
+    cfg = tiny_target_config("gemma4_text")
+    published = parse_target_config(cfg)
+    hf = transformers.AutoConfig.for_model(**cfg)
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "per_layer_config" in saved and "global_head_dim" not in saved
+    assert parse_target_config(saved) == published
+    full = [i for i, t in enumerate(published.layer_types) if t == "full_attention"]
+    assert full == [2, 5, 7]
+    assert [published.layer_head_dim(i) for i in (0, 2)] == [16, 32]
+    assert [published.layer_kv_heads(i) for i in (0, 2)] == [2, 1]
+    assert published.layer_attn_scale(0) == 1.0 and published.k_eq_v
+    # without K = V the full layers keep the base kv heads, as in transformers
+    assert parse_target_config({**cfg, "attention_k_eq_v": False}).layer_kv_heads(2) == 2
+    # transformers' defaults: full layers 512 wide; the last layer full whatever layer_types says
+    bare = {k: v for k, v in cfg.items() if k not in ("global_head_dim", "layer_types", "rope_parameters")}
+    dflt = parse_target_config({**bare, "num_hidden_layers": 7})
+    assert dflt.layer_types[5:] == ("full_attention", "full_attention") and dflt.layer_head_dim(5) == 512
+    assert dflt.rope.rope_type == "proportional" and dflt.rope.partial_rotary_factor == 0.25
+    refused = {
+        "hidden_size_per_layer_input": (256, "per-layer embeddings"),
+        "num_kv_shared_layers": (2, "KV sharing"),
+        "enable_moe_block": (True, "mixture-of-experts"),
+        "use_bidirectional_attention": ("all", "not a causal decoder"),
+    }
+    for key, (value, why) in refused.items():
+        with pytest.raises(ConfigError, match=f"{key}.*{why}"):
+            parse_target_config({**cfg, key: value})
+    with pytest.raises(ConfigError, match="per-layer embeddings"):  # transformers' default is 256
+        parse_target_config({k: v for k, v in cfg.items() if k != "hidden_size_per_layer_input"})
+    with pytest.raises(ConfigError, match="overrides.*sliding_window"):
+        parse_target_config({**saved, "per_layer_config": {"2": {"sliding_window": 3}}})
+    with pytest.raises(ConfigError, match="architectures.*Gemma4ForConditionalGeneration"):
+        parse_target_config({"model_type": "gemma4", "architectures": ["X"], "text_config": cfg})
+
+
 def test_not_a_directory_and_no_weights(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         load_target(tmp_path / "nope", 16)

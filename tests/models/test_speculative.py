@@ -54,9 +54,9 @@ def test_eos_and_context_limit(pair):
         target_greedy(pair, random_prompt(156, 9), 10)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_lossless_other_seeds_and_sliding_gemma(seed):
-    pair = tiny_pair("gemma2", max_seq_len=96, draft_len=3, seed=seed, train_steps=30)
+@pytest.mark.parametrize("family,seed", [("gemma2", 1), ("gemma2", 2), ("gemma4_text", 1)])
+def test_lossless_other_seeds_and_sliding_gemma(family, seed):
+    pair = tiny_pair(family, max_seq_len=96, draft_len=3, seed=seed, train_steps=30)
     for plen in (3, 14):
         prompt = random_prompt(plen, seed + plen)
         assert (
@@ -101,7 +101,8 @@ def test_round_bookkeeping_for_every_acceptance_count(pair):
     assert out.accepted[:7] == [4, 0, 2, 1, 3, 4, 4]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])  # q/k/v biases; GELU gate + softcaps
+# q/k/v biases; GELU gate + softcaps; K = V layers of two head widths
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma4_text"])
 def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
     """Verify and draft through etspec::sdpa_midm and etspec::linear_rows (their CPU kernels) give the
     same tokens as SDPA and nn.Linear, while prefill keeps the plain ops."""

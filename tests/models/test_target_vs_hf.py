@@ -6,11 +6,15 @@ import pytest
 import torch
 import transformers
 
+from etspec.fixtures.tiny import tiny_target_config
 from etspec.models.checkpoint import load_target
 from tests.conftest import FAMILIES, write_hf_target
 
 MAX_SEQ = 64
 ATOL = 2e-5  # float32; logits here are O(1)
+# Gemma 4 scores are q.k unscaled (q and k RMS-normed): transformers' eager attention rounds its softmax
+# to fp32, which such sharp scores amplify to ~3e-5 here. test_gemma4_float64_is_exact pins the math.
+FAMILY_ATOL = {"gemma4_text": 1e-4}
 
 
 def _hf(path):
@@ -34,7 +38,7 @@ def test_prefill_logits_match_transformers(family, hf_targets):
         ref = ref_model(x).logits
         out = ours(x, torch.arange(23), _window(23))
     assert ref.abs().max() > 0.5  # logits are not all ~0, so a match means something
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(out, ref, atol=FAMILY_ATOL.get(family, ATOL), rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -49,7 +53,50 @@ def test_chunked_prefill_and_verify_rows_match_transformers(family, hf_targets):
         bounds = [0, 7, 14, 21, 26, 31, 32, 40]  # prefill chunks, then verify-sized blocks of 5, 1 and 8 rows
         for s, e in zip(bounds, bounds[1:]):
             pieces.append(ours(x[:, s:e], torch.arange(s, e), _window(e)))
-    torch.testing.assert_close(torch.cat(pieces, dim=1), ref, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), ref, atol=FAMILY_ATOL.get(family, ATOL), rtol=1e-4)
+
+
+def _chunked_logits(model, x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    spans = zip(bounds, bounds[1:])
+    return torch.cat([model(x[:, s:e], torch.arange(s, e), _window(e)) for s, e in spans], dim=1)
+
+
+@pytest.mark.parametrize("k_eq_v", [True, False])
+def test_gemma4_float64_is_exact(tmp_path, k_eq_v):
+    """In float64 against transformers' SDPA attention (its eager path rounds the softmax to fp32), for
+    K = V full layers and for separate v_proj ones: prefill, chunked prefill and multi-row calls."""
+    path = write_hf_target(tmp_path / "g4", "gemma4_text", seed=3, attention_k_eq_v=k_eq_v)
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    ref_model = ref_model.eval().double()
+    ours = load_target(path, MAX_SEQ, dtype=torch.float64)
+    assert (ours.layers[2].self_attn.v_proj is None) == k_eq_v
+    assert ours.layers[2].self_attn.head_dim == 32 and ours.layers[0].self_attn.head_dim == 16
+    x = _tokens(40, 9)
+    with torch.no_grad():
+        ref = ref_model(x).logits
+        whole = ours(x, torch.arange(40), _window(40))
+        pieces = _chunked_logits(ours, x, [0, 7, 14, 21, 26, 31, 32, 40])
+    assert ref.abs().max() > 0.5
+    torch.testing.assert_close(whole, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(pieces, ref, atol=1e-10, rtol=0)
+
+
+def test_gemma4_multimodal_checkpoint_runs_its_text_model(tmp_path):
+    """A Gemma4ForConditionalGeneration checkpoint (text part under model.language_model.): the same
+    logits as transformers' own multimodal class on text input."""
+    text = tiny_target_config("gemma4_text")
+    text.pop("architectures")
+    text["initializer_range"] = 0.1
+    torch.manual_seed(4)
+    cfg = transformers.Gemma4Config(text_config=text, vision_config=None, audio_config=None)
+    model = transformers.Gemma4ForConditionalGeneration(cfg).eval().double()
+    model.save_pretrained(tmp_path / "mm")
+    ours = load_target(tmp_path / "mm", MAX_SEQ, dtype=torch.float64)
+    x = _tokens(20, 5)
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        out = ours(x, torch.arange(20), _window(20))
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
