@@ -216,7 +216,8 @@ def load_draft(
     cfg: DraftConfig | None = None,
     kernels: FewRowsKernels = PLAIN_OPS,
 ) -> Eagle3Draft:
-    """Load a standard EAGLE-3 head; d2t absent means identity, which needs draft_vocab == vocab."""
+    """Load an EAGLE-3 head (EAGLE or speculators layout); d2t absent means identity, which needs
+    draft_vocab == vocab."""
     cfg = cfg or parse_draft_config(read_config_json(directory))
     src = find_tensors(directory, allow_bin=True)
     keys = src.keys()
@@ -228,7 +229,8 @@ def load_draft(
     own_embedding = "embed_tokens.weight" in keys
     model = build_empty(lambda: Eagle3Draft(cfg, max_seq_len, own_embedding, kernels), dtype, device)
     model.d2t.zero_()
-    rename = lambda k: None if k == "t2d" else k
+    layer = "layers.0." if cfg.checkpoint_format == "speculators" else "midlayer."
+    rename = lambda k: None if k == "t2d" else "midlayer." + k[len(layer) :] if k.startswith(layer) else k
     load_into(model, src.tensors(), rename, optional=("d2t",))
     mapped = torch.arange(cfg.draft_vocab_size, device=model.d2t.device) + model.d2t
     if int(mapped.min()) < 0 or int(mapped.max()) >= cfg.vocab_size:

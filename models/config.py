@@ -119,6 +119,8 @@ class DraftConfig:
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
     tap_layers: tuple[int, ...] | None = None  # None: the target's default taps
+    norm_before_residual: bool = False  # the residual of a step is hidden_norm(h), not h
+    checkpoint_format: str = "eagle"  # "eagle" (midlayer.*) or "speculators" (layers.0.*)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -373,7 +375,10 @@ def _gemma4_fields(
 
 
 def parse_draft_config(cfg: dict[str, Any], target: TargetConfig | None = None) -> DraftConfig:
-    """Normalise an EAGLE-3 head's config.json (docs/design.md §8)."""
+    """Normalise an EAGLE-3 head's config.json (docs/design.md §8), in the EAGLE / SGLang layout or in
+    the `speculators` one that vLLM loads."""
+    if "speculators_model_type" in cfg:
+        return _parse_speculators(cfg)
     where = "EAGLE-3 draft head"
     archs = cfg.get("architectures") or []
     if not any(a in DRAFT_ARCHITECTURES for a in archs):
@@ -411,6 +416,35 @@ def parse_draft_config(cfg: dict[str, Any], target: TargetConfig | None = None) 
         hidden_act=act,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         tap_layers=tuple(int(i) for i in taps) if taps else None,
+    )
+
+
+def _parse_speculators(cfg: dict[str, Any]) -> DraftConfig:
+    """A `speculators` EAGLE-3 head: the decoder layer's Llama config nested under
+    transformer_layer_config, the EAGLE-3 fields at the top level, norm_before_residual on unless the
+    config says otherwise (as vLLM and the speculators library read it)."""
+    where = "speculators draft head"
+    kind = cfg.get("speculators_model_type")
+    if kind != "eagle3":
+        raise ConfigError(f"{where}: speculators_model_type {kind!r} is not supported (eagle3)")
+    layer = cfg.get("transformer_layer_config") or cfg.get("transformer_config")
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{where}: config.json lacks the transformer_layer_config object")
+    if layer.get("model_type", "llama") != "llama":
+        raise ConfigError(f"{where}: a {layer.get('model_type')!r} decoder layer is not supported (llama)")
+    for key in ("norm_before_fc", "fc_norm"):
+        if cfg.get(key):
+            raise ConfigError(f"{where}: {key} = true is not supported")
+    flat = {**layer, "architectures": list(DRAFT_ARCHITECTURES)}
+    for key in ("draft_vocab_size", "target_hidden_size"):
+        if cfg.get(key) is not None:
+            flat[key] = cfg[key]
+    if cfg.get("eagle_aux_hidden_state_layer_ids"):
+        flat["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": cfg["eagle_aux_hidden_state_layer_ids"]}
+    return replace(
+        parse_draft_config(flat),
+        norm_before_residual=bool(cfg.get("norm_before_residual", True)),
+        checkpoint_format="speculators",
     )
 
 

@@ -20,6 +20,7 @@ class Eagle3Layer(nn.Module):
     def __init__(self, cfg: DraftConfig, max_seq_len: int, kernels: FewRowsKernels = PLAIN_OPS):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.norm_before_residual = cfg.norm_before_residual
         self.hidden_norm = RMSNorm(h, eps)
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
@@ -38,6 +39,11 @@ class Eagle3Layer(nn.Module):
 
     def attn_input(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
+
+    def residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The step's residual: the feature h, or with norm_before_residual its normed half of the
+        attention input x (speculators heads)."""
+        return x[..., x.shape[-1] // 2 :] if self.norm_before_residual else h
 
     def finish(self, h: torch.Tensor, a: torch.Tensor, rows: bool = False) -> torch.Tensor:
         """Residual adds and the MLP; the result is the pre-norm feature fed to the next step."""
@@ -111,14 +117,14 @@ class Eagle3Draft(nn.Module):
         a = attn.query(
             x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], kv_len, few_rows=True
         )  # ... only the last row goes on
-        h = layer.finish(feature[:, -1:], a, rows=True)
+        h = layer.finish(layer.residual(x[:, -1:], feature[:, -1:]), a, rows=True)
         ids = self.map_to_target(pick(self.step_logits(h, rows=True), 0))  # [1, 1]
         out = [ids]
         pos = input_pos[-1:]
         for i in range(1, k):
             pos = pos + 1
             x = layer.attn_input(embed(ids), h)  # the draft's own pre-norm h is fed back (already H wide)
-            h = layer.finish(h, attn(x, pos, kv_len + i, few_rows=True), rows=True)
+            h = layer.finish(layer.residual(x, h), attn(x, pos, kv_len + i, few_rows=True), rows=True)
             ids = self.map_to_target(pick(self.step_logits(h, rows=True), i))
             out.append(ids)
         return torch.cat(out, dim=1)

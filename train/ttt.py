@@ -71,7 +71,7 @@ def ttt_hidden(
         values.append(_heads(attn.v_proj(x), attn.num_kv_heads, attn.head_dim))
         mask = ttt_mask(t, i, tokens.device)
         o = attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask, attn.scale)
-        h = layer.finish(h, attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)))
+        h = layer.finish(layer.residual(x, h), attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)))
         out.append(h)
     return out
 

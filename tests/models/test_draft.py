@@ -1,13 +1,15 @@
-"""The EAGLE-3 head: standard checkpoint loading, d2t, and one draft round against the formulas of
-docs/design.md §8."""
+"""The EAGLE-3 head: standard and speculators checkpoint loading, d2t, and one draft round against the
+formulas of docs/design.md §8."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from etspec.fixtures.tiny import (
     draft_state_dict,
@@ -122,17 +124,19 @@ def _rot(x, pos, theta=10000.0):
     return x * c + torch.cat((-x2, x1), -1) * s
 
 
-def _reference_draft(sd, embed, tokens, feats, positions, k, heads=4, kv_heads=2, hd=16):
-    """Every row through the whole layer, one at a time, with explicit attention sums."""
+def _reference_draft(
+    sd, embed, tokens, feats, positions, k, heads=4, kv_heads=2, hd=16, norm_before_residual=False
+):
+    """Every row through the whole layer, one at a time, with explicit attention sums; with
+    norm_before_residual the residual is the normed feature (speculators heads)."""
     w = {n: t.double() for n, t in sd.items() if t.is_floating_point()}
     d2t = sd["d2t"]
     keys, values = {}, {}
 
     def row(tok, h, p):
         e = embed[tok].double()
-        x = torch.cat(
-            (_rms(e, w["midlayer.input_layernorm.weight"]), _rms(h, w["midlayer.hidden_norm.weight"]))
-        )
+        hn = _rms(h, w["midlayer.hidden_norm.weight"])
+        x = torch.cat((_rms(e, w["midlayer.input_layernorm.weight"]), hn))
         q = (w["midlayer.self_attn.q_proj.weight"] @ x).view(heads, hd)
         kk = (w["midlayer.self_attn.k_proj.weight"] @ x).view(kv_heads, hd)
         vv = (w["midlayer.self_attn.v_proj.weight"] @ x).view(kv_heads, hd)
@@ -146,7 +150,7 @@ def _reference_draft(sd, embed, tokens, feats, positions, k, heads=4, kv_heads=2
             pr = pr / pr.sum()
             out.append(sum(pr[i] * values[j][g] for i, j in enumerate(j for j in sorted(keys) if j <= p)))
         a = w["midlayer.self_attn.o_proj.weight"] @ torch.cat(out)
-        h2 = h + a
+        h2 = (hn if norm_before_residual else h) + a
         m = _rms(h2, w["midlayer.post_attention_layernorm.weight"])
         gate = w["midlayer.mlp.gate_proj.weight"] @ m
         mlp = w["midlayer.mlp.down_proj.weight"] @ (
@@ -155,29 +159,86 @@ def _reference_draft(sd, embed, tokens, feats, positions, k, heads=4, kv_heads=2
         h3 = h2 + mlp
         logits = w["lm_head.weight"] @ _rms(h3, w["norm.weight"])
         did = int(logits.argmax())
-        return h3, did + int(d2t[did])
+        return h3, did + int(d2t[did]), logits
 
     for tok, h, p in zip(tokens, feats, positions):
-        h, tid = row(tok, h, p)
-    out = [tid]
+        h, tid, logits = row(tok, h, p)
+    out, steps = [tid], [logits]
     p = positions[-1]
     for _ in range(k - 1):
         p += 1
-        h, tid = row(tid, h, p)  # the pre-norm h and the mapped target id feed the next step
+        h, tid, logits = row(tid, h, p)  # the pre-norm h and the mapped target id feed the next step
         out.append(tid)
-    return out
+        steps.append(logits)
+    return out, torch.stack(steps)
 
 
-@pytest.mark.parametrize("own_embedding", [False, True])
-def test_draft_round_matches_formulas(tmp_path, own_embedding):
+def write_speculators_checkpoint(directory: Path, cfg: dict, head, norm_before_residual: bool | None) -> Path:
+    """The head in the speculators layout vLLM loads: the decoder layer's config nested under
+    transformer_layer_config, EAGLE-3 fields at the top, the layer's weights under layers.0."""
+    layer = {k: v for k, v in cfg.items() if k not in ("architectures", "draft_vocab_size")}
+    top = {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": "tiny-llama", "architectures": ["LlamaForCausalLM"]},
+        },
+        "draft_vocab_size": cfg["draft_vocab_size"],
+        "transformer_layer_config": layer,
+    }
+    if norm_before_residual is not None:
+        top["norm_before_residual"] = norm_before_residual
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(top, indent=2))
+    sd = {k.replace("midlayer.", "layers.0.", 1): v for k, v in draft_state_dict(head).items()}
+    save_file(sd, str(directory / "model.safetensors"))
+    return directory
+
+
+def test_speculators_config_fields():
+    layer = {k: v for k, v in _cfg().items() if k not in ("architectures", "draft_vocab_size")}
+    base = {"speculators_model_type": "eagle3", "draft_vocab_size": 128, "transformer_layer_config": layer}
+    parsed = parse_draft_config(base)
+    assert parsed.norm_before_residual and parsed.checkpoint_format == "speculators"  # vLLM's default
+    legacy = {**base, "transformer_config": layer, "transformer_layer_config": None}
+    assert parsed == parse_draft_config(legacy)
+    assert parsed.draft_vocab_size == 128 and parsed.tap_layers is None
+    assert not parse_draft_config({**base, "norm_before_residual": False}).norm_before_residual
+    aux = {**base, "eagle_aux_hidden_state_layer_ids": [1, 3, 5], "target_hidden_size": 96}
+    aux = parse_draft_config(aux)
+    assert aux.tap_layers == (1, 3, 5) and aux.target_hidden_size == 96
+    for bad, match in [
+        ({"speculators_model_type": "mtp"}, "'mtp' is not supported"),
+        ({"transformer_layer_config": None}, "lacks the transformer_layer_config"),
+        ({"norm_before_fc": True}, "norm_before_fc"),
+        ({"transformer_layer_config": {**layer, "model_type": "qwen3"}}, "'qwen3' decoder layer"),
+        ({"transformer_layer_config": {**layer, "num_hidden_layers": 2}}, "exactly one layer"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            parse_draft_config({**base, **bad})
+
+
+@pytest.mark.parametrize(
+    "layout,own_embedding",
+    [("eagle", False), ("eagle", True), ("speculators", True), ("speculators-plain-residual", False)],
+)
+def test_draft_round_matches_formulas(tmp_path, layout, own_embedding):
     cfg = _cfg()
     head = random_draft(cfg, seed=4, own_embedding=own_embedding)
-    write_draft_checkpoint(tmp_path, cfg, head)
+    nbr = layout == "speculators"  # a speculators config without the field: norm before the residual
+    if layout == "eagle":
+        write_draft_checkpoint(tmp_path, cfg, head)
+    else:
+        write_speculators_checkpoint(tmp_path, cfg, head, None if nbr else False)
     loaded = load_draft(tmp_path, max_seq_len=128).double()
     assert (loaded.embed_tokens is not None) == own_embedding
+    assert loaded.midlayer.norm_before_residual == nbr
     target_embed = torch.nn.Embedding(256, H).double()
     embed = loaded.embed_tokens if own_embedding else target_embed
-    sd = load_file(tmp_path / "model.safetensors")
+    sd = draft_state_dict(head)
     gen = torch.Generator().manual_seed(9)
     k = 5
     r = 6
@@ -188,10 +249,16 @@ def test_draft_round_matches_formulas(tmp_path, own_embedding):
     # Earlier positions must exist in the reference too: fill them through a first call.
     pre_tokens = torch.randint(0, 256, (1, n0), generator=gen)
     pre_feats = torch.randn(1, n0, H, generator=gen, dtype=torch.float64) * 3
+    seen = []
+
+    def pick(logits, step):  # the draft's own argmax, with each step's logits kept
+        seen.append(logits.reshape(-1))
+        return torch.argmax(logits, dim=-1)
+
     with torch.no_grad():
         loaded.draft(embed, pre_tokens, pre_feats, torch.arange(n0), n0, k)
-        ours = loaded.draft(embed, tokens, feats, torch.tensor(positions), positions[-1] + 1, k)[0].tolist()
-    ref = _reference_draft(
+        ours = loaded.draft(embed, tokens, feats, torch.tensor(positions), positions[-1] + 1, k, pick)
+    args = (
         sd,
         embed.weight.detach(),
         pre_tokens[0].tolist() + tokens[0].tolist(),
@@ -199,7 +266,12 @@ def test_draft_round_matches_formulas(tmp_path, own_embedding):
         list(range(n0)) + positions,
         k,
     )
-    assert ours == ref
+    ref, ref_logits = _reference_draft(*args, norm_before_residual=nbr)
+    assert ours[0].tolist() == ref
+    # 1e-5: the rope angles are fp32 in the model (as in transformers), float64 in the reference
+    torch.testing.assert_close(torch.stack(seen[-k:]), ref_logits, atol=1e-5, rtol=0)
+    _, other = _reference_draft(*args, norm_before_residual=not nbr)  # the other residual differs
+    assert (other - ref_logits).abs().max() > 1e-3
 
 
 def test_fuse_is_fc_of_low_mid_high():
