@@ -120,6 +120,9 @@ class DraftConfig:
     max_position_embeddings: int = 2048
     tap_layers: tuple[int, ...] | None = None  # None: the target's default taps
     norm_before_residual: bool = False  # the residual of a step is hidden_norm(h), not h
+    norm_before_fc: bool = False  # one RMSNorm (input_norm) over the concatenated taps before fc
+    norm_output: bool = False  # the normed h, not the pre-norm h, is fed to the next step
+    qk_norm: bool = False  # q/k RMSNorms per head (a Qwen3 decoder layer)
     checkpoint_format: str = "eagle"  # "eagle" (midlayer.*) or "speculators" (layers.0.*)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -420,9 +423,9 @@ def parse_draft_config(cfg: dict[str, Any], target: TargetConfig | None = None) 
 
 
 def _parse_speculators(cfg: dict[str, Any]) -> DraftConfig:
-    """A `speculators` EAGLE-3 head: the decoder layer's Llama config nested under
-    transformer_layer_config, the EAGLE-3 fields at the top level, norm_before_residual on unless the
-    config says otherwise (as vLLM and the speculators library read it)."""
+    """A `speculators` EAGLE-3 head: the decoder layer's Llama or Qwen3 config nested under
+    transformer_layer_config, the EAGLE-3 fields at the top level; norm_before_residual on unless the
+    config says otherwise, norm_before_fc and norm_output off (as vLLM reads them)."""
     where = "speculators draft head"
     kind = cfg.get("speculators_model_type")
     if kind != "eagle3":
@@ -430,12 +433,13 @@ def _parse_speculators(cfg: dict[str, Any]) -> DraftConfig:
     layer = cfg.get("transformer_layer_config") or cfg.get("transformer_config")
     if not isinstance(layer, dict):
         raise ConfigError(f"{where}: config.json lacks the transformer_layer_config object")
-    if layer.get("model_type", "llama") != "llama":
-        raise ConfigError(f"{where}: a {layer.get('model_type')!r} decoder layer is not supported (llama)")
-    for key in ("norm_before_fc", "fc_norm"):
-        if cfg.get(key):
-            raise ConfigError(f"{where}: {key} = true is not supported")
+    if layer.get("model_type") not in ("llama", "qwen3"):
+        raise ConfigError(f"{where}: decoder layer model_type {layer.get('model_type')!r} (llama, qwen3)")
+    if cfg.get("fc_norm"):
+        raise ConfigError(f"{where}: fc_norm = true (a norm per tapped state) is not supported")
     flat = {**layer, "architectures": list(DRAFT_ARCHITECTURES)}
+    if "hidden_act" not in flat and "hidden_activation" in flat:
+        flat["hidden_act"] = flat["hidden_activation"]
     for key in ("draft_vocab_size", "target_hidden_size"):
         if cfg.get(key) is not None:
             flat[key] = cfg[key]
@@ -444,6 +448,9 @@ def _parse_speculators(cfg: dict[str, Any]) -> DraftConfig:
     return replace(
         parse_draft_config(flat),
         norm_before_residual=bool(cfg.get("norm_before_residual", True)),
+        norm_before_fc=bool(cfg.get("norm_before_fc", False)),
+        norm_output=bool(cfg.get("norm_output", False)),
+        qk_norm=layer["model_type"] == "qwen3",
         checkpoint_format="speculators",
     )
 

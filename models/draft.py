@@ -33,6 +33,7 @@ class Eagle3Layer(nn.Module):
             max_seq_len,
             cfg.rope,
             cfg.head_dim**-0.5,
+            qk_norm_eps=eps if cfg.qk_norm else None,
             kernels=kernels,
         )
         self.mlp = MLP(h, cfg.intermediate_size, cfg.hidden_act, rows_kernel=kernels.linear_rows)
@@ -60,6 +61,9 @@ class Eagle3Draft(nn.Module):
             register_ops()  # the draft's query side dispatches to torch.ops.etspec.*
         self.cfg = cfg
         self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        # speculators heads: one RMSNorm over the concatenated taps before fc
+        taps_width = 3 * cfg.target_hidden_size
+        self.input_norm = RMSNorm(taps_width, cfg.rms_norm_eps) if cfg.norm_before_fc else None
         # Every draft query is one row (catch-up rows only write KV), so the few-rows kernels (split-K
         # attention, linear_rows) serve every query-side op of the draft method.
         self.rows_kernel = kernels.linear_rows
@@ -70,8 +74,12 @@ class Eagle3Draft(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if own_embedding else None
 
     def fuse(self, taps: list[torch.Tensor], few_rows: bool = False) -> torch.Tensor:
-        """feature = fc(cat(low, mid, high)): H wide, computed inside the target methods."""
-        return project(torch.cat(taps, dim=-1), (self.fc,), few_rows and self.rows_kernel)[0]
+        """feature = fc(cat(low, mid, high)) (the concatenation normed first with norm_before_fc): H wide,
+        computed inside the target methods."""
+        x = torch.cat(taps, dim=-1)
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        return project(x, (self.fc,), few_rows and self.rows_kernel)[0]
 
     def to_target_ids(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy draft id, mapped to the target vocab; no softmax."""
@@ -80,6 +88,10 @@ class Eagle3Draft(nn.Module):
     def map_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Draft-vocab ids -> target ids (target = draft + d2t[draft])."""
         return draft_ids + self.d2t[draft_ids]
+
+    def fed_back(self, h: torch.Tensor) -> torch.Tensor:
+        """The state the next chained step reads: the pre-norm h, or norm(h) with norm_output."""
+        return self.norm(h) if self.cfg.norm_output else h
 
     def step_logits(self, h: torch.Tensor, rows: bool = False) -> torch.Tensor:
         return project(self.norm(h), (self.lm_head,), rows and self.rows_kernel)[0]
@@ -119,6 +131,7 @@ class Eagle3Draft(nn.Module):
         )  # ... only the last row goes on
         h = layer.finish(layer.residual(x[:, -1:], feature[:, -1:]), a, rows=True)
         ids = self.map_to_target(pick(self.step_logits(h, rows=True), 0))  # [1, 1]
+        h = self.fed_back(h)
         out = [ids]
         pos = input_pos[-1:]
         for i in range(1, k):
@@ -126,5 +139,6 @@ class Eagle3Draft(nn.Module):
             x = layer.attn_input(embed(ids), h)  # the draft's own pre-norm h is fed back (already H wide)
             h = layer.finish(layer.residual(x, h), attn(x, pos, kv_len + i, few_rows=True), rows=True)
             ids = self.map_to_target(pick(self.step_logits(h, rows=True), i))
+            h = self.fed_back(h)
             out.append(ids)
         return torch.cat(out, dim=1)

@@ -125,10 +125,22 @@ def _rot(x, pos, theta=10000.0):
 
 
 def _reference_draft(
-    sd, embed, tokens, feats, positions, k, heads=4, kv_heads=2, hd=16, norm_before_residual=False
+    sd,
+    embed,
+    tokens,
+    feats,
+    positions,
+    k,
+    heads=4,
+    kv_heads=2,
+    hd=16,
+    norm_before_residual=False,
+    norm_output=False,
+    qk_norm=False,
 ):
-    """Every row through the whole layer, one at a time, with explicit attention sums; with
-    norm_before_residual the residual is the normed feature (speculators heads)."""
+    """Every row through the whole layer, one at a time, with explicit attention sums. Speculators
+    variants: norm_before_residual (the residual is the normed feature), norm_output (the normed state
+    feeds the next step), qk_norm (per-head q/k RMSNorms before RoPE, a Qwen3 layer)."""
     w = {n: t.double() for n, t in sd.items() if t.is_floating_point()}
     d2t = sd["d2t"]
     keys, values = {}, {}
@@ -139,6 +151,9 @@ def _reference_draft(
         x = torch.cat((_rms(e, w["midlayer.input_layernorm.weight"]), hn))
         q = (w["midlayer.self_attn.q_proj.weight"] @ x).view(heads, hd)
         kk = (w["midlayer.self_attn.k_proj.weight"] @ x).view(kv_heads, hd)
+        if qk_norm:
+            q = _rms(q, w["midlayer.self_attn.q_norm.weight"])
+            kk = _rms(kk, w["midlayer.self_attn.k_norm.weight"])
         vv = (w["midlayer.self_attn.v_proj.weight"] @ x).view(kv_heads, hd)
         keys[p], values[p] = _rot(kk, p), vv
         q = _rot(q, p)
@@ -159,7 +174,7 @@ def _reference_draft(
         h3 = h2 + mlp
         logits = w["lm_head.weight"] @ _rms(h3, w["norm.weight"])
         did = int(logits.argmax())
-        return h3, did + int(d2t[did]), logits
+        return (_rms(h3, w["norm.weight"]) if norm_output else h3), did + int(d2t[did]), logits
 
     for tok, h, p in zip(tokens, feats, positions):
         h, tid, logits = row(tok, h, p)
@@ -173,12 +188,12 @@ def _reference_draft(
     return out, torch.stack(steps)
 
 
-def write_speculators_checkpoint(directory: Path, cfg: dict, head, norm_before_residual: bool | None) -> Path:
-    """The head in the speculators layout vLLM loads: the decoder layer's config nested under
-    transformer_layer_config, EAGLE-3 fields at the top, the layer's weights under layers.0."""
+def speculators_config(cfg: dict, layer_type: str = "llama", **flags) -> dict:
+    """A speculators config.json for the tiny head `cfg` (EAGLE layout): the decoder layer's config
+    nested under transformer_layer_config, EAGLE-3 fields and `flags` at the top."""
     layer = {k: v for k, v in cfg.items() if k not in ("architectures", "draft_vocab_size")}
-    top = {
-        "architectures": ["Eagle3Speculator"],
+    return {
+        "architectures": ["Eagle3DraftModel"],
         "speculators_model_type": "eagle3",
         "speculators_config": {
             "algorithm": "eagle3",
@@ -187,10 +202,13 @@ def write_speculators_checkpoint(directory: Path, cfg: dict, head, norm_before_r
             "verifier": {"name_or_path": "tiny-llama", "architectures": ["LlamaForCausalLM"]},
         },
         "draft_vocab_size": cfg["draft_vocab_size"],
-        "transformer_layer_config": layer,
+        "transformer_layer_config": {**layer, "model_type": layer_type},
+        **flags,
     }
-    if norm_before_residual is not None:
-        top["norm_before_residual"] = norm_before_residual
+
+
+def write_speculators_checkpoint(directory: Path, top: dict, head) -> Path:
+    """`head` in the speculators layout vLLM loads: config `top`, the layer's weights under layers.0."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(top, indent=2))
     sd = {k.replace("midlayer.", "layers.0.", 1): v for k, v in draft_state_dict(head).items()}
@@ -199,10 +217,11 @@ def write_speculators_checkpoint(directory: Path, cfg: dict, head, norm_before_r
 
 
 def test_speculators_config_fields():
-    layer = {k: v for k, v in _cfg().items() if k not in ("architectures", "draft_vocab_size")}
-    base = {"speculators_model_type": "eagle3", "draft_vocab_size": 128, "transformer_layer_config": layer}
+    base = speculators_config(_cfg())
     parsed = parse_draft_config(base)
     assert parsed.norm_before_residual and parsed.checkpoint_format == "speculators"  # vLLM's default
+    assert not (parsed.norm_before_fc or parsed.norm_output or parsed.qk_norm)
+    layer = base["transformer_layer_config"]
     legacy = {**base, "transformer_config": layer, "transformer_layer_config": None}
     assert parsed == parse_draft_config(legacy)
     assert parsed.draft_vocab_size == 128 and parsed.tap_layers is None
@@ -210,32 +229,40 @@ def test_speculators_config_fields():
     aux = {**base, "eagle_aux_hidden_state_layer_ids": [1, 3, 5], "target_hidden_size": 96}
     aux = parse_draft_config(aux)
     assert aux.tap_layers == (1, 3, 5) and aux.target_hidden_size == 96
+    assert parse_draft_config(speculators_config(_cfg(), "qwen3")).qk_norm
     for bad, match in [
         ({"speculators_model_type": "mtp"}, "'mtp' is not supported"),
         ({"transformer_layer_config": None}, "lacks the transformer_layer_config"),
-        ({"norm_before_fc": True}, "norm_before_fc"),
-        ({"transformer_layer_config": {**layer, "model_type": "qwen3"}}, "'qwen3' decoder layer"),
+        ({"fc_norm": True}, "fc_norm"),
+        ({"transformer_layer_config": {**layer, "model_type": "gemma3"}}, "model_type 'gemma3'"),
         ({"transformer_layer_config": {**layer, "num_hidden_layers": 2}}, "exactly one layer"),
     ]:
         with pytest.raises(ConfigError, match=match):
             parse_draft_config({**base, **bad})
 
 
-@pytest.mark.parametrize(
-    "layout,own_embedding",
-    [("eagle", False), ("eagle", True), ("speculators", True), ("speculators-plain-residual", False)],
-)
-def test_draft_round_matches_formulas(tmp_path, layout, own_embedding):
-    cfg = _cfg()
+LAYOUTS = {  # name: (own embedding, speculators layer type and flags, or None for the EAGLE layout)
+    "eagle": (False, None),
+    "eagle-own-embedding": (True, None),
+    "speculators": (True, ("llama", {})),  # no norm_before_residual field: on, as vLLM reads it
+    "speculators-plain-residual": (False, ("llama", {"norm_before_residual": False})),
+    "speculators-qwen3-norm-output": (True, ("qwen3", {"norm_output": True, "norm_before_fc": True})),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_draft_round_matches_formulas(tmp_path, layout):
+    own_embedding, spec = LAYOUTS[layout]
+    cfg = _cfg() if spec is None else speculators_config(_cfg(), spec[0], **spec[1])
     head = random_draft(cfg, seed=4, own_embedding=own_embedding)
-    nbr = layout == "speculators"  # a speculators config without the field: norm before the residual
-    if layout == "eagle":
+    if spec is None:
         write_draft_checkpoint(tmp_path, cfg, head)
     else:
-        write_speculators_checkpoint(tmp_path, cfg, head, None if nbr else False)
+        write_speculators_checkpoint(tmp_path, cfg, head)
     loaded = load_draft(tmp_path, max_seq_len=128).double()
+    dcfg = loaded.cfg
     assert (loaded.embed_tokens is not None) == own_embedding
-    assert loaded.midlayer.norm_before_residual == nbr
+    assert dcfg.norm_before_residual == (spec is not None and spec[1].get("norm_before_residual", True))
     target_embed = torch.nn.Embedding(256, H).double()
     embed = loaded.embed_tokens if own_embedding else target_embed
     sd = draft_state_dict(head)
@@ -266,16 +293,22 @@ def test_draft_round_matches_formulas(tmp_path, layout, own_embedding):
         list(range(n0)) + positions,
         k,
     )
-    ref, ref_logits = _reference_draft(*args, norm_before_residual=nbr)
+    flags = dict(norm_before_residual=dcfg.norm_before_residual, norm_output=dcfg.norm_output)
+    ref, ref_logits = _reference_draft(*args, qk_norm=dcfg.qk_norm, **flags)
     assert ours[0].tolist() == ref
     # 1e-5: the rope angles are fp32 in the model (as in transformers), float64 in the reference
     torch.testing.assert_close(torch.stack(seen[-k:]), ref_logits, atol=1e-5, rtol=0)
-    _, other = _reference_draft(*args, norm_before_residual=not nbr)  # the other residual differs
-    assert (other - ref_logits).abs().max() > 1e-3
+    for flag in flags:  # each residual / feedback rule changes the logits: the check tells them apart
+        _, other = _reference_draft(*args, qk_norm=dcfg.qk_norm, **{**flags, flag: not flags[flag]})
+        assert (other - ref_logits).abs().max() > 1e-3, flag
 
 
-def test_fuse_is_fc_of_low_mid_high():
-    head = random_draft(_cfg(), seed=5).double()
+@pytest.mark.parametrize("norm_before_fc", [False, True])
+def test_fuse_is_fc_of_low_mid_high(norm_before_fc):
+    cfg = speculators_config(_cfg(), norm_before_fc=True) if norm_before_fc else _cfg()
+    head = random_draft(cfg, seed=5).double()
     taps = [torch.randn(1, 3, H, dtype=torch.float64) for _ in range(3)]
-    ref = torch.cat(taps, -1) @ head.fc.weight.T
-    torch.testing.assert_close(head.fuse(taps), ref)
+    x = torch.cat(taps, -1)
+    if norm_before_fc:  # one RMSNorm over all 3H, with its own weight
+        x = _rms(x, head.input_norm.weight)
+    torch.testing.assert_close(head.fuse(taps), x @ head.fc.weight.T)
