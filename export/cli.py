@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", required=True, type=_path, help="target model directory (config.json + safetensors)"
     )
     p.add_argument(
-        "--draft", required=True, type=_path, help="EAGLE-3 head directory (config.json + weights)"
+        "--draft",
+        required=True,
+        type=_path,
+        help="EAGLE-3 head directory (config.json + weights; EAGLE or speculators layout)",
     )
     p.add_argument(
         "--out",
