@@ -98,6 +98,7 @@ INTERP_CASES = [
     (4, 4, 4, 128, 4, 4, 0, torch.float16, 4, {"block_n": 16}, "L == M == Lb, D=128"),
     (8, 1, 8, 64, 100, 200, 0, torch.bfloat16, 4, {"block_n": 32}, "GQA 8 x M=8 (64 rows)"),
     (4, 2, 2, 256, 40, 48, 0, torch.bfloat16, 4, {"block_n": 16}, "D=256"),
+    (4, 1, 4, 512, 40, 64, 0, torch.bfloat16, 4, {"block_n": 16}, "D=512 (Gemma 4 full layers)"),
     (4, 1, 4, 64, 150, 256, 16, torch.float32, 4, {"block_n": 16}, "sliding window 16"),
     (4, 1, 4, 64, 10, 256, 16, torch.float32, 4, {"block_n": 16}, "window > L"),
     (2, 1, 3, 64, 30, 64, 1, torch.float32, 4, {"block_n": 16}, "window 1"),
