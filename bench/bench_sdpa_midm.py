@@ -8,8 +8,9 @@ M in {1,2,4,8}, L in {4K..128K}, KV caches of max_seq_len 128K. Implementations:
 - naive: SDPA (default backend choice) over the whole 128K buffer with a mask.
 Timing (bench/_common.py): every call is captured in a CUDA graph that cycles through N_SETS input sets
 (so the KV is not served from L2), the graph is replayed and timed with CUDA events; median per call. The
-device-to-device copy bandwidth (bytes read + written) and a bf16 matmul rate are measured in the same
-run. KV GB/s counts 2*Hkv*L*D*2 bytes (the valid KV read once); ratio = that over the copy bandwidth.
+read bandwidth (a streaming-read kernel), the device-to-device copy bandwidth (bytes read + written) and
+a bf16 matmul rate are measured in the same run. KV GB/s counts 2*Hkv*L*D*2 bytes (the valid KV read
+once); ratio_read = that over the read bandwidth (ratio_copy over the copy bandwidth is kept).
 The `split-only` column is the split kernel's own device time inside eager midm calls, from the
 profiler's kernel records; the rest of the midm time is the reduce and the launch gaps.
 `--sweep` times kernel configs (passed to `sdpa_midm.launch`) and then measures with the ones it chose.
@@ -34,7 +35,14 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn.functional as F
 import triton
-from _common import copy_bandwidths_gbs, empty_graph_node_us, log, matmul_tflops, time_calls_in_graph
+from _common import (
+    copy_bandwidths_gbs,
+    empty_graph_node_us,
+    log,
+    matmul_tflops,
+    read_bandwidth_gbs,
+    time_calls_in_graph,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from etspec.kernels import register_ops
@@ -56,9 +64,9 @@ BACKENDS = {
 DT = torch.bfloat16
 
 
-def kv_floor_ratio(ts, lens, hkv, d, copy_gbs):
+def kv_floor_ratio(ts, lens, hkv, d, read_gbs):
     """Sweep score: sum over lengths of time (µs) / bf16 K+V bytes at copy bandwidth; lower is better."""
-    return sum(t / (2 * hkv * L * d * 2 / copy_gbs / 1e3) for t, L in zip(ts, lens))
+    return sum(t / (2 * hkv * L * d * 2 / read_gbs / 1e3) for t, L in zip(ts, lens))
 
 
 class Sets:
@@ -163,7 +171,7 @@ def check_midm(sets, m, L, config=None):
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def sweep(models, copy_gbs, results):
+def sweep(models, read_gbs, results):
     """Kernel variants (tile, warps, stages), then split plans, per head dim; returns {D: chosen config}."""
     chosen = {}
     for name, (hq, hkv, d) in models.items():
@@ -181,7 +189,7 @@ def sweep(models, copy_gbs, results):
             if None in ts:
                 log(f"  sweep {name} bn={bn} nw={nw} ns={ns}: fails ({err})")
                 continue
-            score = kv_floor_ratio(ts, (16384, 131072), hkv, d, copy_gbs)
+            score = kv_floor_ratio(ts, (16384, 131072), hkv, d, read_gbs)
             log(
                 f"  sweep {name} bn={bn} nw={nw} ns={ns}: 16K {ts[0]:.1f} us, 128K {ts[1]:.1f} us  "
                 f"score {score:.3f}"
@@ -205,7 +213,7 @@ def sweep(models, copy_gbs, results):
             ts = [measure(sets, "midm", m, L, cfg)[0] for L in (4096, 16384)]
             if None in ts:
                 continue
-            score = kv_floor_ratio(ts, (4096, 16384), hkv, d, copy_gbs)
+            score = kv_floor_ratio(ts, (4096, 16384), hkv, d, read_gbs)
             log(
                 f"  sweep {name} ppsm={ppsm} min_tiles={mt}: 4K {ts[0]:.1f} us, 16K {ts[1]:.1f} us "
                 f"score {score:.3f}"
@@ -222,7 +230,7 @@ def sweep(models, copy_gbs, results):
     return chosen
 
 
-def sweep_big_r(copy_gbs, results):
+def sweep_big_r(read_gbs, results):
     """The best config for programs of >= 32 rows (Llama GQA 4 x M=8), reported only: the op has one
     config per head dim, which the measurements that follow keep using."""
     hq, hkv, d = MODELS["llama3.1-8b"]
@@ -243,7 +251,7 @@ def sweep_big_r(copy_gbs, results):
         ts = [measure(sets, "midm", 8, L, cfg)[0] for L in (16384, 131072)]
         if None in ts:
             continue
-        score = kv_floor_ratio(ts, (16384, 131072), hkv, d, copy_gbs)
+        score = kv_floor_ratio(ts, (16384, 131072), hkv, d, read_gbs)
         log(f"  sweep big-R {cfg}: 16K {ts[0]:.1f} us, 128K {ts[1]:.1f} us score {score:.3f}")
         row = dict(block_n=bn, num_warps=nw, num_stages=ns, ppsm=pp)
         results.append(dict(model="llama3.1-8b", stage="big_r", M=8, **row, t16k_us=ts[0], t128k_us=ts[1]))
@@ -265,7 +273,7 @@ COLORS = {
 }
 
 
-def plot(rows, path, copy_gbs):
+def plot(rows, path, read_gbs):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,8 +290,8 @@ def plot(rows, path, copy_gbs):
                 if pts:
                     lw = 2.5 if impl == "midm" else 1.2
                     ax.plot(*zip(*pts, strict=True), marker="o", lw=lw, label=impl, color=COLORS.get(impl))
-            floor = [(r["L"], r["kv_bytes"] / copy_gbs / 1e3) for r in sub if r["impl"] == "midm"]
-            ax.plot(*zip(*floor, strict=True), "k--", lw=1, label="KV bytes / copy BW")
+            floor = [(r["L"], r["kv_bytes"] / read_gbs / 1e3) for r in sub if r["impl"] == "midm"]
+            ax.plot(*zip(*floor, strict=True), "k--", lw=1, label="KV bytes / read BW")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{model} M={m}", fontsize=10)
@@ -321,15 +329,15 @@ def main():
     )
     log("meta", meta)
     t_start = time.time()
+    read_gbs = read_bandwidth_gbs()
     copies = copy_bandwidths_gbs()
     copy_gbs = max(copies.values())
     tflops = matmul_tflops()
     node_us = empty_graph_node_us()
-    meta.update(
-        copy_GBps=copy_gbs, copy_detail_GBps=copies, bf16_matmul_TFLOPs=tflops, empty_graph_node_us=node_us
-    )
+    meta.update(read_GBps=read_gbs, copy_GBps=copy_gbs, copy_detail_GBps=copies)
+    meta.update(bf16_matmul_TFLOPs=tflops, empty_graph_node_us=node_us)
     log(
-        f"copy bandwidth {copy_gbs:.0f} GB/s (read+written; "
+        f"read bandwidth {read_gbs:.0f} GB/s, copy bandwidth {copy_gbs:.0f} GB/s (read+written; "
         + ", ".join(f"{k} {v:.0f}" for k, v in copies.items())
         + f"), bf16 matmul {tflops:.0f} TFLOP/s, empty kernel node in a graph {node_us:.2f} us"
     )
@@ -338,11 +346,11 @@ def main():
     sweep_rows = []
     configs = {d: sm.default_config(d) for _, _, d in models.values()}
     if args.sweep:
-        chosen = sweep(models, copy_gbs, sweep_rows)
+        chosen = sweep(models, read_gbs, sweep_rows)
         configs.update(chosen)
         meta["chosen_cfg"] = {str(k): asdict(v) for k, v in chosen.items()}
     if args.sweep_big_r:
-        meta["best_cfg_big_r"] = sweep_big_r(copy_gbs, sweep_rows)
+        meta["best_cfg_big_r"] = sweep_big_r(read_gbs, sweep_rows)
     meta["cfg"] = {str(k): asdict(v) for k, v in configs.items()}
     rows = []
     impls = ["midm", "split_only", *BACKENDS, "naive"]
@@ -369,6 +377,7 @@ def main():
                             time_us=t,
                             kv_bytes=kv_bytes,
                             kv_GBps=gbs,
+                            ratio_read=(gbs / read_gbs) if gbs else None,
                             ratio_copy=(gbs / copy_gbs) if gbs else None,
                             note=why,
                             midm_rel_err=err if impl == "midm" else None,
@@ -376,7 +385,7 @@ def main():
                     )
                     log(
                         f"{name} M={m} L={L} {impl}: "
-                        + (f"{t:.1f} us {gbs:.0f} GB/s {gbs / copy_gbs:.0%}" if t else f"n/a ({why})")
+                        + (f"{t:.1f} us {gbs:.0f} GB/s {gbs / read_gbs:.0%} of read" if t else f"n/a ({why})")
                     )
         sets.free()
         torch.cuda.empty_cache()
@@ -391,16 +400,16 @@ def main():
     with open(base + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows, sweep=sweep_rows), f, indent=1)
     try:
-        plot(rows, base + ".png", copy_gbs)
+        plot(rows, base + ".png", read_gbs)
     except Exception as e:
         log("plot failed:", e)
     # short table last
     log(
-        f"\n{dev}  torch {torch.__version__}  triton {triton.__version__}  copy {copy_gbs:.0f} GB/s  "
+        f"\n{dev}  torch {torch.__version__}  triton {triton.__version__}  read {read_gbs:.0f} GB/s  "
         f"({time.time() - t_start:.0f} s)"
     )
     log(
-        f"{'model':18s} {'M':>2s} {'L':>7s} | {'midm us':>8s} {'GB/s':>6s} {'%copy':>6s} | "
+        f"{'model':18s} {'M':>2s} {'L':>7s} | {'midm us':>8s} {'GB/s':>6s} {'%read':>6s} | "
         f"{'best SDPA(slice)':>24s} | {'naive us':>9s} | {'x SDPA':>6s} {'err':>8s} | {'split-only':>10s}"
     )
     for name in models:
@@ -414,7 +423,7 @@ def main():
                 mt = mi["time_us"]
                 log(
                     f"{name:18s} {m:2d} {L:7d} | {mt or float('nan'):8.1f} {mi['kv_GBps'] or 0:6.0f} "
-                    f"{(mi['ratio_copy'] or 0):6.1%} | {(bt or float('nan')):8.1f} {bk[5:]:>15s} | "
+                    f"{(mi['ratio_read'] or 0):6.1%} | {(bt or float('nan')):8.1f} {bk[5:]:>15s} | "
                     f"{(nv or float('nan')):9.1f} | {((bt / mt) if (bt and mt) else float('nan')):6.1f} "
                     f"{mi['midm_rel_err']:8.1e} | {sub['split_only']['time_us'] or float('nan'):10.1f}"
                 )
