@@ -83,13 +83,16 @@ class TargetConfig:
     layer_overrides: tuple[tuple[int, int] | None, ...] = ()  # per layer: (head_dim, num_kv_heads) or None
     checkpoint_prefix: str = "model."  # the decoder's weight prefix in the checkpoint
 
-    def layer_head_dim(self, i: int) -> int:
+    def _layer_shape(self, i: int) -> tuple[int, int]:
+        """(head_dim, num_kv_heads) of layer i: its override, else the config's."""
         o = self.layer_overrides[i] if self.layer_overrides else None
-        return o[0] if o else self.head_dim
+        return o or (self.head_dim, self.num_kv_heads)
+
+    def layer_head_dim(self, i: int) -> int:
+        return self._layer_shape(i)[0]
 
     def layer_kv_heads(self, i: int) -> int:
-        o = self.layer_overrides[i] if self.layer_overrides else None
-        return o[1] if o else self.num_kv_heads
+        return self._layer_shape(i)[1]
 
     def layer_attn_scale(self, i: int) -> float:
         if self.unit_attn_scale:
@@ -333,15 +336,15 @@ def _gemma4_fields(
     """Gemma 4 (dense): K = V full layers, per-layer head_dim / kv-head overrides, unit attention scale,
     value norm, layer scalars. Per-layer embeddings, KV sharing, MoE and bidirectional attention are
     refused by name."""
-    refuse = {
-        "hidden_size_per_layer_input": "per-layer embeddings (PLE) are not supported yet",
-        "num_kv_shared_layers": "KV sharing across layers is not supported yet",
-        "enable_moe_block": "mixture-of-experts Gemma 4 models are not supported",
+    refuse = {  # field: (transformers' default, why)
+        "hidden_size_per_layer_input": (256, "per-layer embeddings (PLE) are not supported yet"),
+        "num_kv_shared_layers": (0, "KV sharing across layers is not supported yet"),
+        "enable_moe_block": (False, "mixture-of-experts Gemma 4 models are not supported"),
     }
-    defaults = {"hidden_size_per_layer_input": 256, "num_kv_shared_layers": 0, "enable_moe_block": False}
-    for key, why in refuse.items():
-        if cfg.get(key, defaults[key]):
-            raise ConfigError(f"{where}: {key} = {cfg.get(key, defaults[key])!r}: {why}")
+    for key, (default, why) in refuse.items():
+        value = cfg.get(key, default)
+        if value:
+            raise ConfigError(f"{where}: {key} = {value!r}: {why}")
     if cfg.get("use_bidirectional_attention") == "all":
         raise ConfigError(f"{where}: use_bidirectional_attention = 'all' is not a causal decoder")
     k_eq_v = bool(cfg.get("attention_k_eq_v", False))

@@ -41,6 +41,14 @@ def test_prefill_logits_match_transformers(family, hf_targets):
     torch.testing.assert_close(out, ref, atol=FAMILY_ATOL.get(family, ATOL), rtol=1e-4)
 
 
+CHUNKS = [0, 7, 14, 21, 26, 31, 32, 40]  # prefill chunks, then verify-sized blocks of 5, 1 and 8 rows
+
+
+def _chunked_logits(model, x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    spans = zip(bounds, bounds[1:])
+    return torch.cat([model(x[:, s:e], torch.arange(s, e), _window(e)) for s, e in spans], dim=1)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_prefill_and_verify_rows_match_transformers(family, hf_targets):
     """Chunks of 7 then multi-row calls at later positions see exactly the full-sequence logits."""
@@ -49,16 +57,8 @@ def test_chunked_prefill_and_verify_rows_match_transformers(family, hf_targets):
     x = _tokens(40, 2)
     with torch.no_grad():
         ref = ref_model(x).logits
-        pieces = []
-        bounds = [0, 7, 14, 21, 26, 31, 32, 40]  # prefill chunks, then verify-sized blocks of 5, 1 and 8 rows
-        for s, e in zip(bounds, bounds[1:]):
-            pieces.append(ours(x[:, s:e], torch.arange(s, e), _window(e)))
-    torch.testing.assert_close(torch.cat(pieces, dim=1), ref, atol=FAMILY_ATOL.get(family, ATOL), rtol=1e-4)
-
-
-def _chunked_logits(model, x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-    spans = zip(bounds, bounds[1:])
-    return torch.cat([model(x[:, s:e], torch.arange(s, e), _window(e)) for s, e in spans], dim=1)
+        pieces = _chunked_logits(ours, x, CHUNKS)
+    torch.testing.assert_close(pieces, ref, atol=FAMILY_ATOL.get(family, ATOL), rtol=1e-4)
 
 
 @pytest.mark.parametrize("k_eq_v", [True, False])
@@ -75,7 +75,7 @@ def test_gemma4_float64_is_exact(tmp_path, k_eq_v):
     with torch.no_grad():
         ref = ref_model(x).logits
         whole = ours(x, torch.arange(40), _window(40))
-        pieces = _chunked_logits(ours, x, [0, 7, 14, 21, 26, 31, 32, 40])
+        pieces = _chunked_logits(ours, x, CHUNKS)
     assert ref.abs().max() > 0.5
     torch.testing.assert_close(whole, ref, atol=1e-10, rtol=0)
     torch.testing.assert_close(pieces, ref, atol=1e-10, rtol=0)
