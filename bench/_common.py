@@ -61,11 +61,6 @@ def time_call(fn, n: int = 50) -> float:
     return statistics.median(times)
 
 
-def graph_us(fn, rep: int = 50) -> float:
-    """µs per call of `fn` replayed from a CUDA graph (Triton's ``do_bench_cudagraph``): no launch cost."""
-    return triton.testing.do_bench_cudagraph(fn, rep=rep) * 1e3
-
-
 def time_calls_in_graph(calls, target_ms: float = 3.0, replays: int = 11) -> float:
     """Median device time per call (µs) of a list of zero-arg callables, via CUDA-graph replay.
 
