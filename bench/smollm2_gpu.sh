@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M-Instruct real pair on the GPU box, as one background job (bench/bg.sh): assemble the
 # GGUF carried in parts to /tmp/gguf and convert it; with TRAIN=1 train a head by the committed recipe and
-# keep it if it beats the committed head on the evaluation sets; export the pair for CUDA in bf16 (what
+# keep it if it beats the committed head on the evaluation sets (TRAIN_ARGS: another recipe than the
+# committed one); export the pair for CUDA in bf16 (what
 # users run) and fp32 (k = 7 both); then the `cuda` real-pair tests, acceptance k = 1..7 on the bf16
 # artifact, the round-by-round reference check on the fp32 one, and speed.
 # In bf16 the eager reference loop is a second bf16 implementation (other kernels, other rounding):
@@ -40,8 +41,12 @@ assemble() {
 rm -rf committed-head && cp -r "$REPO/heads/smollm2-eagle3" committed-head  # the tree there is replaced per call
 HEAD=$W/committed-head
 if [ "${TRAIN:-0}" = 1 ]; then
-  # the command training.json records, run here
-  read -ra CMD < <(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["command"])' committed-head/training.json)
+  # the command training.json records, run here; or a recipe to try, in TRAIN_ARGS
+  if [ -n "${TRAIN_ARGS:-}" ]; then
+    read -ra CMD <<< "$TRAIN_ARGS"
+  else
+    read -ra CMD < <(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["command"])' committed-head/training.json)
+  fi
   stage train "${CMD[@]}" || exit 1
   stage heads python "$REPO/bench/compare_heads.py" --target smollm2 --heads "$W/committed-head,$W/smollm2-eagle3" \
     --humaneval "$HE" --k 4 --prompts 8 --out "$R/heads.json" || exit 1

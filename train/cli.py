@@ -36,10 +36,12 @@ from etspec.models.config import (
 from .data import (
     Sequence,
     Teacher,
+    chat_ids,
     distill,
     generate_responses,
     input_embedding,
     load_hf_target,
+    target_written_openings,
     target_written_prompts,
 )
 from .evaluate import acceptance
@@ -58,7 +60,9 @@ EPILOG = f"""examples:
 Prompts: 'stdlib' builds instructions from the Python standard library's docstrings (deterministic for a
 seed and Python version); 'stdlib-code' asks to implement its Python functions from their signature and
 docstring; 'self' samples user messages from the target itself at the start of a user
-turn (chat models; deterministic for a seed on one device); a .jsonl file gives one object per line
+turn (chat models; deterministic for a seed on one device); 'self-text' takes the first words of a
+sentence from the target's answers to such messages and has it continue them as plain text, without the
+chat template (the plain-continuation use of a chat model); a .jsonl file gives one object per line
 (prompt / instruction / question / input / text, or a messages list); any other file, one prompt per
 line. Several sources, comma-separated, are interleaved. The first --num-prompts train,
 the next --eval-prompts measure acceptance. --out must not exist (or be empty): the head is written to a
@@ -93,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         default="stdlib",
         help="comma-separated prompt sources, interleaved: 'stdlib', 'stdlib-code', 'self' (user messages "
-        "the target writes itself) or .jsonl / text files",
+        "the target writes itself), 'self-text' (openings of its own prose, continued without the chat "
+        "template) or .jsonl / text files",
     )
     data.add_argument("--num-prompts", type=int, default=4000, help="training prompts")
     data.add_argument(
@@ -172,23 +177,29 @@ def _load_tokenizer(args: argparse.Namespace):
         raise UsageError(f"--target {args.target}: cannot load its tokenizer ({e})") from None
 
 
+# Sources the target writes itself, at the start of a user turn of its chat template.
+SELF_SOURCES = ("self", "self-text")
+
+
 def _sources(args: argparse.Namespace, tok) -> list[str]:
-    """The --prompts sources, checked: built-in ones, 'self' (needs a chat template) or files."""
+    """The --prompts sources, checked: built-in ones, 'self' / 'self-text' (need a chat template) or
+    files."""
     sources = [x.strip() for x in args.prompts.split(",") if x.strip()]
     if not sources or len(set(sources)) != len(sources):
         raise UsageError(f"--prompts {args.prompts!r}: give distinct sources separated by commas")
     for src in sources:
-        if src == "self":
+        if src in SELF_SOURCES:
             if not getattr(tok, "chat_template", None) or args.no_chat:
-                raise UsageError("--prompts self needs the target's chat template (and no --no-chat)")
+                raise UsageError(f"--prompts {src} needs the target's chat template (and no --no-chat)")
         elif src not in BUILT_IN and not Path(src).is_file():
-            raise UsageError(f"--prompts {src}: neither {', '.join(map(repr, BUILT_IN))}, 'self' nor a file")
+            names = ", ".join(map(repr, (*BUILT_IN, SELF_SOURCES[0])))
+            raise UsageError(f"--prompts {src}: neither {names}, {SELF_SOURCES[1]!r} nor a file")
     return sources
 
 
-def _interleave(lists: list[list[str]]) -> list[str]:
+def _interleave(lists: list[list[tuple[str, bool]]]) -> list[tuple[str, bool]]:
     """Round-robin over the sources, so any first N prompts mix them evenly; duplicates dropped."""
-    out: dict[str, None] = {}
+    out: dict[tuple[str, bool], None] = {}
     for i in range(max(map(len, lists), default=0)):
         for items in lists:
             if i < len(items):
@@ -196,19 +207,9 @@ def _interleave(lists: list[list[str]]) -> list[str]:
     return list(out)
 
 
-def _encode(args: argparse.Namespace, tok, texts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, chat-wrapped when the tokenizer has a template (and not --no-chat)."""
-    chat = bool(getattr(tok, "chat_template", None)) and not args.no_chat
-    ids = []
-    for text in texts:
-        if chat:
-            wrapped = tok.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            ids.append(tok(wrapped, add_special_tokens=False).input_ids)
-        else:
-            ids.append(tok(text).input_ids)
-    return ids
+def _encode(tok, prompts: list[tuple[str, bool]]) -> list[list[int]]:
+    """Token ids of each (prompt, chat?): chat-wrapped as one user turn, or the plain text."""
+    return [chat_ids(tok, text) if chat else tok(text).input_ids for text, chat in prompts]
 
 
 def _pad_id(tok, eos: tuple[int, ...]) -> int:
@@ -228,18 +229,21 @@ def _split_prompts(
     pad: int,
 ) -> tuple[list[list[int]], list[list[int]], dict]:
     """Training and held-out prompt ids (the first --num-prompts that fit, then the next --eval-prompts)
-    and the counts for training.json. `loaded` holds each source's prompts, None for 'self', which the
-    target writes here."""
+    and the counts for training.json. `loaded` holds each source's prompts, None for the SELF_SOURCES,
+    which the target writes here."""
     lists, counts = [], {}
     wanted = args.num_prompts + args.eval_prompts
+    chat = bool(getattr(tok, "chat_template", None)) and not args.no_chat
     for src, texts in loaded.items():
-        if texts is None:  # 'self': as many as an even share needs, and a margin for the ones dropped
+        if texts is None:  # as many as an even share needs, and a margin for the ones dropped
             n = math.ceil(wanted / len(loaded) * 1.25) + 8
-            texts = target_written_prompts(hf, tok, n, eos, pad, args.gen_batch_size, args.seed)
-        lists.append(texts)
+            write = target_written_prompts if src == "self" else target_written_openings
+            # each source its own draw of user messages
+            texts = write(hf, tok, n, eos, pad, args.gen_batch_size, args.seed + SELF_SOURCES.index(src))
+        lists.append([(t, chat and src != "self-text") for t in texts])
         counts[src] = len(texts)
     texts = _interleave(lists)
-    ids = _encode(args, tok, texts)
+    ids = _encode(tok, texts)
     kept = [p for p in ids if len(p) <= args.max_prompt_tokens]
     if len(kept) <= args.eval_prompts:
         raise UsageError(
@@ -332,10 +336,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     taps = check_pair(tcfg, parse_draft_config(cfg))
     tok = _load_tokenizer(args)
     # files are read (and their mistakes reported) before the target is loaded
-    loaded = {src: None if src == "self" else load_prompts(src, args.seed) for src in _sources(args, tok)}
+    loaded = {
+        src: None if src in SELF_SOURCES else load_prompts(src, args.seed) for src in _sources(args, tok)
+    }
     eos = eos_token_ids(args.target)
     pad = _pad_id(tok, eos)
-    split = None if "self" in loaded else _split_prompts(args, tok, loaded, None, eos, pad)
+    split = None if set(SELF_SOURCES) & set(loaded) else _split_prompts(args, tok, loaded, None, eos, pad)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))

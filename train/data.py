@@ -8,6 +8,8 @@ the final-norm output; tests/train/test_data.py checks both against TargetModel 
 
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +215,14 @@ def collate(samples: list[Sample]) -> Batch:
 SELF_MARK = "\x00ETSPEC_USER_TURN\x00"
 
 
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """`text` as one user turn in the tokenizer's chat template, ready for the assistant's answer."""
+    wrapped = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(wrapped, add_special_tokens=False).input_ids
+
+
 def user_turn_prefix(tokenizer) -> list[int]:
     """The chat template's ids up to where a user's message begins (system turn included), so the target
     can be asked to write that message itself."""
@@ -254,3 +264,41 @@ def target_written_prompts(
         if len(text.split()) >= 4:
             out[text] = None
     return list(out)
+
+
+CODE_CHARS = set("=(){}[]<>`#_*|\\")
+
+
+def target_written_openings(
+    model: nn.Module,
+    tokenizer,
+    n: int,
+    eos: tuple[int, ...],
+    pad_id: int,
+    batch_size: int,
+    seed: int,
+    words: tuple[int, int] = (5, 16),
+) -> list[str]:
+    """Up to `n` distinct openings of prose in the target's own words, to be continued as plain text (no
+    chat template): the first 5-16 words of a sentence from its answers to user messages it wrote itself.
+
+    A chat model's free text from an empty context is mostly code fragments; its answers are the prose
+    it writes. Sentences shorter than 8 words, not starting with a capital letter, or holding a character
+    of code or markup (CODE_CHARS) are skipped."""
+    # about half of the sampled messages end up giving an opening
+    messages = target_written_prompts(model, tokenizer, 2 * n, eos, pad_id, batch_size, seed)
+    answers = generate_responses(
+        model, [chat_ids(tokenizer, m) for m in messages], 64, eos, pad_id, batch_size, desc="answers"
+    )
+    rng = random.Random(seed)
+    out: dict[str, None] = {}
+    for s in answers:
+        text = tokenizer.decode(s.response, skip_special_tokens=True)
+        sentences = [x.split() for x in re.split(r"(?<=[.!?])\s+|\n+", text)]
+        prose = [
+            w for w in sentences if len(w) >= 8 and w[0][0].isupper() and not CODE_CHARS & set("".join(w))
+        ]
+        if prose:
+            sentence = rng.choice(prose)
+            out[" ".join(sentence[: rng.randint(words[0], min(words[1], len(sentence) - 3))])] = None
+    return list(out)[:n]

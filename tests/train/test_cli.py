@@ -126,7 +126,7 @@ def _fails(argv: list[str], capsys) -> str:
     "change, message",
     [
         ({"--target": "missing"}, "no config.json"),
-        ({"--prompts": "missing.txt"}, "neither 'stdlib', 'stdlib-code', 'self' nor a file"),
+        ({"--prompts": "missing.txt"}, "neither 'stdlib', 'stdlib-code', 'self', 'self-text' nor a file"),
         ({"--prompts": "stdlib,stdlib"}, "distinct sources"),
         ({"--prompts": "bad.jsonl"}, "bad.jsonl:1: not valid JSON"),
         ({"--ttt-steps": "0"}, "--ttt-steps must be >= 1"),
@@ -179,15 +179,30 @@ def test_help_has_an_example(capsys):
     assert e.value.code == 0 and "examples:" in out and "etspec-train-head --target" in out
 
 
-def test_self_prompts_need_a_chat_template(target_dir, tmp_path, capsys):
-    argv = _argv(target_dir, tmp_path / "out", "--prompts", "self", "--no-chat")
-    assert "needs the target's chat template" in _fails(argv, capsys)
+@pytest.mark.parametrize("source", ["self", "self-text"])
+def test_self_prompts_need_a_chat_template(target_dir, tmp_path, capsys, source):
+    argv = _argv(target_dir, tmp_path / "out", "--prompts", source, "--no-chat")
+    assert f"--prompts {source} needs the target's chat template" in _fails(argv, capsys)
     assert not (tmp_path / "out").exists()
 
 
 def test_mixed_sources_are_interleaved_and_recorded(target_dir, tmp_path):
     out = tmp_path / "head"
-    assert main(_argv(target_dir, out, "--prompts", "stdlib,self", "--eval-prompts", "0")) == 0
+    assert main(_argv(target_dir, out, "--prompts", "stdlib,self,self-text", "--eval-prompts", "0")) == 0
     rec = json.loads((out / "training.json").read_text())["prompts"]
-    assert rec["source"] == "stdlib,self" and rec["train"] == 6
-    assert rec["per_source"]["stdlib"] > 1000 and 0 <= rec["per_source"]["self"] <= 16
+    assert rec["source"] == "stdlib,self,self-text" and rec["train"] == 6
+    assert rec["per_source"]["stdlib"] > 1000 and 0 <= rec["per_source"]["self"] <= 11
+    assert 0 <= rec["per_source"]["self-text"] <= 11
+
+
+def test_plain_sources_skip_the_chat_template(target_dir):
+    """Each prompt is wrapped or not by its own source: 'self-text' openings are continued as plain text
+    while the other sources' prompts become user turns."""
+    from transformers import AutoTokenizer
+
+    from etspec.train.cli import _encode
+
+    tok = AutoTokenizer.from_pretrained(str(target_dir))
+    plain, chat = _encode(tok, [("The river rose and", False), ("The river rose and", True)])
+    assert plain == tok("The river rose and").input_ids
+    assert len(chat) > len(plain) and tok.decode(chat).count("The river rose and") == 1

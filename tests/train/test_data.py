@@ -138,3 +138,36 @@ def test_target_written_prompts_start_a_user_turn(tmp_path):
     assert target_written_prompts(Echo(), tok, 5, (2,), 0, 4, seed=0, max_tokens=6) == []  # unfinished
     seqs = generate_responses(Echo(), [prefix], 20, (2,), 0, 1)
     assert seqs[0].tokens[: len(prefix)] == prefix
+
+
+def test_target_written_openings_are_plain_prose_from_its_answers(tmp_path):
+    """Openings are the first words of a prose sentence of the target's answer to a message it wrote:
+    short sentences and code lines are skipped, the cut leaves at least 3 words to continue."""
+    from transformers import AutoTokenizer
+
+    from etspec.fixtures.tiny import write_byte_tokenizer
+    from etspec.train.data import chat_ids, target_written_openings, user_turn_prefix
+
+    write_byte_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    prefix = user_turn_prefix(tok)
+    answer = "Hi.\nA = f(a, b, c, d, e, f, g)\nWe grow in the sun all day long"  # within 64 tokens
+
+    class Writer(torch.nn.Module):
+        """A stand-in target: a user message at the start of a user turn, `answer` after it."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.calls: list[list[int]] = []
+
+        def generate(self, input_ids, attention_mask, generation_config):
+            self.calls.append(input_ids[0][attention_mask[0].bool()].tolist())
+            user_turn = self.calls[-1] == prefix
+            text = list(b"tell me about plants" if user_turn else answer.encode()) + [2]
+            new = torch.tensor(text[: generation_config.max_new_tokens]).expand(len(input_ids), -1)
+            return torch.cat([input_ids, new], dim=1)
+
+    writer = Writer()
+    assert target_written_openings(writer, tok, 3, (2,), 0, 8, seed=0) == ["We grow in the sun"]
+    assert writer.calls == [prefix, chat_ids(tok, "tell me about plants")]  # the answer to its own message
