@@ -192,8 +192,8 @@ def _sources(args: argparse.Namespace, tok) -> list[str]:
             if not getattr(tok, "chat_template", None) or args.no_chat:
                 raise UsageError(f"--prompts {src} needs the target's chat template (and no --no-chat)")
         elif src not in BUILT_IN and not Path(src).is_file():
-            names = ", ".join(map(repr, (*BUILT_IN, SELF_SOURCES[0])))
-            raise UsageError(f"--prompts {src}: neither {names}, {SELF_SOURCES[1]!r} nor a file")
+            names = ", ".join(map(repr, (*BUILT_IN, *SELF_SOURCES)))
+            raise UsageError(f"--prompts {src}: neither {names} nor a file")
     return sources
 
 
