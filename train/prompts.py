@@ -1,5 +1,6 @@
 """Offline prompt sources for self-distillation: instructions built from the standard library's own
-docstrings, function stubs (signature + docstring) to implement, or the user's text/JSONL file.
+docstrings, function stubs (signature + docstring) to implement, ShareGPT's user messages and prose
+openings (`sharegpt.py`), or the user's text/JSONL file.
 
 Nothing here reads an evaluation set (HumanEval, chat benchmarks): prompts the head is later measured on
 must never shape its training data.
@@ -236,11 +237,45 @@ def file_prompts(path: str | Path) -> list[str]:
     return list(prompts)
 
 
-BUILT_IN = {"stdlib": stdlib_prompts, "stdlib-code": stdlib_code_prompts}
+CODE_CHARS = set("=(){}[]<>`#_*|\\")
+
+
+def prose_opening(text: str, rng: random.Random, words: tuple[int, int] = (5, 16)) -> str | None:
+    """The first 5-16 words of a random prose sentence of `text`, or None: sentences shorter than 8
+    words, not starting with a capital letter, or holding a character of code or markup (CODE_CHARS)
+    are skipped, and at least 3 words of the sentence are left to continue."""
+    sentences = [s.split() for s in re.split(r"(?<=[.!?])\s+|\n+", text)]
+    prose = [w for w in sentences if len(w) >= 8 and w[0][0].isupper() and not CODE_CHARS & set("".join(w))]
+    if not prose:
+        return None
+    sentence = rng.choice(prose)
+    return " ".join(sentence[: rng.randint(words[0], min(words[1], len(sentence) - 3))])
+
+
+def _sharegpt(seed: int) -> list[str]:
+    from .sharegpt import sharegpt_prompts  # imports this module: loaded on use
+
+    return sharegpt_prompts(seed)
+
+
+def _sharegpt_text(seed: int) -> list[str]:
+    from .sharegpt import sharegpt_text_prompts
+
+    return sharegpt_text_prompts(seed)
+
+
+BUILT_IN = {
+    "stdlib": stdlib_prompts,
+    "stdlib-code": stdlib_code_prompts,
+    "sharegpt": _sharegpt,
+    "sharegpt-text": _sharegpt_text,
+}
+# Sources continued as plain text, never wrapped in a chat template.
+PLAIN_SOURCES = ("self-text", "sharegpt-text")
 
 
 def load_prompts(source: str, seed: int = 0) -> list[str]:
-    """A built-in source (BUILT_IN: 'stdlib', 'stdlib-code') or a file path (see file_prompts)."""
+    """A built-in source (BUILT_IN) or a file path (see file_prompts)."""
     return BUILT_IN[source](seed) if source in BUILT_IN else file_prompts(source)
 
 

