@@ -126,7 +126,10 @@ def _fails(argv: list[str], capsys) -> str:
     "change, message",
     [
         ({"--target": "missing"}, "no config.json"),
-        ({"--prompts": "missing.txt"}, "neither 'stdlib', 'stdlib-code', 'sharegpt', 'sharegpt-text', 'self', 'self-text' nor a file"),
+        (
+            {"--prompts": "missing.txt"},
+            "neither 'stdlib', 'stdlib-code', 'sharegpt', 'sharegpt-text', 'self', 'self-text' nor a file",
+        ),
         ({"--prompts": "stdlib,stdlib"}, "distinct sources"),
         ({"--prompts": "bad.jsonl"}, "bad.jsonl:1: not valid JSON"),
         ({"--ttt-steps": "0"}, "--ttt-steps must be >= 1"),
