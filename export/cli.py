@@ -32,7 +32,7 @@ from etspec.models.config import (
     parse_target_config,
     read_config_json,
 )
-from etspec.models.layers import FewRowsKernels
+from etspec.models.layers import FewRowsKernels, use_delegate_forms
 
 from .constants import manifest_constant_methods
 from .lower import lower
@@ -381,6 +381,8 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Man
             args.target, args.draft, args.max_seq_len, args.draft_len, dtype, kernels=kernels, device=device
         )
     spec.sampling_search = "bisect" if cuda else "sort"  # the ExecuTorch CUDA backend has no sort kernel
+    if not cuda:
+        use_delegate_forms(spec)  # one XNNPACK delegate per layer instead of about eleven
     specs = method_specs(spec, args.max_prefill_chunk, sampling=args.sampling)
     exported = export_methods(specs, progress=say)
     tcfg, dcfg = spec.target.cfg, spec.draft_head.cfg

@@ -68,16 +68,17 @@ class Rotary(nn.Module):
     def __init__(self, rope: RopeConfig, head_dim: int):
         super().__init__()
         self.rope, self.head_dim = rope, head_dim
-        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        # each frequency twice (both halves of a head rotate by it), so the angles need no concatenation
+        self.register_buffer("inv_freq", torch.empty(head_dim), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        self.inv_freq = rope_inv_freq(self.rope, self.head_dim).to(self.inv_freq.device)
+        inv = rope_inv_freq(self.rope, self.head_dim)
+        self.inv_freq = torch.cat((inv, inv)).to(self.inv_freq.device)
 
     def forward(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = input_pos.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        angles = input_pos.float()[:, None] * self.inv_freq[None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """R [D, D] with x @ R == cat(-x[half:], x[:half]): the rotation's swap as a product, exact in any
+    float dtype (each output is one input times +-1)."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0
+    r[torch.arange(half), torch.arange(half) + half] = 1.0
+    return r
 
 
 NORM_STYLES = ("llama", "offset", "fp32", "unit")
@@ -103,10 +114,16 @@ class RMSNorm(nn.Module):
             self.weight = nn.Parameter(torch.zeros(dim) if style == "offset" else torch.ones(dim))
         self.eps = eps
         self.style = style
+        self.delegate_forms = False  # see use_delegate_forms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.delegate_forms:  # the mean over the last dim as a 4-D [1, rows, dim, 1] average pool
+            rows = h.reshape(1, -1, h.shape[-1], 1)
+            rows = rows * torch.rsqrt(rows.pow(2).mean((-2, -1), keepdim=True) + self.eps)
+            h = rows.view((1, -1, *h.shape[2:]))
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.style == "offset":
             return (h * (1.0 + self.weight.float())).to(x.dtype)
         if self.style == "fp32":
@@ -191,6 +208,30 @@ def attend(
     return (scores.softmax(-1).to(v.dtype)) @ v
 
 
+def attend_grouped(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """`attend` as batched matmuls over the kv-head groups (the query heads of a group stacked as rows, so
+    k/v are never repeated) with an additive mask: the forms the XNNPACK delegate takes whole, where the
+    decomposed SDPA, the GQA repeat and shapes computed from a dynamic size each split a delegated run."""
+    hkv, d = k.shape[1], k.shape[-1]
+    rep = q.shape[1] // hkv
+    # Views of dynamic shapes with one inferred size, on contiguous tensors (a reshape would record the
+    # computed size, which the partitioner refuses). Row r*M + m of group g: query head g*rep + r, row m.
+    grouped = q.contiguous().view(hkv, -1, d)
+    scores = torch.bmm(grouped * scale, k[0].transpose(1, 2))
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    bias = torch.where(mask[0, 0], 0.0, float("-inf")).to(scores.dtype).repeat(rep, 1)
+    probs = torch.softmax(scores + bias, dim=-1)
+    return torch.bmm(probs, v[0]).view(1, q.shape[1], -1, d)
+
+
 MIDM_MAX_HEAD_DIM = 256
 """Largest head_dim the verify layers hand to etspec::sdpa_midm (docs/kernels.md); wider heads (Gemma 4's
 512-wide full layers) take the plain path."""
@@ -240,6 +281,7 @@ class Attention(nn.Module):
         # few-rows linear kernel serves every projection of a verify/draft call.
         self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= MIDM_MAX_HEAD_DIM
         self.rows_kernel = kernels.linear_rows
+        self.delegate_forms = False  # see use_delegate_forms
         cache_shape = (1, num_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.empty(cache_shape), persistent=False)
         self.register_buffer("v_cache", torch.empty(cache_shape), persistent=False)
@@ -252,16 +294,21 @@ class Attention(nn.Module):
             self.v_cache.zero_()
 
     def _heads(self, x: torch.Tensor, n: int, norm: RMSNorm | None) -> torch.Tensor:
-        x = x.view(1, x.shape[1], n, self.head_dim)
+        x = x.view(1, -1, n, self.head_dim)  # -1, not the dynamic row count: a shape XNNPACK takes
         if norm is not None:
             x = norm(x)
         return x.transpose(1, 2)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.delegate_forms:  # the half swap as a product: slices of a dynamic shape split a delegate
+            return x * cos + F.linear(x, self.rotate_half_t) * sin
+        return apply_rope(x, cos, sin)
 
     def _store(
         self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> None:
         """Rotate the projected k [1,R,Hkv*D] and store k/v rows at input_pos."""
-        k = apply_rope(self._heads(k, self.num_kv_heads, self.k_norm), cos, sin)
+        k = self._rope(self._heads(k, self.num_kv_heads, self.k_norm), cos, sin)
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, self._heads(v, self.num_kv_heads, self.v_norm))
 
@@ -275,15 +322,16 @@ class Attention(nn.Module):
         few_rows: bool,
     ) -> torch.Tensor:
         """Projected queries q [1,M,Hq*D] over the cache slice [:kv_len], then o_proj: [1,M,out]."""
-        m = q.shape[1]
-        q = apply_rope(self._heads(q, self.num_heads, self.q_norm), cos, sin)
+        q = self._rope(self._heads(q, self.num_heads, self.q_norm), cos, sin)
         k = self.k_cache[:, :, :kv_len]
         v = self.v_cache[:, :, :kv_len]
         if few_rows and self.use_sdpa_midm:
             o = torch.ops.etspec.sdpa_midm(q, k, v, input_pos, self.scale, self.window or 0)
         else:
-            o = attend(q, k, v, attention_mask(input_pos, kv_len, self.window), self.scale, self.softcap)
-        o = o.transpose(1, 2).reshape(1, m, self.num_heads * self.head_dim)
+            mask = attention_mask(input_pos, kv_len, self.window)
+            plain = attend_grouped if self.delegate_forms else attend
+            o = plain(q, k, v, mask, self.scale, self.softcap)
+        o = o.transpose(1, 2).contiguous().view(1, -1, self.num_heads * self.head_dim)
         return project(o, (self.o_proj,), few_rows and self.rows_kernel)[0]
 
     def write_kv(
@@ -326,3 +374,18 @@ class Attention(nn.Module):
         k, v = self._kv(kv)
         self._store(k, v, input_pos, cos, sin)
         return self._attend(q, input_pos, cos, sin, kv_len, few_rows)
+
+
+def use_delegate_forms(model: nn.Module) -> None:
+    """Switch every RMSNorm and Attention of `model` to the forms the XNNPACK partitioner delegates
+    whole: the norm's mean as a 4-D average pool, RoPE's half swap as a product, attention as grouped
+    batched matmuls with an additive mask. The same function in other ops: a layer becomes one
+    delegated run between its KV-cache writes instead of about eleven (docs/export-notes.md). For CPU
+    exports; the CUDA backend keeps SDPA, which it swaps for its own kernel."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.delegate_forms = True
+        elif isinstance(module, Attention):
+            module.delegate_forms = True
+            weight = rotate_half_matrix(module.head_dim).T.contiguous()
+            module.register_buffer("rotate_half_t", weight.to(module.k_cache), persistent=False)
