@@ -37,7 +37,7 @@ $(SMOLLM2_HF)/config.json: $(SMOLLM2_GGUF)
 	$(VENV)/bin/etspec-convert $(SMOLLM2_GGUF) --out $(SMOLLM2_HF) --force
 
 $(DEMO)/smollm2/manifest.json: $(SMOLLM2_HF)/config.json $(DEMO_HEAD)/model.safetensors $(wildcard models/*.py kernels/*.py artifact/*.py export/*.py)
-	@echo "exporting SmolLM2-135M-Instruct + its EAGLE-3 head for the CPU, once (about 9 minutes on 2 cores)"
+	@echo "exporting SmolLM2-135M-Instruct + its EAGLE-3 head for the CPU, once (about 7 minutes on 2 cores)"
 	$(VENV)/bin/etspec-export --target $(SMOLLM2_HF) --draft $(DEMO_HEAD) --out $(DEMO)/smollm2 --backend xnnpack \
 		--dtype fp32 --max-seq-len 512 --max-prefill-chunk 64 --draft-len $(DEMO_K) --force
 

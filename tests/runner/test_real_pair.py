@@ -3,7 +3,7 @@ the EAGLE-3 head committed under heads/. Greedy output equals transformers' `gen
 checkpoint, speculative output equals target-only, and the trained head accepts well beyond an untrained
 one (acceptance length ~1).
 
-Needs the GGUF (`make smollm2`, or $ETSPEC_SMOLLM2_GGUF); the XNNPACK export (~9 minutes on 2 cores) is
+Needs the GGUF (`make smollm2`, or $ETSPEC_SMOLLM2_GGUF); the XNNPACK export (~7 minutes on 2 cores) is
 made once per run and shared by the xdist workers. $ETSPEC_SMOLLM2_CPU_ART / $ETSPEC_SMOLLM2_CUDA_ART may
 name an artifact of the pair already exported (k >= 4, max_seq_len >= 512); $ETSPEC_SMOLLM2_HEAD another
 head directory.
