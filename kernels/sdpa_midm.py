@@ -43,6 +43,8 @@ __all__ = [
     "plan_splits",
     "sdpa_midm",
     "sdpa_midm_reference",
+    "sdpa_midm_shared_kv",
+    "shared_kv_keys",
 ]
 
 MAX_M = 8
@@ -73,12 +75,16 @@ DEFAULT_CONFIGS: dict[int, MidmConfig] = {
     64: MidmConfig(),
     128: MidmConfig(),
     256: MidmConfig(num_stages=2, min_tiles=4),
+    # Gemma 4's K = V full layers; not yet swept on a GPU: half the 256 tile, twice the warps
+    512: MidmConfig(block_n=32, num_warps=8, num_stages=2, min_tiles=4),
 }
 
 
 def default_config(d: int) -> MidmConfig:
     """The config the op uses for head dim `d` (the nearest tuned one for other head dims)."""
-    return DEFAULT_CONFIGS[d if d in DEFAULT_CONFIGS else (256 if d > 128 else 64 if d < 128 else 128)]
+    if d in DEFAULT_CONFIGS:
+        return DEFAULT_CONFIGS[d]
+    return DEFAULT_CONFIGS[512 if d > 256 else 256 if d > 128 else 64 if d < 128 else 128]
 
 
 def _next_pow2(x: int) -> int:
@@ -136,6 +142,18 @@ def _tile_update(
 
 
 @triton.jit
+def _shared_key(v, v_swap, offs_key, w, w_swap, freq):
+    """Keys [BN, D] of a K = V layer from its value rows v [BN, D] (v_swap: the same rows with the two
+    halves of D swapped): rope(w * v) at each key's own position, in fp32, rounded to v's dtype as a
+    stored key would be. `w_swap` carries rotate_half's sign."""
+    angle = offs_key[:, None].to(tl.float32) * freq[None, :]
+    k = v.to(tl.float32) * w[None, :] * tl.cos(angle) + v_swap.to(tl.float32) * w_swap[None, :] * tl.sin(
+        angle
+    )
+    return k.to(v.dtype)
+
+
+@triton.jit
 def _midm_split_kernel(
     q_ptr,
     k_ptr,
@@ -155,6 +173,8 @@ def _midm_split_kernel(
     sk_n,
     sv_h,
     sv_n,
+    w_ptr,
+    f_ptr,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -162,6 +182,7 @@ def _midm_split_kernel(
     WINDOW: tl.constexpr,
     FP32_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
+    SHARED_KV: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     sid = tl.program_id(1)
@@ -186,6 +207,18 @@ def _midm_split_kernel(
     )
     k_base = k_ptr + kvh.to(tl.int64) * sk_h
     v_base = v_ptr + kvh.to(tl.int64) * sv_h
+    # shared K = V: each key is rebuilt from its value row (see _shared_key); for the half swap, the
+    # partner of dim d is d +- D/2, read with its sign and weight
+    swap_d = (offs_d + D // 2) % D
+    sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+    if SHARED_KV:
+        w = tl.load(w_ptr + offs_d)
+        w_swap = sign * tl.load(w_ptr + swap_d)
+        freq = tl.load(f_ptr + offs_d)
+    else:
+        w = sign
+        w_swap = sign
+        freq = sign
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
@@ -193,8 +226,12 @@ def _midm_split_kernel(
     # full tiles: every key inside [s0, s0 + n), a subset of [0, L): unmasked (vectorised) loads
     for t in range(0, n_full):
         offs_key = s0 + t * BLOCK_N + offs_n
-        k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :])
         v = tl.load(v_base + offs_key[:, None] * sv_n + offs_d[None, :])
+        if SHARED_KV:
+            v_sw = tl.load(v_base + offs_key[:, None] * sv_n + swap_d[None, :])
+            k = _shared_key(v, v_sw, offs_key, w, w_swap, freq)
+        else:
+            k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :])
         m_i, l_i, acc = _tile_update(
             q, k, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
         )
@@ -202,8 +239,14 @@ def _midm_split_kernel(
         # ragged last tile: keys past the split end (and so past L) are never loaded
         offs_key = s0 + n_full * BLOCK_N + offs_n
         kmask = offs_key < s0 + n
-        k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
         v = tl.load(v_base + offs_key[:, None] * sv_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        if SHARED_KV:
+            v_sw = tl.load(
+                v_base + offs_key[:, None] * sv_n + swap_d[None, :], mask=kmask[:, None], other=0.0
+            )
+            k = _shared_key(v, v_sw, offs_key, w, w_swap, freq)
+        else:
+            k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
         m_i, l_i, acc = _tile_update(
             q, k, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
         )
@@ -306,21 +349,27 @@ def launch(
     *,
     config: MidmConfig | None = None,
     n_sm: int | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the split + reduce kernels; writes ``out`` ([1, Hq, M, D], contiguous) and returns it.
 
     ``config`` defaults to :func:`default_config` of the head dim; ``n_sm`` overrides the SM count that
-    the split plan aims at (tests).
+    the split plan aims at (tests). ``shared = (k_weight, inv_freq)``: a K = V layer, whose cache holds
+    the values only (``v``; ``k`` is ignored): each key is rebuilt from its value row as
+    ``rope(k_weight * v)`` at the key's position (:func:`shared_kv_keys`), so the kernel reads one tensor.
     """
     _, hq, m, d = q.shape
     hkv, lb = k.shape[1], k.shape[2]
     g = hq // hkv
     if q.stride(-1) != 1:
         q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
+    if shared is not None:
+        k = v
+        k_weight, inv_freq = (t.float().contiguous() for t in shared)
+    elif k.stride(-1) != 1:
+        k = k.contiguous()
     # rows per program: G*M padded to a power of two >= 16 (tl.dot needs >= 16); M may be symbolic
     # under export/AOTInductor, then size for MAX_M
     m_static = m if isinstance(m, int) else MAX_M
@@ -362,6 +411,8 @@ def launch(
         k.stride(2),
         v.stride(1),
         v.stride(2),
+        k_weight if shared is not None else pm,  # unread unless SHARED_KV
+        inv_freq if shared is not None else pm,
         D=d,
         BLOCK_R=block_r,
         BLOCK_N=c.block_n,
@@ -369,6 +420,7 @@ def launch(
         WINDOW=int(window),
         FP32_DOT=fp32_dot,
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        SHARED_KV=shared is not None,
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )
@@ -443,3 +495,53 @@ def sdpa_midm_reference(q, k, v, input_pos, scale, window=0, acc_dtype=torch.flo
 def _sdpa_midm_cpu(q, k, v, input_pos, scale, window=0):
     _check(q, k, v, input_pos)
     return sdpa_midm_reference(q, k, v, input_pos, scale, window).contiguous()
+
+
+def shared_kv_keys(kv: torch.Tensor, k_weight: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """The keys of a K = V layer from its cached values kv [1, Hkv, Lb, D]: ``rope(k_weight * kv)`` with
+    key j at position j, in fp32, rounded to kv's dtype (the kernel's math). ``inv_freq`` [D] holds each
+    frequency twice (both halves of a head rotate by it), as Rotary's buffer does."""
+    x = kv.float() * k_weight.float()
+    half = x.shape[-1] // 2
+    angle = torch.arange(kv.shape[2], device=kv.device, dtype=torch.float32)[:, None] * inv_freq.float()
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * angle.cos() + rotated * angle.sin()).to(kv.dtype)
+
+
+def _check_shared(q, kv, k_weight, inv_freq, input_pos):
+    _check(q, kv, kv, input_pos)
+    d = kv.shape[3]
+    torch._check(d % 2 == 0, lambda: "sdpa_midm_shared_kv: head dim must be even")
+    torch._check(
+        k_weight.shape == (d,) and inv_freq.shape == (d,), lambda: "sdpa_midm_shared_kv: [D] weight, inv_freq"
+    )
+
+
+@triton_op("etspec::sdpa_midm_shared_kv", mutates_args={})
+def sdpa_midm_shared_kv(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    k_weight: torch.Tensor,
+    inv_freq: torch.Tensor,
+    input_pos: torch.Tensor,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """sdpa_midm for a K = V layer: one cached tensor, keys rebuilt in the kernel (launch's ``shared``)."""
+    _check_shared(q, kv, k_weight, inv_freq, input_pos)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    launch(q, kv, kv, input_pos, scale, window, out, shared=(k_weight, inv_freq))
+    return out
+
+
+@sdpa_midm_shared_kv.register_fake
+def _sdpa_midm_shared_kv_fake(q, kv, k_weight, inv_freq, input_pos, scale, window=0):
+    _check_shared(q, kv, k_weight, inv_freq, input_pos)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@sdpa_midm_shared_kv.register_kernel("cpu")
+def _sdpa_midm_shared_kv_cpu(q, kv, k_weight, inv_freq, input_pos, scale, window=0):
+    _check_shared(q, kv, k_weight, inv_freq, input_pos)
+    keys = shared_kv_keys(kv, k_weight, inv_freq)
+    return sdpa_midm_reference(q, keys, kv, input_pos, scale, window).contiguous()

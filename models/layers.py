@@ -112,8 +112,7 @@ class RMSNorm(nn.Module):
             raise ValueError(f"RMSNorm style must be one of {NORM_STYLES}, got {style!r}")
         if style != "unit":
             self.weight = nn.Parameter(torch.zeros(dim) if style == "offset" else torch.ones(dim))
-        self.eps = eps
-        self.style = style
+        self.dim, self.eps, self.style = dim, eps, style
         self.delegate_forms = False  # see use_delegate_forms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,13 +123,23 @@ class RMSNorm(nn.Module):
             h = rows.view((1, -1, *h.shape[2:]))
         else:
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.rescale(h, x.dtype)
+
+    def rescale(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The style's scaling of rows h that are already normalized, in `dtype`."""
         if self.style == "offset":
-            return (h * (1.0 + self.weight.float())).to(x.dtype)
+            return (h.float() * (1.0 + self.weight.float())).to(dtype)
         if self.style == "fp32":
-            return (h * self.weight.float()).to(x.dtype)
+            return (h.float() * self.weight.float()).to(dtype)
         if self.style == "unit":
-            return h.to(x.dtype)
-        return self.weight * h.to(x.dtype)
+            return h.to(dtype)
+        return self.weight * h.to(dtype)
+
+    def multiplier(self) -> torch.Tensor:
+        """The per-dim factor of the scaling, fp32 (what a kernel applies to normalized rows)."""
+        if self.style == "unit":
+            return torch.ones(self.dim)
+        return (1.0 + self.weight.float()) if self.style == "offset" else self.weight.float()
 
 
 def project(x: torch.Tensor, mods: tuple[nn.Linear, ...], rows: bool) -> list[torch.Tensor]:
@@ -233,14 +242,22 @@ def attend_grouped(
 
 
 MIDM_MAX_HEAD_DIM = 256
-"""Largest head_dim the verify layers hand to etspec::sdpa_midm (docs/kernels.md); wider heads (Gemma 4's
-512-wide full layers) take the plain path."""
+"""Largest head_dim the verify layers hand to etspec::sdpa_midm (docs/kernels.md); wider heads take the
+plain path, except in K = V layers (below)."""
+MIDM_MAX_SHARED_HEAD_DIM = 512
+"""Largest head_dim of a K = V layer handed to etspec::sdpa_midm_shared_kv (Gemma 4's full layers), which
+reads one cached tensor per key tile where other layers read two."""
 
 
 class Attention(nn.Module):
     """Multi-head attention with a static KV cache, GQA, optional qk-norm, value norm, shared key/value
     projection (Gemma 4's K = V layers: no v_proj, the raw key projection is the value), softcap and
-    sliding window."""
+    sliding window.
+
+    A K = V layer caches one tensor, the values: its keys are the same rows normalized the same way and
+    then scaled by the key norm's weight and rotated, so each key is rebuilt from its value row when it
+    is read (`_keys`; in the verify kernel, per tile). That halves the layer's cache and the bytes a
+    verify reads."""
 
     def __init__(
         self,
@@ -275,23 +292,28 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.v_norm = RMSNorm(head_dim, v_norm_eps, "unit") if v_norm_eps is not None else None
+        if k_eq_v and (qk_norm_eps != v_norm_eps):
+            raise ValueError("a K = V layer needs its key and value norms together, with one eps, or neither")
+        self.shared_kv = k_eq_v
         self.rotary = Rotary(rope, head_dim)
         self.scale, self.softcap, self.window = scale, softcap, window
         # The split-K kernel covers causal (optionally windowed) attention without a logit softcap; the
         # few-rows linear kernel serves every projection of a verify/draft call.
-        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= MIDM_MAX_HEAD_DIM
+        widest = MIDM_MAX_SHARED_HEAD_DIM if k_eq_v else MIDM_MAX_HEAD_DIM
+        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest
         self.rows_kernel = kernels.linear_rows
         self.delegate_forms = False  # see use_delegate_forms
         cache_shape = (1, num_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k_cache", torch.empty(cache_shape), persistent=False)
+        self.register_buffer("k_cache", None if k_eq_v else torch.empty(cache_shape), persistent=False)
         self.register_buffer("v_cache", torch.empty(cache_shape), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """Zero the caches (after to_empty from meta): eager reads of stale rows stay finite."""
-        if self.k_cache.device.type != "meta":
-            self.k_cache.zero_()
+        if self.v_cache.device.type != "meta":
             self.v_cache.zero_()
+            if self.k_cache is not None:
+                self.k_cache.zero_()
 
     def _heads(self, x: torch.Tensor, n: int, norm: RMSNorm | None) -> torch.Tensor:
         x = x.view(1, -1, n, self.head_dim)  # -1, not the dynamic row count: a shape XNNPACK takes
@@ -307,10 +329,25 @@ class Attention(nn.Module):
     def _store(
         self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> None:
-        """Rotate the projected k [1,R,Hkv*D] and store k/v rows at input_pos."""
-        k = self._rope(self._heads(k, self.num_kv_heads, self.k_norm), cos, sin)
-        self.k_cache.index_copy_(2, input_pos, k)
+        """Rotate the projected k [1,R,Hkv*D] and store k/v rows at input_pos (a K = V layer: v only)."""
+        if self.k_cache is not None:
+            k = self._rope(self._heads(k, self.num_kv_heads, self.k_norm), cos, sin)
+            self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, self._heads(v, self.num_kv_heads, self.v_norm))
+
+    def _keys(self, kv_len: int) -> torch.Tensor:
+        """The cached keys [:kv_len]; in a K = V layer rebuilt from the values (key j at position j)."""
+        if self.k_cache is not None:
+            return self.k_cache[:, :, :kv_len]
+        v = self.v_cache[:, :, :kv_len]
+        k = v if self.k_norm is None else self.k_norm.rescale(v, v.dtype)
+        cos, sin = self.rotary(torch.arange(kv_len, device=v.device), v.dtype)
+        return self._rope(k, cos, sin)
+
+    def _key_multiplier(self, like: torch.Tensor) -> torch.Tensor:
+        """The key norm's per-dim factor (ones without a key norm), for the K = V verify kernel."""
+        w = torch.ones(self.head_dim) if self.k_norm is None else self.k_norm.multiplier()
+        return w.to(like.device)
 
     def _attend(
         self,
@@ -323,14 +360,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Projected queries q [1,M,Hq*D] over the cache slice [:kv_len], then o_proj: [1,M,out]."""
         q = self._rope(self._heads(q, self.num_heads, self.q_norm), cos, sin)
-        k = self.k_cache[:, :, :kv_len]
         v = self.v_cache[:, :, :kv_len]
-        if few_rows and self.use_sdpa_midm:
-            o = torch.ops.etspec.sdpa_midm(q, k, v, input_pos, self.scale, self.window or 0)
+        if few_rows and self.use_sdpa_midm and self.shared_kv:
+            w, freq = self._key_multiplier(v), self.rotary.inv_freq
+            o = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, input_pos, self.scale, self.window or 0)
+        elif few_rows and self.use_sdpa_midm:
+            o = torch.ops.etspec.sdpa_midm(q, self._keys(kv_len), v, input_pos, self.scale, self.window or 0)
         else:
             mask = attention_mask(input_pos, kv_len, self.window)
             plain = attend_grouped if self.delegate_forms else attend
-            o = plain(q, k, v, mask, self.scale, self.softcap)
+            o = plain(q, self._keys(kv_len), v, mask, self.scale, self.softcap)
         o = o.transpose(1, 2).contiguous().view(1, -1, self.num_heads * self.head_dim)
         return project(o, (self.o_proj,), few_rows and self.rows_kernel)[0]
 
@@ -388,4 +427,4 @@ def use_delegate_forms(model: nn.Module) -> None:
         elif isinstance(module, Attention):
             module.delegate_forms = True
             weight = rotate_half_matrix(module.head_dim).T.contiguous()
-            module.register_buffer("rotate_half_t", weight.to(module.k_cache), persistent=False)
+            module.register_buffer("rotate_half_t", weight.to(module.v_cache), persistent=False)

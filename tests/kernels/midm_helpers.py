@@ -65,6 +65,27 @@ def ref64(q, k, v, input_pos, scale, window=0):
     return out
 
 
+def shared_keys64(kv, k_weight, inv_freq):
+    """Float64 keys of a K = V layer, written independently of the kernel module: the pair (d, d + D/2) of
+    k_weight * value as one complex number, turned by the angle position * inv_freq[d]."""
+    x = kv[0].to(torch.float64) * k_weight.to(torch.float64)
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half], x[..., half:])
+    angle = torch.arange(x.shape[1], dtype=torch.float64, device=x.device)[:, None] * inv_freq[:half].to(x)
+    z = z * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat((z.real, z.imag), dim=-1)[None]
+
+
+def make_shared(d, seed, rotated=0.25):
+    """k_weight [D] around 1 and inv_freq [D] (each frequency twice) rotating the first `rotated` share
+    of the pairs, the rest at frequency 0, as Gemma 4's proportional RoPE does."""
+    g = torch.Generator().manual_seed(seed)
+    half = d // 2
+    n = max(1, int(rotated * half))
+    inv = torch.cat((1e4 ** -(torch.arange(n, dtype=torch.float32) * 2 / d), torch.zeros(half - n)))
+    return 1 + 0.5 * torch.randn(d, generator=g), torch.cat((inv, inv))
+
+
 def make_case(hq, hkv, m, d, L, lb, dtype, device="cpu", seed=0, max_seq=None, q_strided=False):
     """q, k, v (views [1, Hkv, Lb, D] into a larger cache, NaN at positions >= L), input_pos."""
     assert L >= m and lb >= L
@@ -121,18 +142,30 @@ INTERP_CASES = [
 ]
 
 
+# K = V layers (one cached tensor, keys rebuilt in the kernel): the same fields
+SHARED_CASES = [
+    (4, 1, 4, 512, 40, 64, 0, torch.bfloat16, 4, {"block_n": 16}, "K=V D=512 (Gemma 4 full layer)"),
+    (4, 1, 3, 512, 70, 80, 0, torch.float32, 4, {"block_n": 16, "min_tiles": 1}, "K=V D=512 fp32, splits"),
+    (8, 2, 2, 64, 33, 48, 0, torch.float32, 4, {"block_n": 16}, "K=V D=64 ragged, GQA 4"),
+    (4, 1, 4, 128, 150, 256, 16, torch.float16, 4, {"block_n": 16}, "K=V sliding window 16"),
+]
+
+
 def run_interp_cases() -> int:
     from etspec.kernels.sdpa_midm import _INTERPRET, default_config, launch
 
     assert _INTERPRET, "set TRITON_INTERPRET=1 before importing triton"
     fails = 0
-    for i, (hq, hkv, m, d, L, lb, win, dtype, n_sm, cfg, note) in enumerate(INTERP_CASES):
+    cases = [(c, False) for c in INTERP_CASES] + [(c, True) for c in SHARED_CASES]
+    for i, ((hq, hkv, m, d, L, lb, win, dtype, n_sm, cfg, note), shared) in enumerate(cases):
         t0 = time.time()
         q, k, v, pos = make_case(hq, hkv, m, d, L, lb, dtype, seed=100 + i, q_strided="strided" in note)
         out = torch.full((1, hq, m, d), float("nan"), dtype=dtype)
         scale = 1.0 / math.sqrt(d)
-        launch(q, k, v, pos, scale, win, out, n_sm=n_sm, config=replace(default_config(d), **cfg))
-        ref = ref64(q, k, v, pos, scale, win)
+        extra = {"shared": make_shared(d, seed=i)} if shared else {}
+        launch(q, k, v, pos, scale, win, out, n_sm=n_sm, config=replace(default_config(d), **cfg), **extra)
+        keys = shared_keys64(v, *extra["shared"]) if shared else k
+        ref = ref64(q, keys, v, pos, scale, win)
         err = rel_err(out, ref)
         ok = bool(torch.isfinite(out).all()) and err < TOL[dtype]
         fails += not ok
@@ -141,7 +174,7 @@ def run_interp_cases() -> int:
             f"{str(dtype)[6:]:8s} rel_err={err:.2e} ({time.time() - t0:.2f}s)",
             flush=True,
         )
-    print(f"{len(INTERP_CASES) - fails}/{len(INTERP_CASES)} interpreter cases passed")
+    print(f"{len(cases) - fails}/{len(cases)} interpreter cases passed")
     return 1 if fails else 0
 
 

@@ -15,7 +15,7 @@ import triton
 
 from etspec.kernels import register_ops
 from etspec.kernels.sdpa_midm import MAX_M, plan_splits
-from tests.kernels.midm_helpers import TOL, CachedAttn, make_case, ref64, rel_err
+from tests.kernels.midm_helpers import TOL, CachedAttn, make_case, make_shared, ref64, rel_err, shared_keys64
 
 register_ops()
 
@@ -63,6 +63,24 @@ def test_cpu_impl_matches_float64(hq, hkv, m, d, L, lb, window, dtype):
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     assert torch.isfinite(out).all()
     assert rel_err(out, ref64(q, k, v, pos, scale, window)) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,m,d,L,lb,window,dtype",
+    [
+        (4, 1, 4, 512, 40, 64, 0, torch.float32),
+        (8, 2, 3, 64, 37, 64, 0, torch.bfloat16),
+        (4, 1, 2, 128, 100, 128, 16, torch.float32),
+    ],
+)
+def test_shared_kv_cpu_impl_matches_float64(hq, hkv, m, d, L, lb, window, dtype):
+    """K = V: the keys are rebuilt from the one cached tensor; float64 keys built independently."""
+    q, _, kv, pos = make_case(hq, hkv, m, d, L, lb, dtype, seed=L + d)
+    w, freq = make_shared(d, seed=m)
+    scale = 1.0 / math.sqrt(d)
+    out = torch.ops.etspec.sdpa_midm_shared_kv(q, kv, w, freq, pos, scale, window)
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref64(q, shared_keys64(kv, w, freq), kv, pos, scale, window)) < TOL[dtype]
 
 
 def test_plan_splits_depends_on_bound_only():

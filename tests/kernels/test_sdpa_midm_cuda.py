@@ -13,7 +13,7 @@ import torch
 from etspec.kernels import register_ops
 from etspec.kernels.sdpa_midm import MAX_M
 from tests.kernels.aoti_helpers import AotiMethod, delegate_input_order, lower_for_cuda, named_blobs
-from tests.kernels.midm_helpers import CachedAttn, make_case, ref64, rel_err
+from tests.kernels.midm_helpers import CachedAttn, make_case, make_shared, ref64, rel_err, shared_keys64
 
 register_ops()
 
@@ -73,6 +73,30 @@ def test_matches_float64(case):
     assert torch.isfinite(out).all(), "NaN/Inf in the output"
     err = rel_err(out, ref64(q, k, v, pos, scale, window))
     print(f"{_id(case)} rel_err={err:.2e}")
+    assert err < TOL_GPU[dtype]
+
+
+GEMMA4_FULL = (32, 4, 512)  # Gemma-4-31B full-attention layer: K = V, one cached tensor
+SHARED_CASES = [
+    (GEMMA4_FULL, 1, 5000, 8192, 0, BF16),
+    (GEMMA4_FULL, 4, 5000, 8192, 0, BF16),
+    (GEMMA4_FULL, 8, 70000 + 3, 71680, 0, BF16),
+    (GEMMA4_FULL, 5, 3001, 4096, 0, F32),
+]
+
+
+@pytest.mark.parametrize("case", SHARED_CASES, ids=[_id(c) for c in SHARED_CASES])
+def test_shared_kv_matches_float64(case):
+    """K = V layers: keys rebuilt in the kernel from the value rows (rope(w * v)), Gemma 4's widths."""
+    (hq, hkv, d), m, L, lb, window, dtype = case
+    q, _, v, pos = make_case(hq, hkv, m, d, L, lb, dtype, device="cuda", seed=L + m, max_seq=lb + 64)
+    w, freq = (t.cuda() for t in make_shared(d, seed=m))
+    scale = 1.0 / math.sqrt(d)
+    out = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, pos, scale, window)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+    err = rel_err(out, ref64(q, shared_keys64(v, w, freq), v, pos, scale, window))
+    print(f"shared {_id(case)} rel_err={err:.2e}")
     assert err < TOL_GPU[dtype]
 
 

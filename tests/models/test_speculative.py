@@ -116,18 +116,27 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
     )
     prompt = random_prompt(21, 4)
     ref = speculative_greedy(pair, prompt, 30, chunk=8)
-    rows, linear_rows = [], []
-    op, lin = torch.ops.etspec.sdpa_midm, torch.ops.etspec.linear_rows
+    rows, shared_rows, linear_rows = [], [], []
+    op, shared_op, lin = (
+        torch.ops.etspec.sdpa_midm,
+        torch.ops.etspec.sdpa_midm_shared_kv,
+        torch.ops.etspec.linear_rows,
+    )
 
     def counting(q, *args):
         rows.append(q.shape[2])
         return op(q, *args)
+
+    def counting_shared(q, *args):
+        shared_rows.append(q.shape[2])
+        return shared_op(q, *args)
 
     def counting_linear(x, *args, **kw):
         linear_rows.append(x.numel() // x.shape[-1])
         return lin(x, *args, **kw)
 
     monkeypatch.setattr(torch.ops.etspec, "sdpa_midm", counting)
+    monkeypatch.setattr(torch.ops.etspec, "sdpa_midm_shared_kv", counting_shared)
     monkeypatch.setattr(torch.ops.etspec, "linear_rows", counting_linear)
     # the construction rules of both few-rows kernels on: split-K attention in full-attention layers without a
     # logit softcap, linear_rows everywhere but a biased MLP
@@ -151,5 +160,8 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
     assert out.accepted == ref.accepted  # same drafts, round by round
     assert set(linear_rows) == {1, 5}  # draft rows and k+1-row verifies; never a prefill chunk
     # the split-K attention serves the draft, and the target's verify where some layer allows it
-    full = any(a.softcap is None and not a.window for a in (x.self_attn for x in pair.target.layers))
-    assert set(rows) == ({1, 5} if full else {1})
+    full = [a for a in (x.self_attn for x in pair.target.layers) if a.softcap is None and not a.window]
+    assert set(rows) == ({1, 5} if any(not a.shared_kv for a in full) else {1})
+    # K = V layers (Gemma 4's full layers) verify through the one-tensor kernel
+    assert set(shared_rows) == ({5} if any(a.shared_kv for a in full) else set())
+    assert (family == "gemma4_text") == bool(shared_rows)

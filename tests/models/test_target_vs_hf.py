@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from etspec.fixtures.shaped import SHAPES, write_random_pair
 from etspec.fixtures.tiny import tiny_target_config
 from etspec.models.checkpoint import load_target
 from tests.conftest import FAMILIES, write_hf_target
@@ -70,6 +71,7 @@ def test_gemma4_float64_is_exact(tmp_path, k_eq_v):
     ref_model = ref_model.eval().double()
     ours = load_target(path, MAX_SEQ, dtype=torch.float64)
     assert (ours.layers[2].self_attn.v_proj is None) == k_eq_v
+    assert (ours.layers[2].self_attn.k_cache is None) == k_eq_v  # K = V: the values are the one cache
     assert ours.layers[2].self_attn.head_dim == 32 and ours.layers[0].self_attn.head_dim == 16
     x = _tokens(40, 9)
     with torch.no_grad():
@@ -151,3 +153,36 @@ def test_sharded_checkpoint_loads(tmp_path):
         torch.testing.assert_close(
             ours(x, torch.arange(10), _window(10)), model(x).logits, atol=ATOL, rtol=1e-4
         )
+
+
+# each benchmark shape at toy widths: the same layer kinds, rope types and config fields
+SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 256,
+}
+SMALL_EXTRA = {
+    "gemma-4-31b-12l": {"global_head_dim": 32, "num_global_key_value_heads": 1, "sliding_window": 6},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_benchmark_shapes_are_checkpoints_transformers_reads(tmp_path, shape):
+    """The random pairs the GPU benchmarks export (fixtures.shaped) are checkpoints transformers loads
+    and computes as etspec does (float64, at toy widths)."""
+    target, draft = write_random_pair(
+        tmp_path, shape, dtype=torch.float32, draft_vocab_size=64, **SMALL, **SMALL_EXTRA.get(shape, {})
+    )
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(target, attn_implementation="sdpa")
+    ref_model = ref_model.eval().double()
+    ours = load_target(target, MAX_SEQ, dtype=torch.float64)
+    x = _tokens(20, 6)
+    with torch.no_grad():
+        ref = ref_model(x).logits
+        out = _chunked_logits(ours, x, [0, 9, 14, 20])
+    assert ref.std() > 1e-3
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8)
+    assert (draft / "model.safetensors").is_file()
