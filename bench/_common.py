@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from etspec.fixtures.shaped import SHAPES, head_config, write_random_pair
+from etspec.models.config import parse_target_config
 
 
 def log(*a) -> None:
@@ -229,11 +230,19 @@ class Floors:
     def __init__(self, shape: str, draft_vocab: int, k: int, read_gbs: float, copy_gbs: float):
         t = SHAPES[shape]
         d = head_config(t, draft_vocab)
+        cfg = parse_target_config(t)
         h, hd, kvh, inter = t["hidden_size"], t["head_dim"], t["num_key_value_heads"], t["intermediate_size"]
-        attn = h * (t["num_attention_heads"] * hd) * 2 + h * kvh * hd * 2
-        layer = 2 * (attn + 3 * h * inter)
-        self.target_bytes = t["num_hidden_layers"] * layer + 2 * t["vocab_size"] * h  # + lm_head
-        self.kv_tok = 2 * t["num_hidden_layers"] * kvh * hd * 2
+        # per layer (its own head_dim and kv heads; a K = V layer has no v_proj and caches one tensor)
+        self.target_bytes = 2 * t["vocab_size"] * h  # lm_head
+        self.kv_layers: list[tuple[int, int | None]] = []  # (cache bytes per token, sliding window)
+        for i in range(cfg.num_layers):
+            lhd, lkv = cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
+            sliding = cfg.layer_types[i] == "sliding_attention"
+            tensors = 1 if cfg.k_eq_v and not sliding else 2
+            attn = h * cfg.num_heads * lhd * 2 + h * lkv * lhd * tensors
+            self.target_bytes += 2 * (attn + 3 * h * inter)
+            self.kv_layers.append((tensors * lkv * lhd * 2, cfg.sliding_window if sliding else None))
+        self.kv_tok = sum(b for b, _ in self.kv_layers)  # cache bytes per token, every layer
         # one draft step: the head layer (2H-wide q/k/v) + its lm_head; fc (3H -> H) once per call
         d_attn = (
             2 * h * (d["num_attention_heads"] * hd)
@@ -248,7 +257,8 @@ class Floors:
         self.copy_factor = read_gbs / copy_gbs
 
     def verify_ms(self, ctx: int) -> float:
-        return (self.target_bytes + self.kv_tok * ctx) / self.bw * 1e3
+        kv = sum(b * (min(ctx, w) if w else ctx) for b, w in self.kv_layers)  # a window reads its last w
+        return (self.target_bytes + kv) / self.bw * 1e3
 
     def draft_ms(self, ctx: int) -> float:
         return (self.fc_bytes + self.k * (self.draft_step_bytes + self.draft_kv_tok * ctx)) / self.bw * 1e3

@@ -12,7 +12,8 @@ length is fixed at export, so each k is measured with its own program):
   EAGLE-3 (k=3/5/7: 2.93/3.55/3.91); every such row is labelled `simulated`;
 - with `--measured-acceptance FILE` (from bench_acceptance.py): also at the acceptance a real trained
   pair measured, per prompt set (SmolLM2-135M + its head, heads/), labelled as such;
-- per configuration: decode tok/s, ms per round split into draft / verify / host, and each against its
+- per configuration: decode tok/s, prefill time, GPU memory in use (every process, as the driver counts
+  it), ms per round split into draft / verify / host, and each against its
   bandwidth floor (bytes of weights + valid KV the call must read / measured read bandwidth), and the
   round against the copy-bandwidth floor as older results reported it;
 - peers on the same shapes and prompts: Hugging Face `generate` with a static cache (compiled and not),
@@ -21,6 +22,7 @@ length is fixed at export, so each k is measured with its own program):
 Writes bench/results/e2e_<shape>_<gpu>.{csv,json,png} and prints a table.
 
     python bench/bench_e2e.py --shape llama-3.2-1b [--phase ckpt|export|run|all] [--ks 3,5,7]
+    python bench/bench_e2e.py --shape gemma-4-31b-12l --max-seq 131072 --contexts 4096,65536 --ks 5
 
 `--phase export --ks K` exports one k; run several such processes side by side after `--phase ckpt`.
 """
@@ -53,7 +55,7 @@ from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
 
 PUBLISHED_ACCEPTANCE = {3: 2.93, 5: 3.55, 7: 3.91}  # Llama-3.1-8B + EAGLE-3 chain (docs/design.md §8)
-MAX_SEQ, CHUNK = 65536, 256
+MAX_SEQ, CHUNK = 65536, 256  # MAX_SEQ: the default of --max-seq
 RUN_KEYS = ("command", "device", "torch", "transformers", "read_gbs", "copy_gbs", "matmul_tflops")
 
 
@@ -75,6 +77,7 @@ def run_etspec(program: Program, prompt: list[int], new: int, floors: Floors, **
     st = gen.stats
     rounds = max(1, st.rounds)
     ctx = len(prompt) + st.generated // 2  # mid-run context for the floors
+    free, total = torch.cuda.mem_get_info()
     row = {
         "tok_s": st.decode_tok_s,
         "acceptance": st.acceptance_length,
@@ -86,6 +89,7 @@ def run_etspec(program: Program, prompt: list[int], new: int, floors: Floors, **
         "verify_floor_ms": floors.verify_ms(ctx),
         "draft_floor_ms": floors.draft_ms(ctx) if gen.spec else 0.0,
         "simulated": st.simulated_acceptance is not None,
+        "device_used_gib": (total - free) / 2**30,
     }
     row["round_floor_ms"] = row["verify_floor_ms"] + row["draft_floor_ms"]
     row["verify_vs_floor"] = row["verify_ms"] / row["verify_floor_ms"]
@@ -117,7 +121,7 @@ def hf_peer(target_dir: Path, ctx: int, new: int, compiled: bool) -> dict:
     return {"tok_s": (new - 1) / (tn - t1), "ms_round": (tn - t1) / (new - 1) * 1e3, "prefill_s": t1}
 
 
-def compile_peer(work: Path, ctx: int, new: int, k: int, vocab: int) -> dict:
+def compile_peer(work: Path, ctx: int, new: int, k: int, vocab: int, max_seq: int) -> dict:
     """etspec's eager model (same Triton attention kernel), target-only decode via torch.compile."""
     from etspec.models.checkpoint import load_speculator
     from etspec.models.layers import FewRowsKernels
@@ -125,7 +129,7 @@ def compile_peer(work: Path, ctx: int, new: int, k: int, vocab: int) -> dict:
     spec = load_speculator(
         work / "ckpt" / "target",
         work / "ckpt" / "draft",
-        MAX_SEQ,
+        max_seq,
         k,
         torch.bfloat16,
         kernels=FewRowsKernels(sdpa_midm=True, linear_rows=True),
@@ -133,8 +137,8 @@ def compile_peer(work: Path, ctx: int, new: int, k: int, vocab: int) -> dict:
     )
     step = torch.compile(spec.target_verify, dynamic=True)
     prompt = torch.tensor([prompt_ids(ctx, vocab)], device="cuda")
-    pos = torch.arange(MAX_SEQ, device="cuda")
-    win = torch.zeros(MAX_SEQ, dtype=torch.int8, device="cuda")
+    pos = torch.arange(max_seq, device="cuda")
+    win = torch.zeros(max_seq, dtype=torch.int8, device="cuda")
 
     def decode(n: int) -> float:
         with torch.no_grad():
@@ -243,6 +247,12 @@ def main() -> int:
         help="ckpt: write the random checkpoint; export: also export each k; run: also measure (all = run)",
     )
     ap.add_argument("--contexts", default="1024,16384,32768")
+    ap.add_argument(
+        "--max-seq",
+        type=int,
+        default=MAX_SEQ,
+        help="the programs' max_seq_len (default %(default)s); another value gets its own --work default",
+    )
     ap.add_argument("--ks", default="3,5,7", help="draft lengths, one export each")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--peers", default="hf,hf-compile,compile", help="comma list, or 'none'")
@@ -270,14 +280,15 @@ def main() -> int:
                 a = round(r["acceptance_length"], 2)
                 measured.setdefault(int(k), []).append((a, f"sim at measured {set_name} acceptance {a}"))
     contexts = [int(x) for x in args.contexts.split(",")]
-    work = args.work or Path("out") / f"e2e_{args.shape}"
+    suffix = "" if args.max_seq == MAX_SEQ else f"_{args.max_seq}"
+    work = args.work or Path("out") / f"e2e_{args.shape}{suffix}"
     t_start = time.perf_counter()
     if args.phase == "ckpt":
         write_random_pair_once(work, args.shape)
         return 0
     arts, infos = {}, {}
     for k in ks:
-        arts[k], infos[k] = export_shaped(work, args.shape, max_seq=MAX_SEQ, chunk=CHUNK, draft_len=k)
+        arts[k], infos[k] = export_shaped(work, args.shape, max_seq=args.max_seq, chunk=CHUNK, draft_len=k)
         log(f"k={k}: {json.dumps(infos[k])}")
     if args.phase == "export":
         return 0
@@ -292,7 +303,7 @@ def main() -> int:
         "python": platform.python_version(),
         "command": " ".join(["python", *sys.argv]),
         "shape": args.shape,
-        "max_seq_len": MAX_SEQ,
+        "max_seq_len": args.max_seq,
         "ks": ks,
         "export": infos,
         "read_gbs": read_bandwidth_gbs(),
@@ -353,7 +364,8 @@ def main() -> int:
                     )
                     impl = "transformers generate static" + (" +compile" if peer == "hf-compile" else "")
                 else:
-                    row = compile_peer(work, ctx, args.new_tokens, ks[0], SHAPES[args.shape]["vocab_size"])
+                    vocab = SHAPES[args.shape]["vocab_size"]
+                    row = compile_peer(work, ctx, args.new_tokens, ks[0], vocab, args.max_seq)
                     impl = "torch.compile eager loop (target-only)"
                 add(impl, ctx, None, row)
                 torch.cuda.empty_cache()

@@ -1,8 +1,12 @@
 """Benchmark etspec::sdpa_midm against F.scaled_dot_product_attention (GPU box).
 
-Shapes: Llama-3.1-8B layer (Hq=32, Hkv=8, D=128) and Gemma-2-9B global layer (Hq=16, Hkv=8, D=256), bf16,
-M in {1,2,4,8}, L in {4K..128K}, KV caches of max_seq_len 128K. Implementations:
-- midm: torch.ops.etspec.sdpa_midm on the bounded slice cache[:, :, :L] (Lb = L here);
+Shapes: Llama-3.1-8B layer (Hq=32, Hkv=8, D=128), Gemma-2-9B global layer (Hq=16, Hkv=8, D=256) and
+Gemma-4-31B full layer (Hq=32, Hkv=4, D=512, K = V: one cached tensor), bf16, M in {1,2,4,8}, L in
+{4K..128K}, KV caches of max_seq_len 128K. Implementations:
+- midm: torch.ops.etspec.sdpa_midm on the bounded slice cache[:, :, :L] (Lb = L here); for the K = V
+  layer the one-tensor kernel (sdpa_midm_shared_kv's launch), which rebuilds the keys per tile;
+- plain_shared (K = V layer only): what target_verify runs with --no-midm-sdpa, the keys rebuilt from the
+  values over the slice, then SDPA (default backend choice);
 - sdpa_<backend>: F.scaled_dot_product_attention on the bounded slice, one backend forced (flash, efficient,
   cudnn, math), enable_gqa=True, a causal-block bool mask when M > 1 (n/a where the backend refuses);
 - naive: SDPA (default backend choice) over the whole 128K buffer with a mask.
@@ -10,12 +14,14 @@ Timing (bench/_common.py): every call is captured in a CUDA graph that cycles th
 (so the KV is not served from L2), the graph is replayed and timed with CUDA events; median per call. The
 read bandwidth (a streaming-read kernel), the device-to-device copy bandwidth (bytes read + written) and
 a bf16 matmul rate are measured in the same run. KV GB/s counts 2*Hkv*L*D*2 bytes (the valid KV read
-once); ratio_read = that over the read bandwidth (ratio_copy over the copy bandwidth is kept).
+once; Hkv*L*D*2 for the K = V layer, whose cache is one tensor: the SDPA peers there read separately
+stored keys, as a two-tensor cache would hold them); ratio_read = that over the read bandwidth
+(ratio_copy over the copy bandwidth is kept).
 The `split-only` column is the split kernel's own device time inside eager midm calls, from the
 profiler's kernel records; the rest of the midm time is the reduce and the launch gaps.
 `--sweep` times kernel configs (passed to `sdpa_midm.launch`) and then measures with the ones it chose.
 
-    python bench/bench_sdpa_midm.py [--sweep] [--quick] [--out DIR]
+    python bench/bench_sdpa_midm.py [--sweep] [--quick] [--models gemma4-31b-full] [--out DIR]
 writes DIR/sdpa_midm_<gpu>.csv, .json and .png, then prints a table.
 """
 
@@ -47,10 +53,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from etspec.kernels import register_ops
 from etspec.kernels import sdpa_midm as sm
+from etspec.models.config import RopeConfig
+from etspec.models.layers import rope_inv_freq
 
 register_ops()
 
-MODELS = {"llama3.1-8b": (32, 8, 128), "gemma2-9b-global": (16, 8, 256)}
+MODELS = {"llama3.1-8b": (32, 8, 128), "gemma2-9b-global": (16, 8, 256), "gemma4-31b-full": (32, 4, 512)}
+SHARED_KV = {"gemma4-31b-full"}  # K = V layers: one cached tensor
+GEMMA4_FULL_ROPE = RopeConfig(theta=1e6, rope_type="proportional", partial_rotary_factor=0.25)
 MS = (1, 2, 4, 8)
 LS = (4096, 16384, 32768, 65536, 131072)
 MAX_SEQ = 131072
@@ -70,13 +80,22 @@ def kv_floor_ratio(ts, lens, hkv, d, read_gbs):
 
 
 class Sets:
-    """N_SETS independent (q per M, k cache, v cache) of max_seq_len 128K for one model shape."""
+    """N_SETS independent (q per M, k cache, v cache) of max_seq_len 128K for one model shape. A K = V
+    shape (`shared`) also has the key norm's weight and the rotary frequencies its kernel rebuilds keys
+    with, and its k caches hold those rebuilt keys (for the peers that read a separate key cache)."""
 
-    def __init__(self, hq, hkv, d):
+    def __init__(self, hq, hkv, d, shared=False):
         g = torch.Generator(device="cuda").manual_seed(0)
-        self.hq, self.hkv, self.d = hq, hkv, d
-        self.k = [torch.randn(1, hkv, MAX_SEQ, d, device="cuda", generator=g).to(DT) for _ in range(N_SETS)]
+        self.hq, self.hkv, self.d, self.shared = hq, hkv, d, shared
         self.v = [torch.randn(1, hkv, MAX_SEQ, d, device="cuda", generator=g).to(DT) for _ in range(N_SETS)]
+        if shared:
+            inv = rope_inv_freq(GEMMA4_FULL_ROPE, d)
+            self.freq = torch.cat((inv, inv)).cuda()
+            self.w = 1 + 0.1 * torch.randn(d, device="cuda", generator=g)
+            self.k = [sm.shared_kv_keys(v, self.w, self.freq) for v in self.v]
+        else:
+            shape = (1, hkv, MAX_SEQ, d)
+            self.k = [torch.randn(shape, device="cuda", generator=g).to(DT) for _ in range(N_SETS)]
         self.q = {
             m: [torch.randn(1, hq, m, d, device="cuda", generator=g).to(DT) for _ in range(N_SETS)]
             for m in MS
@@ -96,9 +115,24 @@ def make_calls(sets, impl, m, L, config=None):
     if impl == "midm":
         out = torch.empty(sets.q[m][0].shape, device="cuda", dtype=DT)
         cfg = config or sm.default_config(d)
+        shared = (sets.w, sets.freq) if sets.shared else None
         for i in range(N_SETS):
             q, k, v = sets.q[m][i], sets.k[i][:, :, :L], sets.v[i][:, :, :L]
-            calls.append(lambda q=q, k=k, v=v: sm.launch(q, k, v, pos, scale, 0, out, config=cfg))
+            calls.append(
+                lambda q=q, k=k, v=v: sm.launch(q, k, v, pos, scale, 0, out, config=cfg, shared=shared)
+            )
+        return calls
+    if impl == "plain_shared":
+        j = torch.arange(L, device="cuda")
+        mask = (j[None, :] <= pos[:, None])[None, None] if m > 1 else None
+        for i in range(N_SETS):
+            q, v = sets.q[m][i], sets.v[i][:, :, :L]
+
+            def call(q=q, v=v):
+                k = sm.shared_kv_keys(v, sets.w, sets.freq)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+            calls.append(call)
         return calls
     if impl == "naive":
         j = torch.arange(MAX_SEQ, device="cuda")
@@ -158,10 +192,14 @@ def check_midm(sets, m, L, config=None):
     hq, hkv, d = sets.hq, sets.hkv, sets.d
     pos = torch.arange(L - m, L, device="cuda")
     q, k, v = sets.q[m][0], sets.k[0][:, :, :L], sets.v[0][:, :, :L]
-    if config is None:
+    shared = (sets.w, sets.freq) if sets.shared else None
+    if config is None and shared:
+        out = torch.ops.etspec.sdpa_midm_shared_kv(q, v, *shared, pos, 1.0 / math.sqrt(d)).float()
+    elif config is None:
         out = torch.ops.etspec.sdpa_midm(q, k, v, pos, 1.0 / math.sqrt(d)).float()
     else:
-        out = sm.launch(q, k, v, pos, 1.0 / math.sqrt(d), 0, torch.empty_like(q), config=config).float()
+        out = torch.empty_like(q)
+        out = sm.launch(q, k, v, pos, 1.0 / math.sqrt(d), 0, out, config=config, shared=shared).float()
     qf = q.float().view(hkv, hq // hkv * m, d)
     s = torch.einsum("hrd,hld->hrl", qf, k[0].float()) / math.sqrt(d)
     j = torch.arange(L, device="cuda")
@@ -175,7 +213,7 @@ def sweep(models, read_gbs, results):
     """Kernel variants (tile, warps, stages), then split plans, per head dim; returns {D: chosen config}."""
     chosen = {}
     for name, (hq, hkv, d) in models.items():
-        sets = Sets(hq, hkv, d)
+        sets = Sets(hq, hkv, d, shared=name in SHARED_KV)
         m = 4
 
         base = sm.default_config(d)
@@ -311,6 +349,7 @@ def main():
         "--sweep-big-r", action="store_true", help="report the best config for >= 32 rows (Llama M=8) first"
     )
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -341,7 +380,10 @@ def main():
         + ", ".join(f"{k} {v:.0f}" for k, v in copies.items())
         + f"), bf16 matmul {tflops:.0f} TFLOP/s, empty kernel node in a graph {node_us:.2f} us"
     )
-    models = dict(MODELS)
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        ap.error(f"--models: unknown {sorted(unknown)} (have {', '.join(MODELS)})")
+    models = {n: MODELS[n] for n in args.models.split(",")}
     ms, ls = (MS, LS) if not args.quick else ((1, 4), (4096, 131072))
     sweep_rows = []
     configs = {d: sm.default_config(d) for _, _, d in models.values()}
@@ -353,13 +395,14 @@ def main():
         meta["best_cfg_big_r"] = sweep_big_r(read_gbs, sweep_rows)
     meta["cfg"] = {str(k): asdict(v) for k, v in configs.items()}
     rows = []
-    impls = ["midm", "split_only", *BACKENDS, "naive"]
     for name, (hq, hkv, d) in models.items():
-        sets = Sets(hq, hkv, d)
+        shared = name in SHARED_KV
+        impls = ["midm", "split_only", *(["plain_shared"] if shared else []), *BACKENDS, "naive"]
+        sets = Sets(hq, hkv, d, shared=shared)
         cfg = configs[d]
         for m in ms:
             for L in ls:
-                kv_bytes = 2 * hkv * L * d * 2
+                kv_bytes = (1 if shared else 2) * hkv * L * d * 2
                 own = None if cfg == sm.default_config(d) else cfg  # the op itself where it is the same
                 err = check_midm(sets, m, L, own) if L <= 32768 else float("nan")
                 for impl in impls:
