@@ -153,3 +153,28 @@ def test_out_of_vocab_ids_refused_before_any_launch(cuda_art, monkeypatch):
             checked(tokens, torch.arange(2, device="cuda"), torch.zeros(2, dtype=torch.int8, device="cuda"))
         torch.cuda.synchronize()
         assert launches == []
+
+
+def test_gemma4_k_eq_v_rounds_match_eager(tiny_checkpoints, tmp_path):
+    """The tiny Gemma 4 pair exported for CUDA with the few-rows kernels: its K = V full layers cache one
+    tensor and verify through etspec::sdpa_midm_shared_kv inside the AOTInductor program; every call of
+    a speculative and a target-only run equals eager, and the runner with graphs equals target-only."""
+    target, draft = tiny_checkpoints("gemma4_text")
+    out = tmp_path / "gemma4"
+    argv = ["--target", str(target), "--draft", str(draft), "--out", str(out), "--backend", "cuda"]
+    argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ), "--force"]
+    argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
+    assert export_main(argv) == 0
+    both = FewRowsKernels(sdpa_midm=True, linear_rows=True)
+    eager = load_speculator(target, draft, TINY_MAX_SEQ, TINY_K, kernels=both, device="cuda")
+    full = eager.target.layers[2].self_attn
+    assert full.k_cache is None and full.shared_kv and full.use_sdpa_midm
+    with Program.load(out) as program:
+        rec = Recorder(program, eager, atol=2e-3)
+        prompt = random_prompt(37, 3)  # a three-chunk prefill
+        spec = speculative_greedy(rec, prompt, 20, chunk=TINY_CHUNK)
+        assert spec.tokens == target_greedy(rec, prompt, 20, chunk=TINY_CHUNK).tokens
+        assert rec.calls > 20
+        ref, _, _ = generate(program, prompt, 24, spec=False)
+        got, _, _ = generate(program, prompt, 24, cuda_graph=True)
+        assert got == ref
