@@ -40,6 +40,8 @@ class GgufInfo:
     architecture: str
     tensor_types: Counter  # ggml type name -> number of tensors
     end_of_turn_ids: tuple[int, ...]
+    tokenizer_model: str = ""  # tokenizer.ggml.model: "llama" (SentencePiece), "gpt2" (byte-level BPE), ...
+    add_bos: bool = False  # tokenizer.ggml.add_bos_token: llama.cpp starts every text with bos
 
     def types_summary(self) -> str:
         return ", ".join(f"{n} {t}" for t, n in self.tensor_types.most_common())
@@ -64,10 +66,14 @@ def read_gguf_info(path: Path) -> GgufInfo:
         raise ConvertError(f"{path}: cannot read the GGUF file, truncated or corrupt? ({e})") from None
     arch = reader.get_field("general.architecture")
     eot = [reader.get_field(k) for k in _END_OF_TURN_KEYS]
+    tokenizer = reader.get_field("tokenizer.ggml.model")
+    add_bos = reader.get_field("tokenizer.ggml.add_bos_token")
     return GgufInfo(
         architecture=arch.contents() if arch is not None else "unknown",
         tensor_types=Counter(t.tensor_type.name for t in reader.tensors),
         end_of_turn_ids=tuple(int(f.contents()) for f in eot if f is not None),
+        tokenizer_model=tokenizer.contents() if tokenizer is not None else "",
+        add_bos=bool(add_bos.contents()) if add_bos is not None else False,
     )
 
 
@@ -129,6 +135,33 @@ def _fix_tokenizer(tok, config) -> None:
         tok.clean_up_tokenization_spaces = False
 
 
+def _sentencepiece_as_bpe(tok, info: GgufInfo) -> None:
+    """llama.cpp reads a SentencePiece ("llama") GGUF vocabulary as BPE: adjacent pieces merge in the
+    order of the merged piece's score. transformers builds a Unigram model from some of them (Gemma 3's),
+    whose scores are such merge ranks, not log-probabilities; saved and reloaded through the model's BPE
+    tokenizer class it splits text into single characters. Rebuild the model as BPE with the merges the
+    scores imply (transformers' own `generate_merges`), keeping the normalizer, pre-tokenizer, decoder
+    and special tokens."""
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    backend = tok.backend_tokenizer
+    spec = json.loads(backend.to_str())["model"]
+    if info.tokenizer_model != "llama" or spec["type"] != "Unigram":
+        return
+    pieces = [(piece, score) for piece, score in spec["vocab"]]
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    unk = pieces[spec["unk_id"]][0] if spec.get("unk_id") is not None else None
+    backend.model = BPE(
+        vocab=vocab,
+        merges=generate_merges(vocab, pieces, skip_tokens=special),
+        unk_token=unk,
+        byte_fallback=bool(spec.get("byte_fallback")),
+        fuse_unk=True,
+    )
+
+
 def _eos_ids(config, info: GgufInfo) -> int | list[int] | None:
     eos = config.eos_token_id
     ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
@@ -181,7 +214,10 @@ def convert_gguf(
             raise ConvertError(f"{gguf.name}: etspec cannot export this model: {e}") from None
 
         tok = AutoTokenizer.from_pretrained(**where)
+        _sentencepiece_as_bpe(tok, info)
         _fix_tokenizer(tok, config)
+        if info.add_bos:  # as llama.cpp does; transformers' GGUF tokenizers leave it out
+            tok.add_bos_token = True
         model = AutoModelForCausalLM.from_pretrained(
             **where, config=config, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
         )
