@@ -54,7 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from etspec.kernels import register_ops
 from etspec.kernels import sdpa_midm as sm
 from etspec.models.config import RopeConfig
-from etspec.models.layers import rope_inv_freq
+from etspec.models.layers import Rotary
 
 register_ops()
 
@@ -89,8 +89,9 @@ class Sets:
         self.hq, self.hkv, self.d, self.shared = hq, hkv, d, shared
         self.v = [torch.randn(1, hkv, MAX_SEQ, d, device="cuda", generator=g).to(DT) for _ in range(N_SETS)]
         if shared:
-            inv = rope_inv_freq(GEMMA4_FULL_ROPE, d)
-            self.freq = torch.cat((inv, inv)).cuda()
+            self.freq = Rotary(
+                GEMMA4_FULL_ROPE, d
+            ).inv_freq.cuda()  # each frequency twice, as the model has it
             self.w = 1 + 0.1 * torch.randn(d, device="cuda", generator=g)
             self.k = [sm.shared_kv_keys(v, self.w, self.freq) for v in self.v]
         else:

@@ -294,7 +294,6 @@ class Attention(nn.Module):
         self.v_norm = RMSNorm(head_dim, v_norm_eps, "unit") if v_norm_eps is not None else None
         if k_eq_v and (qk_norm_eps != v_norm_eps):
             raise ValueError("a K = V layer needs its key and value norms together, with one eps, or neither")
-        self.shared_kv = k_eq_v
         self.rotary = Rotary(rope, head_dim)
         self.scale, self.softcap, self.window = scale, softcap, window
         # The split-K kernel covers causal (optionally windowed) attention without a logit softcap; the
@@ -308,11 +307,16 @@ class Attention(nn.Module):
         self.register_buffer("v_cache", torch.empty(cache_shape), persistent=False)
         self.reset_buffers()
 
+    @property
+    def shared_kv(self) -> bool:
+        """A K = V layer: its one cache holds the values, and keys are rebuilt from them."""
+        return self.k_cache is None
+
     def reset_buffers(self) -> None:
         """Zero the caches (after to_empty from meta): eager reads of stale rows stay finite."""
         if self.v_cache.device.type != "meta":
             self.v_cache.zero_()
-            if self.k_cache is not None:
+            if not self.shared_kv:
                 self.k_cache.zero_()
 
     def _heads(self, x: torch.Tensor, n: int, norm: RMSNorm | None) -> torch.Tensor:
@@ -330,14 +334,14 @@ class Attention(nn.Module):
         self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> None:
         """Rotate the projected k [1,R,Hkv*D] and store k/v rows at input_pos (a K = V layer: v only)."""
-        if self.k_cache is not None:
+        if not self.shared_kv:
             k = self._rope(self._heads(k, self.num_kv_heads, self.k_norm), cos, sin)
             self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, self._heads(v, self.num_kv_heads, self.v_norm))
 
     def _keys(self, kv_len: int) -> torch.Tensor:
         """The cached keys [:kv_len]; in a K = V layer rebuilt from the values (key j at position j)."""
-        if self.k_cache is not None:
+        if not self.shared_kv:
             return self.k_cache[:, :, :kv_len]
         v = self.v_cache[:, :, :kv_len]
         k = v if self.k_norm is None else self.k_norm.rescale(v, v.dtype)
