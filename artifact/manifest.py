@@ -22,10 +22,11 @@ import torch
 
 from .files import MANIFEST_NAME
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Formats this etspec reads. Format 1 had one switch for both few-rows kernels (`midm_sdpa`); format 2
-#: records `linear_rows` apart, so a format-1 manifest reads with `linear_rows = midm_sdpa`.
-READABLE_FORMATS = (1, 2)
+#: records `linear_rows` apart, so a format-1 manifest reads with `linear_rows = midm_sdpa`; format 3
+#: adds `reduction_kernels` (earlier programs had none: False).
+READABLE_FORMATS = (1, 2, 3)
 
 #: Constant method returning the manifest JSON as a string (EValue String in the program).
 MANIFEST_METHOD = "get_manifest"
@@ -138,6 +139,7 @@ class Manifest:
     eos_token_ids: list[int] = field(default_factory=list)
     midm_sdpa: bool = False  # target_verify and draft use the split-K attention etspec::sdpa_midm
     linear_rows: bool = False  # ... and the few-rows linear etspec::linear_rows
+    reduction_kernels: bool = False  # ... and the norm and argmax kernels (etspec::*_rows)
     kv_bucket: int | None = None  # kv_window rounding for CUDA graphs; None = exact
     checkpoints: dict[str, str] = field(default_factory=dict)  # role -> "sha256:<hex>"
     versions: dict[str, str] = field(default_factory=dict)  # package -> version

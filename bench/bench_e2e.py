@@ -124,7 +124,7 @@ def hf_peer(target_dir: Path, ctx: int, new: int, compiled: bool) -> dict:
 def compile_peer(work: Path, ctx: int, new: int, k: int, vocab: int, max_seq: int) -> dict:
     """etspec's eager model (same Triton attention kernel), target-only decode via torch.compile."""
     from etspec.models.checkpoint import load_speculator
-    from etspec.models.layers import FewRowsKernels
+    from etspec.models.layers import ALL_KERNELS
 
     spec = load_speculator(
         work / "ckpt" / "target",
@@ -132,7 +132,7 @@ def compile_peer(work: Path, ctx: int, new: int, k: int, vocab: int, max_seq: in
         max_seq,
         k,
         torch.bfloat16,
-        kernels=FewRowsKernels(sdpa_midm=True, linear_rows=True),
+        kernels=ALL_KERNELS,
         device="cuda",
     )
     step = torch.compile(spec.target_verify, dynamic=True)
@@ -257,6 +257,12 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--peers", default="hf,hf-compile,compile", help="comma list, or 'none'")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint + artifact cache (out/e2e_<shape>)")
+    ap.add_argument(
+        "--export-args",
+        default="",
+        help="more etspec-export flags, e.g. '--no-reduction-kernels' (give such exports their own --work)",
+    )
+    ap.add_argument("--tag", default="", help="added to the results file name: e2e_<shape>_<tag>_<gpu>")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument(
         "--merge",
@@ -288,7 +294,14 @@ def main() -> int:
         return 0
     arts, infos = {}, {}
     for k in ks:
-        arts[k], infos[k] = export_shaped(work, args.shape, max_seq=args.max_seq, chunk=CHUNK, draft_len=k)
+        arts[k], infos[k] = export_shaped(
+            work,
+            args.shape,
+            max_seq=args.max_seq,
+            chunk=CHUNK,
+            draft_len=k,
+            extra_args=tuple(args.export_args.split()),
+        )
         log(f"k={k}: {json.dumps(infos[k])}")
     if args.phase == "export":
         return 0
@@ -305,6 +318,7 @@ def main() -> int:
         "shape": args.shape,
         "max_seq_len": args.max_seq,
         "ks": ks,
+        "export_args": args.export_args,
         "export": infos,
         "read_gbs": read_bandwidth_gbs(),
         "copy_gbs": copy_bandwidth_gbs(),
@@ -319,7 +333,7 @@ def main() -> int:
     peers = [] if args.peers == "none" else args.peers.split(",")
     base: dict = {}
 
-    name = f"e2e_{args.shape}_{gpu.replace(' ', '_')}"
+    name = f"e2e_{args.shape}_{args.tag + '_' if args.tag else ''}{gpu.replace(' ', '_')}"
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     if args.merge and (args.out / f"{name}.json").is_file():

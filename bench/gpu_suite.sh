@@ -9,7 +9,7 @@ mkdir -p "$OUT/logs" out
 export ETSPEC_CUDA_ART_CACHE=$PWD/out/cuda_art
 groups=${*:-kernels runtime e2e bench1b}
 declare -A cmd=(
-  [kernels]="python -m pytest -m cuda -q -rA tests/kernels/test_sdpa_midm_cuda.py tests/kernels/test_linear_rows_cuda.py"
+  [kernels]="python -m pytest -m cuda -q -rA tests/kernels"
   [runtime]="python -m pytest -m cuda -q -rA tests/runtime/test_aoti_cuda.py tests/export/test_lower.py"
   [e2e]="python -m pytest -m cuda -q -rA -s tests/runner/test_cuda_e2e.py"
   [bench1b]="python bench/bench_runtime_1b.py"

@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(CUDA only; XNNPACK never uses it)",
     )
     p.add_argument(
+        "--no-reduction-kernels",
+        action="store_true",
+        help="do not use etspec's fixed-config Triton kernels for the norms (etspec::(add_)rms_norm_rows) "
+        "and the greedy argmax (etspec::argmax_rows) of verify and draft calls (CUDA only; XNNPACK never "
+        "uses them)",
+    )
+    p.add_argument(
         "--sampling",
         action="store_true",
         help="also export target_verify_sample and draft_sample, the methods etspec-run --temperature > 0 "
@@ -372,7 +379,9 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Man
     dtype = DTYPES[args.dtype]
     cuda = args.backend == "cuda"
     kernels = FewRowsKernels(
-        sdpa_midm=cuda and not args.no_midm_sdpa, linear_rows=cuda and not args.no_linear_rows
+        sdpa_midm=cuda and not args.no_midm_sdpa,
+        linear_rows=cuda and not args.no_linear_rows,
+        reductions=cuda and not args.no_reduction_kernels,
     )
     device = "cuda" if cuda else "cpu"
     eos_ids = list(eos_token_ids(args.target))
@@ -400,6 +409,7 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Man
         eos_token_ids=eos_ids,
         midm_sdpa=kernels.sdpa_midm,
         linear_rows=kernels.linear_rows,
+        reduction_kernels=kernels.reductions,
         kv_bucket=CUDA_KV_BUCKET if args.backend == "cuda" else None,
         checkpoints={"target": checkpoint_hash(args.target), "draft": checkpoint_hash(args.draft)},
         versions=toolchain_versions(),

@@ -11,7 +11,7 @@ from torch import nn
 from etspec.kernels import register_ops
 
 from .config import DraftConfig
-from .layers import MLP, PLAIN_OPS, Attention, FewRowsKernels, RMSNorm, project
+from .layers import MLP, PLAIN_OPS, Attention, FewRowsKernels, RMSNorm, greedy_ids, project
 
 
 class Eagle3Layer(nn.Module):
@@ -21,9 +21,9 @@ class Eagle3Layer(nn.Module):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.norm_before_residual = cfg.norm_before_residual
-        self.hidden_norm = RMSNorm(h, eps)
-        self.input_layernorm = RMSNorm(h, eps)
-        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.hidden_norm = RMSNorm(h, eps, rows_kernel=kernels.reductions)
+        self.input_layernorm = RMSNorm(h, eps, rows_kernel=kernels.reductions)
+        self.post_attention_layernorm = RMSNorm(h, eps, rows_kernel=kernels.reductions)
         self.self_attn = Attention(
             2 * h,
             h,
@@ -38,18 +38,26 @@ class Eagle3Layer(nn.Module):
         )
         self.mlp = MLP(h, cfg.intermediate_size, cfg.hidden_act, rows_kernel=kernels.linear_rows)
 
-    def attn_input(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
+    def attn_input(self, emb: torch.Tensor, h: torch.Tensor, rows: bool = False) -> torch.Tensor:
+        return torch.cat((self.input_layernorm(emb, rows), self.hidden_norm(h, rows)), dim=-1)
 
     def residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The step's residual: the feature h, or with norm_before_residual its normed half of the
         attention input x (speculators heads)."""
         return x[..., x.shape[-1] // 2 :] if self.norm_before_residual else h
 
-    def finish(self, h: torch.Tensor, a: torch.Tensor, rows: bool = False) -> torch.Tensor:
-        """Residual adds and the MLP; the result is the pre-norm feature fed to the next step."""
-        h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h), rows)
+    def branches(
+        self, h: torch.Tensor, a: torch.Tensor, rows: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first residual add and the MLP: (h', delta), whose sum is the step's pre-norm feature (the
+        draft method leaves the second add to the norm that follows, `RMSNorm.add_norm`)."""
+        h, x = self.post_attention_layernorm.add_norm(h, a, rows)
+        return h, self.mlp(x, rows)
+
+    def finish(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Residual adds and the MLP: the step's pre-norm feature (training and tests)."""
+        h, delta = self.branches(h, a)
+        return h + delta
 
 
 class Eagle3Draft(nn.Module):
@@ -67,8 +75,9 @@ class Eagle3Draft(nn.Module):
         # Every draft query is one row (catch-up rows only write KV), so the few-rows kernels (split-K
         # attention, linear_rows) serve every query-side op of the draft method.
         self.rows_kernel = kernels.linear_rows
+        self.argmax_kernel = kernels.reductions
         self.midlayer = Eagle3Layer(cfg, max_seq_len, kernels)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rows_kernel=kernels.reductions)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if own_embedding else None
@@ -89,12 +98,18 @@ class Eagle3Draft(nn.Module):
         """Draft-vocab ids -> target ids (target = draft + d2t[draft])."""
         return draft_ids + self.d2t[draft_ids]
 
-    def fed_back(self, h: torch.Tensor) -> torch.Tensor:
-        """The state the next chained step reads: the pre-norm h, or norm(h) with norm_output."""
-        return self.norm(h) if self.cfg.norm_output else h
+    def step_out(
+        self, h: torch.Tensor, delta: torch.Tensor | None, rows: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's output from `Eagle3Layer.branches`' (h, delta): (its logits, the state the next
+        chained step reads: the pre-norm feature h + delta, or its norm with norm_output)."""
+        h, normed = self.norm.add_norm(h, delta, rows)
+        logits = project(normed, (self.lm_head,), rows and self.rows_kernel)[0]
+        return logits, normed if self.cfg.norm_output else h
 
-    def step_logits(self, h: torch.Tensor, rows: bool = False) -> torch.Tensor:
-        return project(self.norm(h), (self.lm_head,), rows and self.rows_kernel)[0]
+    def step_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The logits of pre-norm features h (training and tests)."""
+        return self.step_out(h, None)[0]
 
     def draft(
         self,
@@ -118,27 +133,26 @@ class Eagle3Draft(nn.Module):
         if pick is None:
 
             def pick(logits: torch.Tensor, step: int) -> torch.Tensor:
-                return torch.argmax(logits, dim=-1)
+                return greedy_ids(logits, self.argmax_kernel)
 
         layer = self.midlayer
         attn = layer.self_attn
         emb = embed(tokens)
-        x = layer.attn_input(emb, feature)
+        x = layer.attn_input(emb, feature)  # R catch-up rows: the eager ops
         cos, sin = attn.rotary(input_pos, x.dtype)
         attn.write_kv(x, input_pos, cos, sin)  # all R rows enter the draft KV ...
         a = attn.query(
             x[:, -1:], input_pos[-1:], cos[-1:], sin[-1:], kv_len, few_rows=True
         )  # ... only the last row goes on
-        h = layer.finish(layer.residual(x[:, -1:], feature[:, -1:]), a, rows=True)
-        ids = self.map_to_target(pick(self.step_logits(h, rows=True), 0))  # [1, 1]
-        h = self.fed_back(h)
+        logits, h = self.step_out(*layer.branches(layer.residual(x[:, -1:], feature[:, -1:]), a, True), True)
+        ids = self.map_to_target(pick(logits, 0))  # [1, 1]
         out = [ids]
         pos = input_pos[-1:]
         for i in range(1, k):
             pos = pos + 1
-            x = layer.attn_input(embed(ids), h)  # the draft's own pre-norm h is fed back (already H wide)
-            h = layer.finish(layer.residual(x, h), attn(x, pos, kv_len + i, few_rows=True), rows=True)
-            ids = self.map_to_target(pick(self.step_logits(h, rows=True), i))
-            h = self.fed_back(h)
+            x = layer.attn_input(embed(ids), h, rows=True)  # the draft's own h is fed back (H wide)
+            a = attn(x, pos, kv_len + i, few_rows=True)
+            logits, h = self.step_out(*layer.branches(layer.residual(x, h), a, True), True)
+            ids = self.map_to_target(pick(logits, i))
             out.append(ids)
         return torch.cat(out, dim=1)

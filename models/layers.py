@@ -23,14 +23,25 @@ class FewRowsKernels:
     """Which of etspec's kernels serve the calls of a few rows (target_verify: k + 1 rows; the draft's
     single-row queries). Prefill never uses them. Each is switched on its own: `sdpa_midm`, the split-K
     attention etspec::sdpa_midm (full-attention layers without a logit softcap); `linear_rows`, the
-    weight-streaming linear etspec::linear_rows (projections, MLPs, heads)."""
+    weight-streaming linear etspec::linear_rows (projections, MLPs, heads); `reductions`, fixed-config
+    kernels in place of Inductor's reductions: etspec::(add_)rms_norm_rows for the hidden-state norms
+    (with the residual add before them) and etspec::argmax_rows for the greedy ids."""
 
     sdpa_midm: bool = False
     linear_rows: bool = False
+    reductions: bool = False
 
     @property
     def any(self) -> bool:
-        return self.sdpa_midm or self.linear_rows
+        return self.sdpa_midm or self.linear_rows or self.reductions
+
+
+ALL_KERNELS = FewRowsKernels(sdpa_midm=True, linear_rows=True, reductions=True)
+
+
+def greedy_ids(logits: torch.Tensor, kernel: bool) -> torch.Tensor:
+    """The argmax over the last dim; with `kernel` (a few-row call) through etspec::argmax_rows."""
+    return torch.ops.etspec.argmax_rows(logits) if kernel else torch.argmax(logits, dim=-1)
 
 
 PLAIN_OPS = FewRowsKernels()
@@ -106,7 +117,7 @@ class RMSNorm(nn.Module):
     (Gemma 2/3) scales by (1 + w) in fp32; "fp32" (Gemma 4) scales by w in fp32; "unit" has no weight
     (Gemma 4's value norm)."""
 
-    def __init__(self, dim: int, eps: float, style: str = "llama"):
+    def __init__(self, dim: int, eps: float, style: str = "llama", rows_kernel: bool = False):
         super().__init__()
         if style not in NORM_STYLES:
             raise ValueError(f"RMSNorm style must be one of {NORM_STYLES}, got {style!r}")
@@ -114,8 +125,15 @@ class RMSNorm(nn.Module):
             self.weight = nn.Parameter(torch.zeros(dim) if style == "offset" else torch.ones(dim))
         self.dim, self.eps, self.style = dim, eps, style
         self.delegate_forms = False  # see use_delegate_forms
+        if rows_kernel:
+            from etspec.kernels.rms_norm_rows import MAX_WIDTH, STYLES
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rows_kernel = style in STYLES and dim <= MAX_WIDTH
+        self.rows_kernel = rows_kernel  # few-row calls (`rows`) use etspec::(add_)rms_norm_rows
+
+    def forward(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+        if rows and self.rows_kernel:
+            return torch.ops.etspec.rms_norm_rows(x, self.weight, self.eps, self.style)
         h = x.float()
         if self.delegate_forms:  # the mean over the last dim as a 4-D [1, rows, dim, 1] average pool
             rows = h.reshape(1, -1, h.shape[-1], 1)
@@ -124,6 +142,18 @@ class RMSNorm(nn.Module):
         else:
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.rescale(h, x.dtype)
+
+    def add_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, rows: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, norm(s)) for s = x + delta (x when delta is None). A residual add followed by a norm, in
+        one kernel on few-row calls, as Inductor fuses them elsewhere."""
+        if delta is None:
+            return x, self(x, rows)
+        if rows and self.rows_kernel:
+            return torch.ops.etspec.add_rms_norm_rows(x, delta, self.weight, self.eps, self.style)
+        x = x + delta
+        return x, self(x)
 
     def rescale(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The style's scaling of rows h that are already normalized, in `dtype`."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .draft import Eagle3Draft
+from .layers import greedy_ids
 from .sampling import SEARCHES, draft_probs_in_target_vocab, filtered_probs, race, verify_sampled
 from .target import TargetModel
 
@@ -72,9 +73,8 @@ class Speculator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [1,M] = [pending, d1..dk] -> (greedy ids [1,M], feature [1,M,H])."""
         h, taps = self.target.hidden(tokens, input_pos, kv_window.shape[0], few_rows=True)
-        return torch.argmax(self.target.logits(h, few_rows=True), dim=-1), self.draft_head.fuse(
-            taps, few_rows=True
-        )
+        ids = greedy_ids(self.target.logits(h, few_rows=True), self.target.argmax_kernel)
+        return ids, self.draft_head.fuse(taps, few_rows=True)
 
     def draft(
         self, tokens: torch.Tensor, feature: torch.Tensor, input_pos: torch.Tensor, kv_window: torch.Tensor

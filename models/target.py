@@ -42,23 +42,30 @@ class DecoderLayer(nn.Module):
             cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, kernels.linear_rows
         )
         eps, style = cfg.rms_norm_eps, cfg.norm_style
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, style)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, style)
         self.sandwich = cfg.sandwich_norm
+        # the norm kernel serves the norms that take the residual stream (Gemma's sandwich layers norm
+        # their branch outputs too and keep the eager ops)
+        norm_kernel = kernels.reductions and not self.sandwich
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, style, norm_kernel)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, style, norm_kernel)
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, style)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, style)
         # Gemma 4: a learned scalar on each layer's output (a weight of the checkpoint)
         self.layer_scalar = nn.Parameter(torch.ones(1)) if cfg.layer_scalar else None
 
-    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_len: int, few_rows: bool) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(h), input_pos, kv_len, few_rows)
+    def forward(
+        self, h: torch.Tensor, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int, few_rows: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer on its input h and input_layernorm(h) = x. Returns (h', delta): the next layer's
+        input is h' + delta, an add left to the next norm (delta None: h' is the input)."""
+        a = self.self_attn(x, input_pos, kv_len, few_rows)
         if self.sandwich:  # Gemma: norms on both ends of each branch
             h = h + self.post_attention_layernorm(a)
             h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), few_rows))
-            return h if self.layer_scalar is None else h * self.layer_scalar
-        h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h), few_rows)
+            return (h if self.layer_scalar is None else h * self.layer_scalar), None
+        h, x = self.post_attention_layernorm.add_norm(h, a, few_rows)
+        return h, self.mlp(x, few_rows)
 
 
 class TargetModel(nn.Module):
@@ -83,9 +90,10 @@ class TargetModel(nn.Module):
         self.tap_layers = tuple(tap_layers if tap_layers is not None else cfg.default_tap_layers())
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, max_seq_len, kernels) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style, kernels.reductions)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rows_kernel = kernels.linear_rows  # etspec::linear_rows for the lm_head of verify calls
+        self.argmax_kernel = kernels.reductions  # etspec::argmax_rows for the greedy ids of verify calls
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -102,17 +110,22 @@ class TargetModel(nn.Module):
     def hidden(
         self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int, few_rows: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run all layers on tokens [1,T] at input_pos; returns (pre-norm last hidden, taps)."""
-        h = self.embed(tokens)
+        """Run all layers on tokens [1,T] at input_pos; returns (final-norm output, taps).
+
+        Each residual add runs with the norm that follows it (`RMSNorm.add_norm`): one kernel per norm
+        on few-row calls with the norm kernel on."""
+        h, delta = self.embed(tokens), None
         taps: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
+            h, x = layer.input_layernorm.add_norm(h, delta, few_rows)
             if i in self.tap_layers:
                 taps[i] = h  # the input to layer i == transformers' hidden_states[i]
-            h = layer(h, input_pos, kv_len, few_rows)
-        return h, [taps[i] for i in self.tap_layers]
+            h, delta = layer(h, x, input_pos, kv_len, few_rows)
+        return self.norm.add_norm(h, delta, few_rows)[1], [taps[i] for i in self.tap_layers]
 
-    def logits(self, h: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
-        (logits,) = project(self.norm(h), (self.lm_head,), few_rows and self.rows_kernel)
+    def logits(self, normed: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
+        """Logits of final-norm outputs (`hidden`'s first result)."""
+        (logits,) = project(normed, (self.lm_head,), few_rows and self.rows_kernel)
         cap = self.cfg.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

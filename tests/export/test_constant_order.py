@@ -14,7 +14,7 @@ from etspec.export.torch_export import export_methods
 from etspec.fixtures.tiny import random_target, tiny_draft_config, tiny_target_config
 from etspec.models.config import parse_draft_config
 from etspec.models.draft import Eagle3Draft
-from etspec.models.layers import FewRowsKernels
+from etspec.models.layers import ALL_KERNELS
 from etspec.models.speculator import Speculator
 
 TARGET = ("prefill", "target_verify")
@@ -24,7 +24,7 @@ TARGET = ("prefill", "target_verify")
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma4_text"])
 def test_prefill_and_verify_read_constants_in_one_order(family):
     # untrained weights: only the graph matters; max_seq_len as test_speculative's few-rows pairs
-    both = FewRowsKernels(sdpa_midm=True, linear_rows=True)
+    both = ALL_KERNELS
     target = random_target(family, 160, seed=0, kernels=both)
     dcfg = parse_draft_config(tiny_draft_config(tiny_target_config(family)))
     draft = Eagle3Draft(dcfg, 160, own_embedding=False, kernels=both).eval().requires_grad_(False)

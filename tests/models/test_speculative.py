@@ -7,7 +7,7 @@ import torch
 
 from etspec.fixtures.tiny import tiny_pair
 from etspec.models.greedy import speculative_greedy, target_greedy
-from etspec.models.layers import MLP, Attention
+from etspec.models.layers import MLP, Attention, RMSNorm
 from tests.helpers import random_prompt
 
 
@@ -116,11 +116,14 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
     )
     prompt = random_prompt(21, 4)
     ref = speculative_greedy(pair, prompt, 30, chunk=8)
-    rows, shared_rows, linear_rows = [], [], []
-    op, shared_op, lin = (
+    rows, shared_rows, linear_rows, norm_rows, argmax_rows = [], [], [], [], []
+    op, shared_op, lin, norm, add_norm, argmax = (
         torch.ops.etspec.sdpa_midm,
         torch.ops.etspec.sdpa_midm_shared_kv,
         torch.ops.etspec.linear_rows,
+        torch.ops.etspec.rms_norm_rows,
+        torch.ops.etspec.add_rms_norm_rows,
+        torch.ops.etspec.argmax_rows,
     )
 
     def counting(q, *args):
@@ -135,17 +138,37 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
         linear_rows.append(x.numel() // x.shape[-1])
         return lin(x, *args, **kw)
 
+    def counting_norm(x, *args):
+        norm_rows.append(x.numel() // x.shape[-1])
+        return norm(x, *args)
+
+    def counting_add_norm(x, *args):
+        norm_rows.append(x.numel() // x.shape[-1])
+        return add_norm(x, *args)
+
+    def counting_argmax(x):
+        argmax_rows.append(x.numel() // x.shape[-1])
+        return argmax(x)
+
+    monkeypatch.setattr(torch.ops.etspec, "argmax_rows", counting_argmax)
+    monkeypatch.setattr(torch.ops.etspec, "rms_norm_rows", counting_norm)
+    monkeypatch.setattr(torch.ops.etspec, "add_rms_norm_rows", counting_add_norm)
     monkeypatch.setattr(torch.ops.etspec, "sdpa_midm", counting)
     monkeypatch.setattr(torch.ops.etspec, "sdpa_midm_shared_kv", counting_shared)
     monkeypatch.setattr(torch.ops.etspec, "linear_rows", counting_linear)
-    # the construction rules of both few-rows kernels on: split-K attention in full-attention layers without a
-    # logit softcap, linear_rows everywhere but a biased MLP
+    # the construction rules of the few-rows kernels on: split-K attention in full-attention layers without
+    # a logit softcap, linear_rows everywhere but a biased MLP, the norm kernel for every weighted norm
+    # (the layers call it for the residual-stream norms only), the argmax kernel for greedy ids
     flags = []
     for m in pair.modules():
         if isinstance(m, Attention):
             flags += [(m, "use_sdpa_midm", m.softcap is None and not m.window), (m, "rows_kernel", True)]
         elif isinstance(m, MLP):
             flags.append((m, "rows_kernel", m.gate_proj.bias is None))
+        elif isinstance(m, RMSNorm):
+            flags.append((m, "rows_kernel", m.style != "unit"))
+        if hasattr(m, "argmax_kernel"):
+            flags.append((m, "argmax_kernel", True))
         elif hasattr(m, "rows_kernel"):
             flags.append((m, "rows_kernel", True))
     saved = [(m, a, getattr(m, a)) for m, a, _ in flags]
@@ -159,6 +182,7 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
     assert out.tokens == ref.tokens == target_greedy(pair, prompt, 30, chunk=8).tokens
     assert out.accepted == ref.accepted  # same drafts, round by round
     assert set(linear_rows) == {1, 5}  # draft rows and k+1-row verifies; never a prefill chunk
+    assert set(norm_rows) == set(argmax_rows) == {1, 5}
     # the split-K attention serves the draft, and the target's verify where some layer allows it
     full = [a for a in (x.self_attn for x in pair.target.layers) if a.softcap is None and not a.window]
     assert set(rows) == ({1, 5} if any(not a.shared_kv for a in full) else {1})

@@ -17,7 +17,7 @@ import torch
 from etspec.export.cli import main as export_main
 from etspec.models.checkpoint import load_speculator
 from etspec.models.greedy import speculative_greedy, target_greedy
-from etspec.models.layers import FewRowsKernels
+from etspec.models.layers import ALL_KERNELS, FewRowsKernels
 from etspec.runner.generator import SpeculativeGenerator
 from etspec.runtime.program import Program
 from tests.conftest import TINY_CHUNK, TINY_K, TINY_MAX_SEQ
@@ -26,6 +26,8 @@ from tests.helpers import generate, random_prompt
 from tests.recorder import Recorder
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
+
+NO_KERNELS = ["--no-midm-sdpa", "--no-linear-rows", "--no-reduction-kernels"]
 
 
 @pytest.fixture(scope="module", params=["midm", "no-midm"])
@@ -38,10 +40,7 @@ def cuda_art(request, tiny_checkpoints, tmp_path_factory):
         argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ), "--force"]
         argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
         t0 = time.perf_counter()
-        assert (
-            export_main(argv + (["--no-midm-sdpa", "--no-linear-rows"] if request.param == "no-midm" else []))
-            == 0
-        )
+        assert export_main(argv + (NO_KERNELS if request.param == "no-midm" else [])) == 0
         print(f"[{request.param}] cuda export took {time.perf_counter() - t0:.1f}s")
     return target, draft, out, request.param == "midm"
 
@@ -55,14 +54,15 @@ def test_artifact_files_and_delegates(cuda_art):
     for name in ("prefill", "target_verify", "draft"):
         assert info["methods"][name]["delegates"] == ["CudaBackend"], info["methods"][name]
     with Program.load(out) as p:
-        assert p.manifest.midm_sdpa == p.manifest.linear_rows == midm and p.manifest.backend == "cuda"
+        m = p.manifest
+        assert m.midm_sdpa == m.linear_rows == m.reduction_kernels == midm and m.backend == "cuda"
 
 
 def test_rounds_match_eager(cuda_art):
     """20+ rounds of the docs/design.md §4 protocol, every call compared with the eager model (ids exact)."""
     target, draft, out, midm = cuda_art
     eager = load_speculator(
-        target, draft, TINY_MAX_SEQ, TINY_K, kernels=FewRowsKernels(midm, midm), device="cuda"
+        target, draft, TINY_MAX_SEQ, TINY_K, kernels=FewRowsKernels(midm, midm, midm), device="cuda"
     )
     with Program.load(out) as program:
         torch.cuda.reset_peak_memory_stats()
@@ -165,7 +165,7 @@ def test_gemma4_k_eq_v_rounds_match_eager(tiny_checkpoints, tmp_path):
     argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ), "--force"]
     argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
     assert export_main(argv) == 0
-    both = FewRowsKernels(sdpa_midm=True, linear_rows=True)
+    both = ALL_KERNELS
     eager = load_speculator(target, draft, TINY_MAX_SEQ, TINY_K, kernels=both, device="cuda")
     full = eager.target.layers[2].self_attn
     assert full.k_cache is None and full.shared_kv and full.use_sdpa_midm

@@ -32,7 +32,7 @@ def _gap(head, embed, tokens, taps) -> float:
     """Largest |TTT logits - draft() logits| over every anchor t and chain step i of both sequences."""
     with torch.no_grad():
         train_logits = [head.step_logits(h) for h in ttt_hidden(head, embed, taps, tokens, STEPS)]
-    real_step_logits = head.step_logits
+    real_step_out = head.step_out
     gap = 0.0
     for b, n in enumerate(LENGTHS):
         for t in range(n - 1):  # catch-up rows 0..t read x_1..x_{t+1}
@@ -47,9 +47,13 @@ def _gap(head, embed, tokens, taps) -> float:
                 return embed(ids if len(calls) == 1 else next(forced))
 
             seen = []
-            head.step_logits = lambda h, rows=False, seen=seen: (
-                seen.append(real_step_logits(h, rows)) or seen[-1]
-            )
+
+            def step_out(*args, seen=seen):
+                out = real_step_out(*args)
+                seen.append(out[0])
+                return out
+
+            head.step_out = step_out
             try:
                 with torch.no_grad():
                     feature = head.fc(taps[b : b + 1, : t + 1])
@@ -57,7 +61,7 @@ def _gap(head, embed, tokens, taps) -> float:
                         embed_fed, tokens[b : b + 1, 1 : t + 2], feature, torch.arange(t + 1), t + 1, k
                     )
             finally:
-                del head.step_logits
+                del head.step_out
             assert len(seen) == k and len(calls) == k
             for i in range(k):
                 gap = max(gap, float((seen[i][0, 0] - train_logits[i][b, t]).abs().max()))
