@@ -4,16 +4,14 @@ ties across and within pieces, NaN, and export with a dynamic row count."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from etspec.kernels import register_ops
 from etspec.kernels.argmax_rows import CHUNK
+from tests.kernels.interpreter import run_interpreted
 
 register_ops()
 
@@ -66,14 +64,7 @@ def run_interp_cases() -> int:
 
 
 def test_interpreted_kernels_match_torch_argmax():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    here = Path(__file__).resolve()
-    r = subprocess.run(
-        [sys.executable, str(here)], env=env, cwd=here.parent, capture_output=True, text=True, timeout=300
-    )
-    print(r.stdout)
-    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    assert "interpreter cases passed" in r.stdout
+    run_interpreted(__file__)
 
 
 def test_cpu_impl_and_shapes():

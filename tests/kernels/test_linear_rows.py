@@ -5,17 +5,15 @@ argument errors, and the fake implementation under torch.export(strict=True) wit
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from etspec.kernels import register_ops
 from etspec.kernels.linear_rows import MAX_ROWS, default_config, plan_split_k
+from tests.kernels.interpreter import run_interpreted
 
 register_ops()
 
@@ -84,14 +82,7 @@ def run_interp_cases() -> int:
 
 
 def test_interpreted_kernel_matches_float64():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    here = Path(__file__).resolve()
-    r = subprocess.run(
-        [sys.executable, str(here)], env=env, cwd=here.parent, capture_output=True, text=True, timeout=300
-    )
-    print(r.stdout)
-    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    assert "interpreter cases passed" in r.stdout
+    run_interpreted(__file__)
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,7 @@ the CPU implementation against the eager RMSNorm, argument errors, and export wi
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ import torch
 from etspec.kernels import register_ops
 from etspec.kernels.rms_norm_rows import MAX_WIDTH, STYLES
 from etspec.models.layers import RMSNorm
+from tests.kernels.interpreter import run_interpreted
 
 register_ops()
 
@@ -77,14 +75,7 @@ def run_interp_cases() -> int:
 
 
 def test_interpreted_kernel_matches_float64():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    here = Path(__file__).resolve()
-    r = subprocess.run(
-        [sys.executable, str(here)], env=env, cwd=here.parent, capture_output=True, text=True, timeout=300
-    )
-    print(r.stdout)
-    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    assert "interpreter cases passed" in r.stdout
+    run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("style", STYLES)

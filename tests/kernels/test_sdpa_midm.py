@@ -4,9 +4,6 @@ implementation, and the fake implementation under torch.export(strict=True)."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import triton
 
 from etspec.kernels import register_ops
 from etspec.kernels.sdpa_midm import MAX_M, plan_splits
+from tests.kernels.interpreter import run_interpreted
 from tests.kernels.midm_helpers import TOL, CachedAttn, make_case, make_shared, ref64, rel_err, shared_keys64
 
 register_ops()
@@ -31,19 +29,7 @@ _TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
     "fail there (seen on the GPU box); CI's Triton 3.9 runs it",
 )
 def test_interpreted_kernels_match_float64():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    r = subprocess.run(
-        [sys.executable, str(HERE / "midm_helpers.py")],
-        env=env,
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    print(r.stdout)
-    print(r.stderr[-4000:])
-    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    assert "interpreter cases passed" in r.stdout
+    run_interpreted(HERE / "midm_helpers.py")
 
 
 @pytest.mark.parametrize(
