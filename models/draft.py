@@ -21,8 +21,8 @@ class Eagle3Layer(nn.Module):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.norm_before_residual = cfg.norm_before_residual
-        self.hidden_norm = RMSNorm(h, eps, rows_kernel=kernels.reductions)
-        self.input_layernorm = RMSNorm(h, eps, rows_kernel=kernels.reductions)
+        self.hidden_norm = RMSNorm(h, eps)
+        self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps, rows_kernel=kernels.reductions)
         self.self_attn = Attention(
             2 * h,
@@ -38,8 +38,10 @@ class Eagle3Layer(nn.Module):
         )
         self.mlp = MLP(h, cfg.intermediate_size, cfg.hidden_act, rows_kernel=kernels.linear_rows)
 
-    def attn_input(self, emb: torch.Tensor, h: torch.Tensor, rows: bool = False) -> torch.Tensor:
-        return torch.cat((self.input_layernorm(emb, rows), self.hidden_norm(h, rows)), dim=-1)
+    def attn_input(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Both norms and the concatenation stay eager ops, which Inductor fuses into one kernel; the norm
+        kernel would make them three launches."""
+        return torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
 
     def residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The step's residual: the feature h, or with norm_before_residual its normed half of the
@@ -150,7 +152,7 @@ class Eagle3Draft(nn.Module):
         pos = input_pos[-1:]
         for i in range(1, k):
             pos = pos + 1
-            x = layer.attn_input(embed(ids), h, rows=True)  # the draft's own h is fed back (H wide)
+            x = layer.attn_input(embed(ids), h)  # the draft's own h is fed back (H wide)
             a = attn(x, pos, kv_len + i, few_rows=True)
             logits, h = self.step_out(*layer.branches(layer.residual(x, h), a, True), True)
             ids = self.map_to_target(pick(logits, i))
