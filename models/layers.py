@@ -136,9 +136,9 @@ class RMSNorm(nn.Module):
             return torch.ops.etspec.rms_norm_rows(x, self.weight, self.eps, self.style)
         h = x.float()
         if self.delegate_forms:  # the mean over the last dim as a 4-D [1, rows, dim, 1] average pool
-            rows = h.reshape(1, -1, h.shape[-1], 1)
-            rows = rows * torch.rsqrt(rows.pow(2).mean((-2, -1), keepdim=True) + self.eps)
-            h = rows.view((1, -1, *h.shape[2:]))
+            flat = h.reshape(1, -1, h.shape[-1], 1)
+            flat = flat * torch.rsqrt(flat.pow(2).mean((-2, -1), keepdim=True) + self.eps)
+            h = flat.view((1, -1, *h.shape[2:]))
         else:
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.rescale(h, x.dtype)
