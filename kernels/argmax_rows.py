@@ -14,19 +14,17 @@ CUDA: the two Triton kernels. CPU: ``torch.argmax``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from .launching import launchable
 
 __all__ = ["CHUNK", "argmax_rows", "launch"]
 
 CHUNK = 4096
 """Logits per program of the first kernel (an 8B row: 32 pieces)."""
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -56,10 +54,9 @@ def launch(x: torch.Tensor, out: torch.Tensor) -> None:
     pieces = triton.cdiv(vocab, CHUNK)
     vals = torch.empty((rows, pieces), dtype=torch.float32, device=x.device)
     idx = torch.empty((rows, pieces), dtype=torch.int32, device=x.device)
-    wrap = (lambda k: k) if _INTERPRET else wrap_triton
-    wrap(_piece_max_kernel)[(rows, pieces)](x, vals, idx, vocab, pieces, CHUNK=CHUNK, num_warps=8)
+    launchable(_piece_max_kernel)[(rows, pieces)](x, vals, idx, vocab, pieces, CHUNK=CHUNK, num_warps=8)
     block = max(16, triton.next_power_of_2(pieces))
-    wrap(_pick_kernel)[(rows,)](vals, idx, out, pieces, BLOCK=block, num_warps=1)
+    launchable(_pick_kernel)[(rows,)](vals, idx, out, pieces, BLOCK=block, num_warps=1)
 
 
 def _check(x: torch.Tensor) -> None:

@@ -24,13 +24,14 @@ reference math in fp32.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from .launching import INTERPRET, launchable
 
 __all__ = [
     "MAX_ROWS",
@@ -46,7 +47,6 @@ MAX_ROWS = 16
 """Most rows one call takes (the rows are one padded tl.dot operand)."""
 
 ACTS = ("silu", "gelu_tanh")
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -261,8 +261,7 @@ def launch(
     part = out
     if split > 1:
         part = torch.empty((split, 2 if act else 1, rows, width), dtype=torch.float32, device=x.device)
-    wrap = (lambda k: k) if _INTERPRET else wrap_triton
-    wrap(_linear_rows_kernel)[(blocks, split)](
+    launchable(_linear_rows_kernel)[(blocks, split)](
         x,
         w1,
         w1 if w2 is None else w2,
@@ -285,13 +284,13 @@ def launch(
         ACT=act,
         EVEN_K=kdim % block_k == 0,
         FP32_DOT=x.dtype == torch.float32,
-        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16,
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )
     if split > 1:
         grid = (triton.cdiv(width, _REDUCE_BLOCK), rows)
-        wrap(_split_sum_kernel)[grid](
+        launchable(_split_sum_kernel)[grid](
             part,
             out,
             rows,

@@ -21,12 +21,12 @@ CUDA: the Triton kernel. CPU: the reference math (the eager model's).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from .launching import launchable
 
 __all__ = ["MAX_WIDTH", "STYLES", "add_rms_norm_rows", "launch", "rms_norm_reference", "rms_norm_rows"]
 
@@ -34,7 +34,6 @@ MAX_WIDTH = 16384
 """Widest row the kernel takes (the row lives in registers); wider norms stay with the eager ops."""
 
 STYLES = ("llama", "offset", "fp32")
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _num_warps(block: int) -> int:
@@ -89,8 +88,7 @@ def launch(
     call it under the interpreter."""
     rows, n = x.shape
     block = triton.next_power_of_2(n)
-    wrap = (lambda k: k) if _INTERPRET else wrap_triton
-    wrap(_rms_norm_rows_kernel)[(rows,)](
+    launchable(_rms_norm_rows_kernel)[(rows,)](
         x,
         x if delta is None else delta,
         weight,

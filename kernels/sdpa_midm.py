@@ -27,13 +27,14 @@ benchmark passes the configs it sweeps.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from .launching import INTERPRET, launchable
 
 __all__ = [
     "MAX_M",
@@ -50,7 +51,6 @@ __all__ = [
 MAX_M = 8
 """Largest number of query rows the op accepts (verify block k+1 <= MAX_M)."""
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _LOG2E = 1.4426950408889634
 
 _REDUCE_BLOCK_S = 32  # splits combined per step by the reduce kernel
@@ -394,8 +394,8 @@ def launch(
     pl = torch.empty((rows,), dtype=torch.float32, device=q.device)
     fp32_dot = q.dtype == torch.float32
     qk_scale = float(scale) * _LOG2E
-    split_k = _midm_split_kernel if _INTERPRET else wrap_triton(_midm_split_kernel)
-    reduce_k = _midm_reduce_kernel if _INTERPRET else wrap_triton(_midm_reduce_kernel)
+    split_k = launchable(_midm_split_kernel)
+    reduce_k = launchable(_midm_reduce_kernel)
     split_k[(hkv, nsplit, 1)](
         q,
         k,
@@ -423,7 +423,7 @@ def launch(
         QK_SCALE=qk_scale,
         WINDOW=int(window),
         FP32_DOT=fp32_dot,
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
         SHARED_KV=shared is not None,
         num_warps=c.num_warps,
         num_stages=c.num_stages,

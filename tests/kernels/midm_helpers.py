@@ -152,9 +152,10 @@ SHARED_CASES = [
 
 
 def run_interp_cases() -> int:
-    from etspec.kernels.sdpa_midm import _INTERPRET, default_config, launch
+    from etspec.kernels.launching import INTERPRET
+    from etspec.kernels.sdpa_midm import default_config, launch
 
-    assert _INTERPRET, "set TRITON_INTERPRET=1 before importing triton"
+    assert INTERPRET, "set TRITON_INTERPRET=1 before importing triton"
     fails = 0
     cases = [(c, False) for c in INTERP_CASES] + [(c, True) for c in SHARED_CASES]
     for i, ((hq, hkv, m, d, L, lb, win, dtype, n_sm, cfg, note), shared) in enumerate(cases):
