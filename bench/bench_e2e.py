@@ -318,7 +318,6 @@ def main() -> int:
         "shape": args.shape,
         "max_seq_len": args.max_seq,
         "ks": ks,
-        "export_args": args.export_args,
         "export": infos,
         "read_gbs": read_bandwidth_gbs(),
         "copy_gbs": copy_bandwidth_gbs(),
@@ -351,6 +350,9 @@ def main() -> int:
         acc = PUBLISHED_ACCEPTANCE.get(k, min(k + 1, 3.5))
         with Program.load(arts[k]) as program:
             vocab = program.manifest.vocab_size
+            # which kernels this export compiled in, from the artifact itself
+            switches = ("midm_sdpa", "linear_rows", "reduction_kernels")
+            infos[k]["kernels"] = {f: getattr(program.manifest, f) for f in switches}
             for ctx in contexts:
                 prompt = prompt_ids(ctx, vocab)
                 for graph in (False, True):
