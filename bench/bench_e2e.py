@@ -16,13 +16,15 @@ length is fixed at export, so each k is measured with its own program):
   it), ms per round split into draft / verify / host, and each against its
   bandwidth floor (bytes of weights + valid KV the call must read / measured read bandwidth), and the
   round against the copy-bandwidth floor as older results reported it;
+- with `--lossless`: each k also with the program's own (untrained) draft, nothing simulated, and its
+  tokens checked against target-only's (exit status 1 if any differ);
 - peers on the same shapes and prompts: Hugging Face `generate` with a static cache (compiled and not),
   and a `torch.compile` decode loop of etspec's own eager model (target-only).
 
 Writes bench/results/e2e_<shape>_<gpu>.{csv,json,png} and prints a table.
 
     python bench/bench_e2e.py --shape llama-3.2-1b [--phase ckpt|export|run|all] [--ks 3,5,7]
-    python bench/bench_e2e.py --shape gemma-4-31b-12l --max-seq 131072 --contexts 4096,65536 --ks 5
+    python bench/bench_e2e.py --shape gemma-4-31b-12l --max-seq 131072 --contexts 4096,65536 --ks 5 --lossless
 
 `--phase export --ks K` exports one k; run several such processes side by side after `--phase ckpt`.
 """
@@ -72,8 +74,7 @@ def run_etspec(program: Program, prompt: list[int], new: int, floors: Floors, **
             pass
     gen = SpeculativeGenerator(program, **kw)
     gen.eos = set()  # random weights: run the full budget
-    for _ in gen.generate(prompt, new):
-        pass
+    tokens = [t for piece in gen.generate(prompt, new) for t in piece]
     st = gen.stats
     rounds = max(1, st.rounds)
     ctx = len(prompt) + st.generated // 2  # mid-run context for the floors
@@ -90,6 +91,7 @@ def run_etspec(program: Program, prompt: list[int], new: int, floors: Floors, **
         "draft_floor_ms": floors.draft_ms(ctx) if gen.spec else 0.0,
         "simulated": st.simulated_acceptance is not None,
         "device_used_gib": (total - free) / 2**30,
+        "tokens": tokens,  # taken out before the row is written
     }
     row["round_floor_ms"] = row["verify_floor_ms"] + row["draft_floor_ms"]
     row["verify_vs_floor"] = row["verify_ms"] / row["verify_floor_ms"]
@@ -217,8 +219,8 @@ def write(res: dict, rows: list[dict], base: Path, png: bool = False) -> None:
     (base.parent / f"{base.name}.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
     keys = ["impl", "ctx", "k", "tok_s", "ms_round", "verify_ms", "draft_ms", "host_ms", "round_floor_ms"]
     keys += ["round_vs_floor", "round_vs_copy_floor", "verify_vs_floor", "draft_vs_floor"]
-    keys += ["speedup_vs_target_only"]
-    keys += ["simulated", "run"]
+    keys += ["speedup_vs_target_only", "prefill_s", "device_used_gib"]
+    keys += ["simulated", "lossless", "run"]
     with open(base.parent / f"{base.name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -255,6 +257,12 @@ def main() -> int:
     )
     ap.add_argument("--ks", default="3,5,7", help="draft lengths, one export each")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument(
+        "--lossless",
+        action="store_true",
+        help="also run each k with the program's own draft (nothing simulated) and check that its tokens "
+        "equal target-only's at every context (exit status 1 if not)",
+    )
     ap.add_argument("--peers", default="hf,hf-compile,compile", help="comma list, or 'none'")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint + artifact cache (out/e2e_<shape>)")
     ap.add_argument(
@@ -341,10 +349,12 @@ def main() -> int:
 
     def add(impl: str, ctx: int, k: int | None, row: dict) -> None:
         row = {"impl": impl, "ctx": ctx, "k": k, **row, "run": len(runs)}
+        row.pop("tokens", None)
         rows.append(row)  # a row re-measured in a merge is kept twice, once per run
         log(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}))
         write(res, rows, args.out / name)  # after every row: a run cut short keeps what it measured
 
+    failed = False
     for k in ks:
         floors = Floors(args.shape, 32000, k, res["read_gbs"], res["copy_gbs"])
         acc = PUBLISHED_ACCEPTANCE.get(k, min(k + 1, 3.5))
@@ -369,6 +379,14 @@ def main() -> int:
                         )
                         row["speedup_vs_target_only"] = row["tok_s"] / base[ctx, graph]["tok_s"]
                         add(f"etspec spec k={k} ({label}){tag}", ctx, k, row)
+                    if args.lossless:  # the program's own draft, nothing simulated: same tokens?
+                        row = run_etspec(program, prompt, args.new_tokens, floors, **kw)
+                        row["lossless"] = row["tokens"] == base[ctx, graph]["tokens"]
+                        row["speedup_vs_target_only"] = row["tok_s"] / base[ctx, graph]["tok_s"]
+                        add(f"etspec spec k={k} (own draft){tag}", ctx, k, row)
+                        if not row["lossless"]:
+                            log(f"NOT LOSSLESS: k={k} ctx={ctx}{tag} differs from target-only")
+                            failed = True
     write(res, rows, args.out / name, png=True)
     torch.cuda.empty_cache()
     for peer in peers:
@@ -404,7 +422,7 @@ def main() -> int:
         cells = [f"{v:>8.2f}" if isinstance(v, float) else f"{v:>8}" for v in vals]
         vf = "-" if r.get("round_vs_floor") is None else f"{r['round_vs_floor']:.2f}"
         log(f"{r['impl']:44s} " + " ".join(cells) + f" {vf:>8} {r['run']:>8}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(prefill, draft, sliding layers) with its own Triton SDPA instead of AOTInductor's",
     )
     p.add_argument(
+        "--autotune-every-method",
+        action="store_true",
+        help="CUDA: let AOTInductor autotune every method, not only those with a matmul or SDPA of its own "
+        "(prefill); a longer export, for comparison: the others run etspec's fixed-config kernels",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="replace an existing --out that holds an earlier etspec artifact (see below)",
@@ -231,6 +237,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--backend cuda needs an NVIDIA GPU and a CUDA build of torch; none is visible here")
     if args.cuda_triton_sdpa and (args.backend != "cuda" or args.dtype != "bf16"):
         raise UsageError("--cuda-triton-sdpa needs --backend cuda and --dtype bf16")
+    if args.autotune_every_method and args.backend != "cuda":
+        raise UsageError("--autotune-every-method needs --backend cuda (XNNPACK does not autotune)")
 
 
 def _check_out(out: Path, force: bool, inputs: dict[str, Path]) -> Path:
@@ -423,6 +431,7 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Man
         stage,
         progress=say,
         cuda_triton_kernels=args.cuda_triton_sdpa,
+        cuda_autotune_every_method=args.autotune_every_method,
     )
     for name in TOKENIZER_FILES:
         if (args.target / name).is_file():

@@ -33,8 +33,9 @@ Why the flags are what they are (ExecuTorch 1.5.1 source; 1.2.0 behaves the same
 
 The other modules of this package hold the rest: ``torch_export`` (the programs), ``constants`` (the
 constant methods), ``constant_order`` (one CUDA weights blob per set of weights), ``progress`` (stage
-lines), ``inductor_cache``, and the patches for older versions, ``compat_partition_outputs``
-(ExecuTorch < 1.4) and ``compat_kernel_objects`` (torch 2.11).
+lines), ``aoti_compile`` (which CUDA methods are autotuned), ``inductor_cache``, ``patching``, and the
+patches for older versions, ``compat_partition_outputs`` (ExecuTorch < 1.4) and
+``compat_kernel_objects`` (torch 2.11).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from torch.export import ExportedProgram
 
 from etspec.artifact import CUDA_DATA_NAME, PTE_NAME
 
+from .aoti_compile import methods_to_tune, tuned_per_method
 from .compat_kernel_objects import one_object_per_kernel
 from .compat_partition_outputs import mutation_outputs_first
 from .constant_order import warn_unshared_blobs
@@ -84,6 +86,7 @@ def lower(
     progress: Progress | None = print_progress,
     *,
     cuda_triton_kernels: bool = True,
+    cuda_autotune_every_method: bool = False,
 ) -> list[Path]:
     """Lower all methods into one program in ``out_dir``; returns the files written.
 
@@ -95,6 +98,8 @@ def lower(
     it replaces every ``aten.scaled_dot_product_attention`` with its own Triton SDPA, which
     requires bf16, a 4-D bool mask ``[B, H|1, L_q, L_kv]`` and ``enable_gqa=False``
     (``backends/cuda/triton/kernels/sdpa.py``); OFF leaves SDPA to AOTInductor.
+    ``cuda_autotune_every_method`` autotunes every method, not only those with a matmul of
+    AOTInductor's own (:mod:`.aoti_compile`).
     """
     progress = progress or (lambda _msg: None)
     if not exported:
@@ -107,7 +112,13 @@ def lower(
     if backend == "xnnpack":
         et = _lower_xnnpack(dict(exported), consts, progress)
     elif backend == "cuda":
-        et = _lower_cuda(dict(exported), consts, progress, triton_kernels=cuda_triton_kernels)
+        et = _lower_cuda(
+            dict(exported),
+            consts,
+            progress,
+            triton_kernels=cuda_triton_kernels,
+            tune=methods_to_tune(exported, cuda_autotune_every_method),
+        )
     else:
         raise ValueError(f"unknown backend {backend!r} (xnnpack or cuda)")
 
@@ -192,6 +203,7 @@ def _lower_cuda(
     progress: Progress,
     *,
     triton_kernels: bool,
+    tune: Mapping[str, bool],
 ):
     try:
         from executorch.backends.cuda.cuda_backend import CudaBackend
@@ -222,6 +234,7 @@ def _lower_cuda(
     with (
         timed(progress, f"to_edge_transform_and_lower (CUDA/AOTI) [{names}]"),
         lowering_progress(partitioner, CudaBackend, progress),
+        tuned_per_method(CudaBackend, tune, progress),
         mutation_outputs_first(),
         private_inductor_cache(),
         one_object_per_kernel(),

@@ -15,6 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .patching import patched
+
 Progress = Callable[[str], None]
 
 
@@ -66,22 +68,6 @@ class _CompileMeter:
             self.bar = None
             dt = time.perf_counter() - self.t0
             self.progress(f"{self.method}: {self.n} partition{'s' * (self.n != 1)} compiled in {dt:.1f}s")
-
-
-@contextmanager
-def _patched(
-    cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
-) -> Iterator[None]:
-    """Replace ``cls.name`` by ``make(original)`` (bound as the class sees it) until the block ends."""
-    own = cls.__dict__.get(name)
-    setattr(cls, name, staticmethod(make(getattr(cls, name))))
-    try:
-        yield
-    finally:
-        if own is None:
-            delattr(cls, name)
-        else:
-            setattr(cls, name, own)
 
 
 @contextmanager
@@ -152,8 +138,8 @@ def lowering_progress(
                     setattr(part, attr, make(name, getattr(part, attr)))
     try:
         with (
-            _patched(backend, "preprocess", per_partition),
-            _patched(backend, "preprocess_multimethod", all_partitions),
+            patched(backend, "preprocess", per_partition),
+            patched(backend, "preprocess_multimethod", all_partitions),
         ):
             yield
     finally:

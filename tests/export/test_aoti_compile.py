@@ -1,0 +1,88 @@
+"""Which CUDA methods AOTInductor autotunes: with etspec's kernels on, target_verify holds no aten matmul or
+SDPA and compiles untuned; prefill, and any method left with one, stays tuned (draft: its catch-up rows'
+K/V projections). The options hook
+is checked against a stand-in backend (the CUDA compile itself runs only on the GPU box)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from etspec.export.aoti_compile import matmul_ops, methods_to_tune, tuned_per_method
+from etspec.export.methods import method_specs
+from etspec.export.torch_export import export_methods
+from etspec.fixtures.tiny import random_target, tiny_draft_config, tiny_target_config
+from etspec.models.config import parse_draft_config
+from etspec.models.draft import Eagle3Draft
+from etspec.models.layers import ALL_KERNELS, PLAIN_OPS, FewRowsKernels
+from etspec.models.speculator import Speculator
+
+METHODS = ("prefill", "target_verify", "draft")
+
+
+def _exported(family: str, kernels: FewRowsKernels):
+    target = random_target(family, 160, seed=0, kernels=kernels)
+    dcfg = parse_draft_config(tiny_draft_config(tiny_target_config(family)))
+    draft = Eagle3Draft(dcfg, 160, own_embedding=False, kernels=kernels).eval().requires_grad_(False)
+    specs = method_specs(Speculator(target, draft, 3), 16)
+    return export_methods({n: specs[n] for n in METHODS}, progress=None)
+
+
+@pytest.mark.parametrize(
+    "family, kernels, tuned",
+    [
+        # every verify op is one of etspec's kernels; draft keeps its catch-up K/V projections
+        ("llama", ALL_KERNELS, {"prefill", "draft"}),
+        # Gemma 2's attention logit softcap keeps verify and draft attention on SDPA
+        ("gemma2", ALL_KERNELS, set(METHODS)),
+        # without the linear kernel every method has matmuls
+        ("llama", FewRowsKernels(sdpa_midm=True, reductions=True), set(METHODS)),
+        ("llama", PLAIN_OPS, set(METHODS)),
+    ],
+    ids=["llama-all-kernels", "gemma2-softcap", "llama-no-linear-rows", "llama-plain"],
+)
+def test_only_methods_with_a_matmul_are_tuned(family, kernels, tuned):
+    eps = _exported(family, kernels)
+    assert {m for m, on in methods_to_tune(eps).items() if on} == tuned
+    assert all(methods_to_tune(eps, every_method=True).values())
+    for m in METHODS:
+        assert bool(matmul_ops(eps[m])) == (m in tuned), (m, matmul_ops(eps[m]))
+    assert matmul_ops(eps["prefill"]) & {"linear", "matmul"}
+
+
+def test_matmul_ops_sees_matmuls_inside_nested_graphs():
+    class Cond(torch.nn.Module):
+        def forward(self, p, x, w):
+            return torch.cond(p, lambda x, w: x @ w, lambda x, w: x + 1, (x, w))
+
+    ep = torch.export.export(Cond(), (torch.tensor(True), torch.randn(2, 2), torch.randn(2, 2)))
+    assert matmul_ops(ep)
+
+
+class _Backend:
+    """Stands in for ExecuTorch's CudaBackend: options from the method's compile specs."""
+
+    @classmethod
+    def method_name_from_compile_specs(cls, compile_specs):
+        return compile_specs[0]
+
+    @classmethod
+    def get_aoti_compile_options(cls, compile_specs):
+        return {"max_autotune": True, "other": 1}
+
+
+def test_untuned_methods_get_max_autotune_off_and_each_compile_reports(monkeypatch):
+    seen: list[dict] = []
+    monkeypatch.setattr(torch._inductor, "aot_compile", lambda gm, inputs, options: seen.append(options))
+    said: list[str] = []
+    with tuned_per_method(_Backend, {"prefill": True, "draft": False}, said.append):
+        for method in ("prefill", "draft"):
+            options = _Backend.get_aoti_compile_options([method])
+            torch._inductor.aot_compile(None, (), options=options)
+    assert seen == [{"max_autotune": True, "other": 1}, {"max_autotune": False, "other": 1}]
+    assert said[0].startswith("prefill: AOTInductor") and "with autotuning" in said[0]
+    assert said[1].startswith("draft: AOTInductor") and "without autotuning" in said[1]
+    assert "C++ compile" in said[1] and "GEMM tuning" in said[1]
+    # the hooks are gone after the block
+    assert _Backend.get_aoti_compile_options(["draft"])["max_autotune"] is True
+    assert "get_aoti_compile_options" in vars(_Backend)
