@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The long-context runs on the GPU box, one after another (one export on the GPU at a time):
+#   1. Gemma-4-31B's widths with 12 layers (two 5 sliding + 1 full periods), max_seq_len 128K, k = 5:
+#      export, then 4K and 64K prompts: target-only, simulated and own-draft speculative, the own-draft
+#      tokens checked against target-only's (bench_e2e.py --lossless);
+#   2. the K = V head_dim-512 full layer's verify attention at 4K..128K, etspec::sdpa_midm_shared_kv
+#      against what --no-midm-sdpa runs (bench_sdpa_midm.py);
+#   3. Llama-3.2-1B's shape at max_seq_len 128K with a 120K-token prompt, same checks.
+# Each step logs to DIR/<step>.log; the results files land in DIR (default out/long_context).
+#   bash bench/bg.sh start lc bash bench/long_context.sh [DIR]; then: bash bench/bg.sh wait 590
+set -u
+R=${1:-out/long_context}
+mkdir -p "$R"
+unset OUT # a background job outlives the call whose $OUT it inherited; a later call copies $R
+step() {
+  local name=$1
+  shift
+  echo "== $name started $(date +%T)"
+  "$@" > "$R/$name.log" 2>&1
+  echo "== $name rc=$? $(date +%T)"
+}
+g4=(--shape gemma-4-31b-12l --max-seq 131072 --ks 5 --work out/lc_gemma4)
+l1=(--shape llama-3.2-1b --max-seq 131072 --ks 5 --work out/lc_1b)
+run=(--peers none --lossless --tag 128k --out "$R")
+step export_gemma4 python bench/bench_e2e.py "${g4[@]}" --phase export
+step run_gemma4 python bench/bench_e2e.py "${g4[@]}" --contexts 4096,65536 "${run[@]}"
+step sdpa_gemma4 python bench/bench_sdpa_midm.py --models gemma4-31b-full --out "$R"
+step export_1b python bench/bench_e2e.py "${l1[@]}" --phase export
+step run_1b python bench/bench_e2e.py "${l1[@]}" --contexts 122880 "${run[@]}"
