@@ -394,8 +394,18 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Man
     device = "cuda" if cuda else "cpu"
     eos_ids = list(eos_token_ids(args.target))
     with timed(say, "load checkpoints"):
+        # every call of the program writes at most a prefill chunk or k + 1 verify rows: sliding layers
+        # keep a ring of window + 2 x that many rows (models.layers.Attention)
+        max_rows = max(args.max_prefill_chunk, args.draft_len + 1)
         spec = load_speculator(
-            args.target, args.draft, args.max_seq_len, args.draft_len, dtype, kernels=kernels, device=device
+            args.target,
+            args.draft,
+            args.max_seq_len,
+            args.draft_len,
+            dtype,
+            kernels=kernels,
+            device=device,
+            max_rows=max_rows,
         )
     spec.sampling_search = "bisect" if cuda else "sort"  # the ExecuTorch CUDA backend has no sort kernel
     if not cuda:

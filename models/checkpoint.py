@@ -197,10 +197,13 @@ def load_target(
     kernels: FewRowsKernels = PLAIN_OPS,
     device: str | torch.device = "cpu",
     cfg: TargetConfig | None = None,
+    max_rows: int | None = None,
 ) -> TargetModel:
+    """The target of a checkpoint directory; `max_rows` bounds the rows per call (`TargetModel`: sliding
+    layers then keep a ring cache)."""
     cfg = cfg or parse_target_config(read_config_json(directory))
     src = find_tensors(directory, allow_bin=False)
-    model = build_empty(lambda: TargetModel(cfg, max_seq_len, tap_layers, kernels), dtype, device)
+    model = build_empty(lambda: TargetModel(cfg, max_seq_len, tap_layers, kernels, max_rows), dtype, device)
     model.tie_weights()
     # Rotary caches of transformers' checkpoints are not weights; skip them if present.
     rename = lambda k: None if k.endswith("rotary_emb.inv_freq") else _target_rename(k, cfg.checkpoint_prefix)
@@ -248,8 +251,10 @@ def load_speculator(
     dtype: torch.dtype = torch.float32,
     kernels: FewRowsKernels = PLAIN_OPS,
     device: str | torch.device = "cpu",
+    max_rows: int | None = None,
 ) -> Speculator:
-    """Load and pair a target with its head, checking they fit (hidden size, vocab, tap layers)."""
+    """Load and pair a target with its head, checking they fit (hidden size, vocab, tap layers);
+    `max_rows`: see `load_target`."""
     tcfg = parse_target_config(read_config_json(target_dir))
     dcfg = parse_draft_config(read_config_json(draft_dir))
     taps = check_pair(tcfg, dcfg)
@@ -259,5 +264,5 @@ def load_speculator(
             f"draft head has no embed_tokens and its hidden size {dcfg.hidden_size} "
             f"differs from the target's {tcfg.hidden_size}"
         )
-    target = load_target(target_dir, max_seq_len, dtype, taps, kernels, device, tcfg)
+    target = load_target(target_dir, max_seq_len, dtype, taps, kernels, device, tcfg, max_rows)
     return Speculator(target, draft, draft_len)

@@ -212,17 +212,35 @@ class MLP(nn.Module):
         return self.down_proj(g * self.up_proj(x))
 
 
-def attention_mask(input_pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+def ring_positions(input_pos: torch.Tensor, rows: int) -> torch.Tensor:
+    """The position each slot of a ring cache of `rows` slots holds once a call has written input_pos:
+    position p lives in slot p % rows, and slot s holds the latest p <= input_pos[-1] that maps to it
+    (negative: never written in this sequence). A row a rejected draft left at p > input_pos[-1] (less
+    than the most rows of a call past it) is counted as p - rows, outside every window of this call
+    when rows >= window + the most rows of a call (`Attention`'s ring)."""
+    last = input_pos[-1]
+    return last - torch.remainder(last - torch.arange(rows, device=input_pos.device), rows)
+
+
+def attention_mask(
+    input_pos: torch.Tensor, kv_len: int, window: int | None, ring: bool = False
+) -> torch.Tensor:
     """Boolean [1, 1, M, kv_len]: row i sees key j iff j <= input_pos[i] (and j > input_pos[i] - window).
+    With `ring`, key j is the one a ring cache of kv_len slots holds in slot j (`ring_positions`).
 
     4-D because ExecuTorch's CUDA backend swaps SDPA for its own Triton kernel, which takes only a
     [B, H|1, Lq, Lkv] boolean mask.
     """
-    keys = torch.arange(kv_len, device=input_pos.device)[None, None, None, :]
+    if ring:
+        keys = ring_positions(input_pos, kv_len)[None, None, None, :]
+    else:
+        keys = torch.arange(kv_len, device=input_pos.device)[None, None, None, :]
     pos = input_pos[None, None, :, None]
     mask = keys <= pos
     if window:
         mask = mask & (keys > pos - window)
+    if ring:
+        mask = mask & (keys >= 0)
     return mask
 
 
@@ -287,7 +305,15 @@ class Attention(nn.Module):
     A K = V layer caches one tensor, the values: its keys are the same rows normalized the same way and
     then scaled by the key norm's weight and rotated, so each key is rebuilt from its value row when it
     is read (`_keys`; in the verify kernel, per tile). That halves the layer's cache and the bytes a
-    verify reads."""
+    verify reads.
+
+    A sliding-window layer given `cache_rows` < max_seq_len keeps a ring of that many rows: position p
+    in slot p % cache_rows, every call attending over the whole ring with each slot's position
+    (`ring_positions`). Positions are written upward from 0, each call starting past the previous
+    call's start (a speculative run's prefill chunks and verify blocks). cache_rows >= window + the
+    most rows any call writes then keeps every key a window needs, and the rows a rejected draft left
+    behind fall outside every window; `TargetModel` gives window + 2 x that bound and refuses longer
+    calls. Gemma-4-31B's 1024-wide sliding layers then hold ~1.5K rows each instead of 128K."""
 
     def __init__(
         self,
@@ -309,8 +335,13 @@ class Attention(nn.Module):
         softcap: float | None = None,
         window: int | None = None,
         kernels: FewRowsKernels = PLAIN_OPS,
+        cache_rows: int | None = None,
     ):
         super().__init__()
+        if cache_rows is not None and cache_rows < max_seq_len and (not window or k_eq_v):
+            raise ValueError(
+                "a ring cache (cache_rows < max_seq_len) needs a sliding window and its own keys"
+            )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_proj = nn.Linear(in_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(in_dim, num_kv_heads * head_dim, bias=bias)
@@ -329,10 +360,11 @@ class Attention(nn.Module):
         # The split-K kernel covers causal (optionally windowed) attention without a logit softcap; the
         # few-rows linear kernel serves every projection of a verify/draft call.
         widest = MIDM_MAX_SHARED_HEAD_DIM if k_eq_v else MIDM_MAX_HEAD_DIM
-        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest
+        self.ring = cache_rows is not None and cache_rows < max_seq_len
+        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest and not self.ring
         self.rows_kernel = kernels.linear_rows
         self.delegate_forms = False  # see use_delegate_forms
-        cache_shape = (1, num_kv_heads, max_seq_len, head_dim)
+        cache_shape = (1, num_kv_heads, cache_rows if self.ring else max_seq_len, head_dim)
         self.register_buffer("k_cache", None if k_eq_v else torch.empty(cache_shape), persistent=False)
         self.register_buffer("v_cache", torch.empty(cache_shape), persistent=False)
         self.reset_buffers()
@@ -364,13 +396,17 @@ class Attention(nn.Module):
         self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> None:
         """Rotate the projected k [1,R,Hkv*D] and store k/v rows at input_pos (a K = V layer: v only)."""
+        slots = torch.remainder(input_pos, self.v_cache.shape[2]) if self.ring else input_pos
         if not self.shared_kv:
             k = self._rope(self._heads(k, self.num_kv_heads, self.k_norm), cos, sin)
-            self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, self._heads(v, self.num_kv_heads, self.v_norm))
+            self.k_cache.index_copy_(2, slots, k)
+        self.v_cache.index_copy_(2, slots, self._heads(v, self.num_kv_heads, self.v_norm))
 
     def _keys(self, kv_len: int) -> torch.Tensor:
-        """The cached keys [:kv_len]; in a K = V layer rebuilt from the values (key j at position j)."""
+        """The cached keys [:kv_len] (a ring: all of it); in a K = V layer rebuilt from the values (key j
+        at position j)."""
+        if self.ring:
+            return self.k_cache
         if not self.shared_kv:
             return self.k_cache[:, :, :kv_len]
         v = self.v_cache[:, :, :kv_len]
@@ -392,16 +428,17 @@ class Attention(nn.Module):
         kv_len: int,
         few_rows: bool,
     ) -> torch.Tensor:
-        """Projected queries q [1,M,Hq*D] over the cache slice [:kv_len], then o_proj: [1,M,out]."""
+        """Projected queries q [1,M,Hq*D] over the cache slice [:kv_len] (a ring: all of it), then o_proj:
+        [1,M,out]."""
         q = self._rope(self._heads(q, self.num_heads, self.q_norm), cos, sin)
-        v = self.v_cache[:, :, :kv_len]
+        v = self.v_cache if self.ring else self.v_cache[:, :, :kv_len]
         if few_rows and self.use_sdpa_midm and self.shared_kv:
             w, freq = self._key_multiplier(v), self.rotary.inv_freq
             o = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, input_pos, self.scale, self.window or 0)
         elif few_rows and self.use_sdpa_midm:
             o = torch.ops.etspec.sdpa_midm(q, self._keys(kv_len), v, input_pos, self.scale, self.window or 0)
         else:
-            mask = attention_mask(input_pos, kv_len, self.window)
+            mask = attention_mask(input_pos, v.shape[2] if self.ring else kv_len, self.window, self.ring)
             plain = attend_grouped if self.delegate_forms else attend
             o = plain(q, self._keys(kv_len), v, mask, self.scale, self.softcap)
         o = o.transpose(1, 2).contiguous().view(1, -1, self.num_heads * self.head_dim)

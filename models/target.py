@@ -13,9 +13,14 @@ from .layers import MLP, PLAIN_OPS, Attention, FewRowsKernels, RMSNorm, project
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TargetConfig, index: int, max_seq_len: int, kernels: FewRowsKernels):
+    def __init__(
+        self, cfg: TargetConfig, index: int, max_seq_len: int, kernels: FewRowsKernels, max_rows: int | None
+    ):
         super().__init__()
         sliding = cfg.layer_types[index] == "sliding_attention"
+        k_eq_v = cfg.k_eq_v and not sliding
+        # a sliding layer with its own keys keeps a ring when the rows per call are bounded (Attention)
+        ring = sliding and not k_eq_v and max_rows is not None and cfg.sliding_window is not None
         rope = cfg.local_rope if (sliding and cfg.local_rope is not None) else cfg.rope
         self.self_attn = Attention(
             cfg.hidden_size,
@@ -31,12 +36,13 @@ class DecoderLayer(nn.Module):
             qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
             norm_style=cfg.norm_style,
             v_norm_eps=cfg.rms_norm_eps if cfg.v_norm else None,
-            k_eq_v=cfg.k_eq_v and not sliding,
+            k_eq_v=k_eq_v,
             softcap=cfg.attn_logit_softcap,
             window=cfg.sliding_window if sliding else None,
             # docs/design.md §5: a sliding layer's attention takes the plain ops (the windowed path);
             # its MLP takes linear_rows like every other.
             kernels=PLAIN_OPS if sliding else kernels,
+            cache_rows=cfg.sliding_window + 2 * max_rows if ring else None,
         )
         self.mlp = MLP(
             cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, kernels.linear_rows
@@ -73,6 +79,10 @@ class TargetModel(nn.Module):
 
     `kernels` picks etspec's few-rows kernels (split-K attention, linear_rows) for calls made with
     `few_rows=True` (target_verify: at most k+1 rows); prefill keeps the plain ops.
+
+    `max_rows` bounds the rows of every call (an export's largest prefill chunk and verify); with it,
+    sliding-window layers keep a ring of window + 2 x max_rows rows instead of max_seq_len
+    (`Attention`), and a call with more rows is refused.
     """
 
     def __init__(
@@ -81,15 +91,19 @@ class TargetModel(nn.Module):
         max_seq_len: int,
         tap_layers: tuple[int, ...] | None = None,
         kernels: FewRowsKernels = PLAIN_OPS,
+        max_rows: int | None = None,
     ):
         super().__init__()
         if kernels.any:
             register_ops()  # the layers' verify calls dispatch to torch.ops.etspec.*
         self.cfg = cfg
         self.max_seq_len = max_seq_len
+        self.max_rows = max_rows
         self.tap_layers = tuple(tap_layers if tap_layers is not None else cfg.default_tap_layers())
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, max_seq_len, kernels) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, max_seq_len, kernels, max_rows) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style, kernels.reductions)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rows_kernel = kernels.linear_rows  # etspec::linear_rows for the lm_head of verify calls
@@ -114,6 +128,9 @@ class TargetModel(nn.Module):
 
         Each residual add runs with the norm that follows it (`RMSNorm.add_norm`): one kernel per norm
         on few-row calls with the norm kernel on."""
+        if self.max_rows is not None:
+            n, most = tokens.shape[1], self.max_rows
+            torch._check(n <= most, lambda: f"{n} rows in one call; this model takes at most {most}")
         h, delta = self.embed(tokens), None
         taps: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):

@@ -50,11 +50,16 @@ def _chunked_logits(model, x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     return torch.cat([model(x[:, s:e], torch.arange(s, e), _window(e)) for s, e in spans], dim=1)
 
 
+@pytest.mark.parametrize("max_rows", [None, 8], ids=["full-caches", "ring-caches"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_chunked_prefill_and_verify_rows_match_transformers(family, hf_targets):
-    """Chunks of 7 then multi-row calls at later positions see exactly the full-sequence logits."""
+def test_chunked_prefill_and_verify_rows_match_transformers(family, max_rows, hf_targets):
+    """Chunks of 7 then multi-row calls at later positions see exactly the full-sequence logits; with
+    rows per call bounded by 8, sliding layers keep rings of window + 16 slots, which 40 positions wrap."""
     ref_model = _hf(hf_targets[family])
-    ours = load_target(hf_targets[family], MAX_SEQ)
+    ours = load_target(hf_targets[family], MAX_SEQ, max_rows=max_rows)
+    rings = {layer.self_attn.v_cache.shape[2] for layer in ours.layers} - {MAX_SEQ}
+    window = ours.cfg.sliding_window
+    assert rings == ({window + 16} if max_rows and window else set())
     x = _tokens(40, 2)
     with torch.no_grad():
         ref = ref_model(x).logits
