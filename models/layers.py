@@ -212,27 +212,27 @@ class MLP(nn.Module):
         return self.down_proj(g * self.up_proj(x))
 
 
-def ring_positions(input_pos: torch.Tensor, rows: int) -> torch.Tensor:
-    """The position each slot of a ring cache of `rows` slots holds once a call has written input_pos:
-    position p lives in slot p % rows, and slot s holds the latest p <= input_pos[-1] that maps to it
-    (negative: never written in this sequence). A row a rejected draft left at p > input_pos[-1] (less
-    than the most rows of a call past it) is counted as p - rows, outside every window of this call
-    when rows >= window + the most rows of a call (`Attention`'s ring)."""
+def ring_positions(input_pos: torch.Tensor, rows: int, slots: int) -> torch.Tensor:
+    """The positions slots [0, slots) of a ring cache of `rows` slots hold once a call has written
+    input_pos: position p lives in slot p % rows, and slot s holds the latest p <= input_pos[-1] that
+    maps to it (negative: not written in this sequence). A row a rejected draft left at p >
+    input_pos[-1] (less than the most rows of a call past it) is counted as p - rows, outside every
+    window of this call when rows >= window + the most rows of a call (`Attention`'s ring)."""
     last = input_pos[-1]
-    return last - torch.remainder(last - torch.arange(rows, device=input_pos.device), rows)
+    return last - torch.remainder(last - torch.arange(slots, device=input_pos.device), rows)
 
 
 def attention_mask(
-    input_pos: torch.Tensor, kv_len: int, window: int | None, ring: bool = False
+    input_pos: torch.Tensor, kv_len: int, window: int | None, ring: int | None = None
 ) -> torch.Tensor:
     """Boolean [1, 1, M, kv_len]: row i sees key j iff j <= input_pos[i] (and j > input_pos[i] - window).
-    With `ring`, key j is the one a ring cache of kv_len slots holds in slot j (`ring_positions`).
+    With `ring` (its rows), key j is the one slot j of a ring cache holds (`ring_positions`).
 
     4-D because ExecuTorch's CUDA backend swaps SDPA for its own Triton kernel, which takes only a
     [B, H|1, Lq, Lkv] boolean mask.
     """
     if ring:
-        keys = ring_positions(input_pos, kv_len)[None, None, None, :]
+        keys = ring_positions(input_pos, ring, kv_len)[None, None, None, :]
     else:
         keys = torch.arange(kv_len, device=input_pos.device)[None, None, None, :]
     pos = input_pos[None, None, :, None]
@@ -308,7 +308,7 @@ class Attention(nn.Module):
     verify reads.
 
     A sliding-window layer given `cache_rows` < max_seq_len keeps a ring of that many rows: position p
-    in slot p % cache_rows, every call attending over the whole ring with each slot's position
+    in slot p % cache_rows, every call attending over the slots written so far with each one's position
     (`ring_positions`). Positions are written upward from 0, each call starting past the previous
     call's start (a speculative run's prefill chunks and verify blocks). cache_rows >= window + the
     most rows any call writes then keeps every key a window needs, and the rows a rejected draft left
@@ -402,11 +402,17 @@ class Attention(nn.Module):
             self.k_cache.index_copy_(2, slots, k)
         self.v_cache.index_copy_(2, slots, self._heads(v, self.num_kv_heads, self.v_norm))
 
+    def _slots(self, kv_len: int) -> int:
+        """How many cache rows a call reads: kv_len, or in a ring min(its rows, kv_len). Until a ring has
+        wrapped, the slots past kv_len were never written, and ExecuTorch leaves caches uninitialised:
+        a masked score times an unwritten value could still be 0 x NaN."""
+        return torch.sym_min(self.v_cache.shape[2], kv_len) if self.ring else kv_len
+
     def _keys(self, kv_len: int) -> torch.Tensor:
-        """The cached keys [:kv_len] (a ring: all of it); in a K = V layer rebuilt from the values (key j
-        at position j)."""
+        """The cached keys [:kv_len] (a ring: its first `_slots`); in a K = V layer rebuilt from the
+        values (key j at position j)."""
         if self.ring:
-            return self.k_cache
+            return self.k_cache[:, :, : self._slots(kv_len)]
         if not self.shared_kv:
             return self.k_cache[:, :, :kv_len]
         v = self.v_cache[:, :, :kv_len]
@@ -428,17 +434,18 @@ class Attention(nn.Module):
         kv_len: int,
         few_rows: bool,
     ) -> torch.Tensor:
-        """Projected queries q [1,M,Hq*D] over the cache slice [:kv_len] (a ring: all of it), then o_proj:
-        [1,M,out]."""
+        """Projected queries q [1,M,Hq*D] over the cache slice [:kv_len] (a ring: its first `_slots`),
+        then o_proj: [1,M,out]."""
         q = self._rope(self._heads(q, self.num_heads, self.q_norm), cos, sin)
-        v = self.v_cache if self.ring else self.v_cache[:, :, :kv_len]
+        v = self.v_cache[:, :, : self._slots(kv_len)]
         if few_rows and self.use_sdpa_midm and self.shared_kv:
             w, freq = self._key_multiplier(v), self.rotary.inv_freq
             o = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, input_pos, self.scale, self.window or 0)
         elif few_rows and self.use_sdpa_midm:
             o = torch.ops.etspec.sdpa_midm(q, self._keys(kv_len), v, input_pos, self.scale, self.window or 0)
         else:
-            mask = attention_mask(input_pos, v.shape[2] if self.ring else kv_len, self.window, self.ring)
+            ring = self.v_cache.shape[2] if self.ring else None
+            mask = attention_mask(input_pos, self._slots(kv_len), self.window, ring)
             plain = attend_grouped if self.delegate_forms else attend
             o = plain(q, self._keys(kv_len), v, mask, self.scale, self.softcap)
         o = o.transpose(1, 2).contiguous().view(1, -1, self.num_heads * self.head_dim)

@@ -129,8 +129,11 @@ class TargetModel(nn.Module):
         Each residual add runs with the norm that follows it (`RMSNorm.add_norm`): one kernel per norm
         on few-row calls with the norm kernel on."""
         if self.max_rows is not None:
-            n, most = tokens.shape[1], self.max_rows
-            torch._check(n <= most, lambda: f"{n} rows in one call; this model takes at most {most}")
+            if torch.compiler.is_compiling():  # export: a bound the graph keeps (the Dims' maxima prove it)
+                torch._check(tokens.shape[1] <= self.max_rows)
+            elif tokens.shape[1] > self.max_rows:
+                n, most = tokens.shape[1], self.max_rows
+                raise ValueError(f"{n} rows in one call; this model takes at most {most}")
         h, delta = self.embed(tokens), None
         taps: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):

@@ -1,7 +1,7 @@
 """Sliding-window layers with a ring cache (window + 2 x the rows per call) give the logits of full-length
 caches through the calls a speculative run makes: prefill chunks, verify blocks whose rejected tail is
-written over by the next block, a new sequence over the old one's rows; and a call with more rows than
-the bound is refused."""
+written over by later blocks, a new sequence over the old one's rows; never reading a row not yet
+written (NaN here); and a call with more rows than the bound is refused."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def test_ring_equals_full_caches_through_rejected_drafts(family):
     full = random_target(family, MAX_SEQ, seed=3)
     ring = random_target(family, MAX_SEQ, seed=3, max_rows=MAX_ROWS)
     window = full.cfg.sliding_window
+    for model in (full, ring):  # ExecuTorch leaves caches uninitialised: unwritten rows must never be read
+        for buf in model.buffers():
+            if buf.dim() == 4:
+                buf.fill_(float("nan"))
     assert any(layer.self_attn.v_cache.shape[2] == window + 2 * MAX_ROWS for layer in ring.layers)
     gen = torch.Generator().manual_seed(0)
     for sequence in range(2):  # the second sequence starts at 0 over the first one's ring rows
@@ -45,15 +49,16 @@ def test_ring_equals_full_caches_through_rejected_drafts(family):
 
 def test_more_rows_than_the_bound_are_refused():
     model = random_target("mistral", MAX_SEQ, seed=0, max_rows=MAX_ROWS)
-    with pytest.raises(RuntimeError, match="7 rows in one call; this model takes at most 6"):
+    with pytest.raises(ValueError, match="7 rows in one call; this model takes at most 6"):
         _call(model, torch.zeros(1, 7, dtype=torch.long), 0)
 
 
 def test_ring_positions_name_the_latest_write_of_each_slot():
     # 10 slots after writing positions 0..23: slot s holds the latest p <= 23 with p % 10 == s
-    assert ring_positions(torch.tensor([21, 22, 23]), 10).tolist() == [20, 21, 22, 23, 14, 15, 16, 17, 18, 19]
-    # before the ring fills, unwritten slots are negative and masked
-    mask = attention_mask(torch.tensor([2, 3]), 6, window=3, ring=True)[0, 0]
+    slots = ring_positions(torch.tensor([21, 22, 23]), 10, 10)
+    assert slots.tolist() == [20, 21, 22, 23, 14, 15, 16, 17, 18, 19]
+    # a row a rejected draft left at 5 (past the last position, 3) counts as 5 - 6 and is masked
+    mask = attention_mask(torch.tensor([2, 3]), 6, window=3, ring=6)[0, 0]
     assert mask.tolist() == [[True, True, True, False, False, False], [False, True, True, True, False, False]]
 
 
