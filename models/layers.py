@@ -411,10 +411,8 @@ class Attention(nn.Module):
     def _keys(self, kv_len: int) -> torch.Tensor:
         """The cached keys [:kv_len] (a ring: its first `_slots`); in a K = V layer rebuilt from the
         values (key j at position j)."""
-        if self.ring:
-            return self.k_cache[:, :, : self._slots(kv_len)]
         if not self.shared_kv:
-            return self.k_cache[:, :, :kv_len]
+            return self.k_cache[:, :, : self._slots(kv_len)]
         v = self.v_cache[:, :, :kv_len]
         k = v if self.k_norm is None else self.k_norm.rescale(v, v.dtype)
         cos, sin = self.rotary(torch.arange(kv_len, device=v.device), v.dtype)
