@@ -18,9 +18,8 @@ class DecoderLayer(nn.Module):
     ):
         super().__init__()
         sliding = cfg.layer_types[index] == "sliding_attention"
-        k_eq_v = cfg.k_eq_v and not sliding
-        # a sliding layer with its own keys keeps a ring when the rows per call are bounded (Attention)
-        ring = sliding and not k_eq_v and max_rows is not None and cfg.sliding_window is not None
+        # a sliding layer (never K = V) keeps a ring when the rows per call are bounded (Attention)
+        ring = sliding and max_rows is not None and cfg.sliding_window is not None
         rope = cfg.local_rope if (sliding and cfg.local_rope is not None) else cfg.rope
         self.self_attn = Attention(
             cfg.hidden_size,
@@ -36,7 +35,7 @@ class DecoderLayer(nn.Module):
             qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
             norm_style=cfg.norm_style,
             v_norm_eps=cfg.rms_norm_eps if cfg.v_norm else None,
-            k_eq_v=k_eq_v,
+            k_eq_v=cfg.k_eq_v and not sliding,
             softcap=cfg.attn_logit_softcap,
             window=cfg.sliding_window if sliding else None,
             # docs/design.md §5: a sliding layer's attention takes the plain ops (the windowed path);
