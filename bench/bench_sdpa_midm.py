@@ -89,9 +89,7 @@ class Sets:
         self.hq, self.hkv, self.d, self.shared = hq, hkv, d, shared
         self.v = [torch.randn(1, hkv, MAX_SEQ, d, device="cuda", generator=g).to(DT) for _ in range(N_SETS)]
         if shared:
-            self.freq = Rotary(
-                GEMMA4_FULL_ROPE, d
-            ).inv_freq.cuda()  # each frequency twice, as the model has it
+            self.freq = Rotary(GEMMA4_FULL_ROPE, d).rotated_freqs().cuda()  # what the model passes
             self.w = 1 + 0.1 * torch.randn(d, device="cuda", generator=g)
             self.k = [sm.shared_kv_keys(v, self.w, self.freq) for v in self.v]
         else:
@@ -219,19 +217,23 @@ def sweep(models, read_gbs, results):
 
         base = sm.default_config(d)
         best, best_score = None, float("inf")
-        for bn, nw, ns in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
-            cfg = replace(base, block_n=bn, num_warps=nw, num_stages=ns)
+        # head dim 512: smaller tiles, and programs of 16 rows (the fp32 accumulator) or all rows
+        tiles, row_opts = ((16, 32, 64), (16, 0)) if d >= 512 else ((32, 64, 128), (0,))
+        for bn, nw, ns, rows in itertools.product(
+            tiles, (4, 8), (1, 2, 3) if d >= 512 else (2, 3, 4), row_opts
+        ):
+            cfg = replace(base, block_n=bn, num_warps=nw, num_stages=ns, rows=rows)
             ts = []
             for L in (16384, 131072):
                 t, err = measure(sets, "midm", m, L, cfg)
                 ts.append(t)
             if None in ts:
-                log(f"  sweep {name} bn={bn} nw={nw} ns={ns}: fails ({err})")
+                log(f"  sweep {name} bn={bn} nw={nw} ns={ns} rows={rows}: fails ({err})")
                 continue
             score = kv_floor_ratio(ts, (16384, 131072), hkv, d, read_gbs)
             log(
-                f"  sweep {name} bn={bn} nw={nw} ns={ns}: 16K {ts[0]:.1f} us, 128K {ts[1]:.1f} us  "
-                f"score {score:.3f}"
+                f"  sweep {name} bn={bn} nw={nw} ns={ns} rows={rows}: 16K {ts[0]:.1f} us, "
+                f"128K {ts[1]:.1f} us  score {score:.3f}"
             )
             results.append(
                 dict(
@@ -240,6 +242,7 @@ def sweep(models, read_gbs, results):
                     block_n=bn,
                     num_warps=nw,
                     num_stages=ns,
+                    rows=rows,
                     t16k_us=ts[0],
                     t128k_us=ts[1],
                 )

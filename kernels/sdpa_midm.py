@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op
@@ -60,13 +61,16 @@ _REDUCE_BLOCK_S = 32  # splits combined per step by the reduce kernel
 class MidmConfig:
     """Tuning of the split kernel: ``block_n`` key tile, Triton ``num_warps``/``num_stages``, ``ppsm``
     programs per SM that the split count aims for, ``min_tiles`` fewest key tiles per split (bounds the
-    partial-buffer traffic)."""
+    partial-buffer traffic), ``rows`` most query rows per program (0: all G*M rows of a KV head in one;
+    fewer keep a wide head's fp32 accumulator in registers, the row blocks of a split sharing its key
+    tiles through L2)."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
     ppsm: int = 1
     min_tiles: int = 2
+    rows: int = 0
 
 
 # Per head dim. Chosen by the H100 sweep (bench --sweep, 2026-11-25; docs/kernels.md): the variants were
@@ -75,8 +79,8 @@ DEFAULT_CONFIGS: dict[int, MidmConfig] = {
     64: MidmConfig(),
     128: MidmConfig(),
     256: MidmConfig(num_stages=2, min_tiles=4),
-    # Gemma 4's K = V full layers; not yet swept on a GPU: half the 256 tile, twice the warps
-    512: MidmConfig(block_n=32, num_warps=8, num_stages=2, min_tiles=4),
+    # Gemma 4's K = V full layers; not yet swept on a GPU: half the 256 tile, twice the warps, 16 rows
+    512: MidmConfig(block_n=32, num_warps=8, num_stages=2, min_tiles=4, rows=16),
 }
 
 
@@ -97,9 +101,20 @@ def _next_pow2(x: int) -> int:
 
 
 @triton.jit
+def _scores(a, b, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
+    """a [BR, X] @ b [BN, X]^T in fp32."""
+    if UPCAST:
+        # interpreter only: its bf16 tl.dot is wrong (triton 3.9); same rounding of p kept below
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    elif FP32_DOT:
+        return tl.dot(a, tl.trans(b), input_precision="ieee")
+    else:
+        return tl.dot(a, tl.trans(b))
+
+
+@triton.jit
 def _tile_update(
-    q,
-    k,
+    qk,
     v,
     offs_key,
     pos_r,
@@ -111,14 +126,7 @@ def _tile_update(
     FP32_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # q [BR, D], k/v [BN, D]; offs_key [BN] absolute key positions; pos_r [BR] row positions.
-    if UPCAST:
-        # interpreter only: its bf16 tl.dot is wrong (triton 3.9); same rounding of p kept below
-        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    elif FP32_DOT:
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        qk = tl.dot(q, tl.trans(k))
+    # qk [BR, BN] unscaled scores, v [BN, D]; offs_key [BN] absolute key positions; pos_r [BR] row positions.
     qk = qk * QK_SCALE  # log2 domain: scale * log2(e)
     valid = offs_key[None, :] <= pos_r[:, None]
     if WINDOW > 0:
@@ -142,15 +150,51 @@ def _tile_update(
 
 
 @triton.jit
-def _shared_key(v, v_swap, offs_key, w, w_swap, freq):
-    """Keys [BN, D] of a K = V layer from its value rows v [BN, D] (v_swap: the same rows with the two
-    halves of D swapped): rope(w * v) at each key's own position, in fp32, rounded to v's dtype as a
-    stored key would be. `w_swap` carries rotate_half's sign."""
-    angle = offs_key[:, None].to(tl.float32) * freq[None, :]
-    k = v.to(tl.float32) * w[None, :] * tl.cos(angle) + v_swap.to(tl.float32) * w_swap[None, :] * tl.sin(
-        angle
-    )
-    return k.to(v.dtype)
+def _tile_scores(
+    q,
+    q_rot,
+    k_base,
+    v_base,
+    v,
+    offs_key,
+    kmask,
+    offs_d,
+    rot_d,
+    part_d,
+    cmask,
+    w_rot,
+    w_part,
+    freq,
+    sk_n,
+    sv_n,
+    FP32_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SHARED_KV: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Scores [BR, BN] of one key tile (`MASKED`: only the keys of `kmask` are loaded). K = V
+    (`SHARED_KV`): the pass-through dims of each key are its value row times k_weight, already folded into
+    q (which is zero on the rotated dims); only the rotated dims are rebuilt, rope(k_weight * v) at the
+    key's own position in fp32, rounded to v's dtype as a stored key would be, and scored against q_rot
+    (q on those dims, compact: pair i's two dims at 2i, 2i + 1). Otherwise the tile's stored keys."""
+    if SHARED_KV:
+        if MASKED:
+            rmask2 = kmask[:, None] & cmask[None, :]
+        else:
+            rmask2 = (offs_key[:, None] >= 0) & cmask[None, :]
+        v_rot = tl.load(v_base + offs_key[:, None] * sv_n + rot_d[None, :], mask=rmask2, other=0.0)
+        v_part = tl.load(v_base + offs_key[:, None] * sv_n + part_d[None, :], mask=rmask2, other=0.0)
+        angle = offs_key[:, None].to(tl.float32) * freq[None, :]
+        k_rot = v_rot.to(tl.float32) * w_rot[None, :] * tl.cos(angle) + v_part.to(tl.float32) * w_part[
+            None, :
+        ] * tl.sin(angle)
+        return _scores(q, v, FP32_DOT, UPCAST) + _scores(q_rot, k_rot.to(v.dtype), FP32_DOT, UPCAST)
+    elif MASKED:
+        k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        return _scores(q, k, FP32_DOT, UPCAST)
+    else:
+        k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :])
+        return _scores(q, k, FP32_DOT, UPCAST)
 
 
 @triton.jit
@@ -183,9 +227,12 @@ def _midm_split_kernel(
     FP32_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
     SHARED_KV: tl.constexpr,
+    N_ROT: tl.constexpr,
+    ROT_W: tl.constexpr,
 ):
-    kvh = tl.program_id(0)
-    sid = tl.program_id(1)
+    rb = tl.program_id(0)  # block of BLOCK_R rows; the fastest grid axis, so the row blocks of one split
+    kvh = tl.program_id(1)  # run side by side and share its KV tiles through L2
+    sid = tl.program_id(2)
     # exact valid length, read on the device
     L = (tl.load(pos_ptr + M - 1) + 1).to(tl.int32)
     if WINDOW > 0:
@@ -194,7 +241,7 @@ def _midm_split_kernel(
         lo = 0
     s0 = lo + sid * S
     n = tl.maximum(tl.minimum(s0 + S, L) - s0, 0)  # keys of this split; 0: past L, nothing to do
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
     rmask = offs_r < R
@@ -202,23 +249,31 @@ def _midm_split_kernel(
     mm = offs_r % M
     pos_r = tl.load(pos_ptr + mm, mask=rmask, other=0).to(tl.int32)
     qh = (kvh * G + g).to(tl.int64)
-    q = tl.load(
-        q_ptr + qh[:, None] * sq_h + mm[:, None] * sq_m + offs_d[None, :], mask=rmask[:, None], other=0.0
-    )
+    q_rows = q_ptr + qh[:, None] * sq_h + mm[:, None] * sq_m
+    q = tl.load(q_rows + offs_d[None, :], mask=rmask[:, None], other=0.0)
     k_base = k_ptr + kvh.to(tl.int64) * sk_h
     v_base = v_ptr + kvh.to(tl.int64) * sv_h
-    # shared K = V: each key is rebuilt from its value row (see _shared_key); for the half swap, the
-    # partner of dim d is d +- D/2, read with its sign and weight
-    swap_d = (offs_d + D // 2) % D
-    sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+    # K = V: the first N_ROT / 2 dims of each half rotate (pair i: dims i and i + D/2, frequency i); in
+    # the compact rotated layout pair i sits at 2i (first half) and 2i + 1, `part_d` is each one's
+    # rotate_half partner and `w_part` carries its sign
+    offs_c = tl.arange(0, ROT_W)
+    cmask = offs_c < N_ROT
+    half_c = offs_c % 2
+    rot_d = offs_c // 2 + half_c * (D // 2)
+    part_d = offs_c // 2 + (1 - half_c) * (D // 2)
     if SHARED_KV:
         w = tl.load(w_ptr + offs_d)
-        w_swap = sign * tl.load(w_ptr + swap_d)
-        freq = tl.load(f_ptr + offs_d)
+        rotated = (offs_d % (D // 2)) < N_ROT // 2
+        q = tl.where(rotated[None, :], 0.0, q.to(tl.float32) * w[None, :]).to(q_ptr.dtype.element_ty)
+        q_rot = tl.load(q_rows + rot_d[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        w_rot = tl.load(w_ptr + rot_d, mask=cmask, other=0.0)
+        w_part = tl.where(half_c == 0, -1.0, 1.0) * tl.load(w_ptr + part_d, mask=cmask, other=0.0)
+        freq = tl.load(f_ptr + offs_c // 2, mask=cmask, other=0.0)
     else:
-        w = sign
-        w_swap = sign
-        freq = sign
+        q_rot = q
+        w_rot = tl.zeros([ROT_W], tl.float32)
+        w_part = w_rot
+        freq = w_rot
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
@@ -227,28 +282,24 @@ def _midm_split_kernel(
     for t in range(0, n_full):
         offs_key = s0 + t * BLOCK_N + offs_n
         v = tl.load(v_base + offs_key[:, None] * sv_n + offs_d[None, :])
-        if SHARED_KV:
-            v_sw = tl.load(v_base + offs_key[:, None] * sv_n + swap_d[None, :])
-            k = _shared_key(v, v_sw, offs_key, w, w_swap, freq)
-        else:
-            k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :])
+        qk = _tile_scores(
+            q, q_rot, k_base, v_base, v, offs_key, offs_n, offs_d, rot_d, part_d, cmask, w_rot, w_part,
+            freq, sk_n, sv_n, FP32_DOT, UPCAST, SHARED_KV, False,
+        )  # fmt: skip
         m_i, l_i, acc = _tile_update(
-            q, k, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
+            qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
         )
     if n_full * BLOCK_N < n:
         # ragged last tile: keys past the split end (and so past L) are never loaded
         offs_key = s0 + n_full * BLOCK_N + offs_n
         kmask = offs_key < s0 + n
         v = tl.load(v_base + offs_key[:, None] * sv_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        if SHARED_KV:
-            v_sw = tl.load(
-                v_base + offs_key[:, None] * sv_n + swap_d[None, :], mask=kmask[:, None], other=0.0
-            )
-            k = _shared_key(v, v_sw, offs_key, w, w_swap, freq)
-        else:
-            k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        qk = _tile_scores(
+            q, q_rot, k_base, v_base, v, offs_key, kmask, offs_d, rot_d, part_d, cmask, w_rot, w_part,
+            freq, sk_n, sv_n, FP32_DOT, UPCAST, SHARED_KV, True,
+        )  # fmt: skip
         m_i, l_i, acc = _tile_update(
-            q, k, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
+            qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
         )
     # partials of rows (kvh*R + r) for split sid; empty splits store nothing (the reduce skips them)
     smask = offs_r < tl.where(n > 0, R, 0)
@@ -356,7 +407,8 @@ def launch(
     ``config`` defaults to :func:`default_config` of the head dim; ``n_sm`` overrides the SM count that
     the split plan aims at (tests). ``shared = (k_weight, inv_freq)``: a K = V layer, whose cache holds
     the values only (``v``; ``k`` is ignored): each key is rebuilt from its value row as
-    ``rope(k_weight * v)`` at the key's position (:func:`shared_kv_keys`), so the kernel reads one tensor.
+    ``rope(k_weight * v)`` at the key's position (:func:`shared_kv_keys`; ``inv_freq`` [R] the rotated
+    pairs' frequencies), so the kernel reads one tensor.
     """
     _, hq, m, d = q.shape
     hkv, lb = k.shape[1], k.shape[2]
@@ -370,16 +422,19 @@ def launch(
         k_weight, inv_freq = (t.float().contiguous() for t in shared)
     elif k.stride(-1) != 1:
         k = k.contiguous()
-    # rows per program: G*M padded to a power of two >= 16 (tl.dot needs >= 16); M may be symbolic
-    # under export/AOTInductor, then size for MAX_M
-    m_static = m if isinstance(m, int) else MAX_M
-    block_r = max(16, _next_pow2(g * m_static))
     c = config or default_config(d)
     if config is None and d >= 512 and q.element_size() == 4:
         # fp32 tiles of 512 are twice the bf16 ones: on an H100 the 32-key tile needed 320 KiB of shared
         # memory with two stages and 256 KiB with one, more than Hopper's 227 KiB; 16 keys, one stage
         c = replace(c, block_n=16, num_stages=1)
+    # rows per program: G*M (at most c.rows) padded to a power of two >= 16 (tl.dot needs >= 16); M may
+    # be symbolic under export/AOTInductor, then size for MAX_M
+    m_static = m if isinstance(m, int) else MAX_M
+    block_r = max(16, _next_pow2(g * m_static))
+    if c.rows:
+        block_r = min(block_r, max(16, _next_pow2(c.rows)))
     r = g * m
+    n_rot = 2 * inv_freq.shape[0] if shared is not None else 0
     span = lb if window <= 0 else torch.sym_min(lb, window + m - 1)
     nsplit, split_len, max_splits = plan_splits(
         span, hkv, n_sm or _num_sms(q.device), c.block_n, c.ppsm, c.min_tiles
@@ -396,7 +451,7 @@ def launch(
     qk_scale = float(scale) * _LOG2E
     split_k = launchable(_midm_split_kernel)
     reduce_k = launchable(_midm_reduce_kernel)
-    split_k[(hkv, nsplit, 1)](
+    split_k[((r + block_r - 1) // block_r, hkv, nsplit)](
         q,
         k,
         v,
@@ -425,6 +480,8 @@ def launch(
         FP32_DOT=fp32_dot,
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
         SHARED_KV=shared is not None,
+        N_ROT=n_rot,
+        ROT_W=max(16, _next_pow2(n_rot)),
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )
@@ -503,11 +560,12 @@ def _sdpa_midm_cpu(q, k, v, input_pos, scale, window=0):
 
 def shared_kv_keys(kv: torch.Tensor, k_weight: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """The keys of a K = V layer from its cached values kv [1, Hkv, Lb, D]: ``rope(k_weight * kv)`` with
-    key j at position j, in fp32, rounded to kv's dtype (the kernel's math). ``inv_freq`` [D] holds each
-    frequency twice (both halves of a head rotate by it), as Rotary's buffer does."""
+    key j at position j, in fp32, rounded to kv's dtype. ``inv_freq`` [R] (R <= D/2): the frequencies of
+    the rotated pairs, pair i being dims i and i + D/2; the other dims do not rotate (a partial RoPE)."""
     x = kv.float() * k_weight.float()
     half = x.shape[-1] // 2
-    angle = torch.arange(kv.shape[2], device=kv.device, dtype=torch.float32)[:, None] * inv_freq.float()
+    freq = F.pad(inv_freq.float(), (0, half - inv_freq.shape[0])).repeat(2)
+    angle = torch.arange(kv.shape[2], device=kv.device, dtype=torch.float32)[:, None] * freq
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * angle.cos() + rotated * angle.sin()).to(kv.dtype)
 
@@ -516,8 +574,10 @@ def _check_shared(q, kv, k_weight, inv_freq, input_pos):
     _check(q, kv, kv, input_pos)
     d = kv.shape[3]
     torch._check(d % 2 == 0, lambda: "sdpa_midm_shared_kv: head dim must be even")
+    torch._check(k_weight.shape == (d,), lambda: "sdpa_midm_shared_kv: k_weight must be [D]")
     torch._check(
-        k_weight.shape == (d,) and inv_freq.shape == (d,), lambda: "sdpa_midm_shared_kv: [D] weight, inv_freq"
+        inv_freq.dim() == 1 and inv_freq.shape[0] <= d // 2,
+        lambda: "sdpa_midm_shared_kv: inv_freq must be [R], R <= D/2 rotated pairs",
     )
 
 
@@ -531,7 +591,8 @@ def sdpa_midm_shared_kv(
     scale: float,
     window: int = 0,
 ) -> torch.Tensor:
-    """sdpa_midm for a K = V layer: one cached tensor, keys rebuilt in the kernel (launch's ``shared``)."""
+    """sdpa_midm for a K = V layer: one cached tensor, keys rebuilt in the kernel (launch's ``shared``;
+    ``inv_freq`` [R]: the frequencies of the R rotated pairs, see :func:`shared_kv_keys`)."""
     _check_shared(q, kv, k_weight, inv_freq, input_pos)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     launch(q, kv, kv, input_pos, scale, window, out, shared=(k_weight, inv_freq))

@@ -53,7 +53,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     "proportional" (Gemma 4's full layers) rotates the first `partial_rotary_factor` of the frequency
     pairs, with exponents over the whole head_dim, and leaves the others unrotated (frequency 0)."""
     if rope.rope_type == "proportional":
-        angles = int(rope.partial_rotary_factor * head_dim // 2)
+        angles = rotated_pairs(rope, head_dim)
         inv = 1.0 / (rope.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
         return torch.cat((inv, torch.zeros(head_dim // 2 - angles))) / rope.factor
     inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -73,12 +73,21 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv
 
 
+def rotated_pairs(rope: RopeConfig, head_dim: int) -> int:
+    """How many leading frequency pairs rope_inv_freq gives a nonzero frequency (all but a proportional
+    RoPE's unrotated tail): the K = V verify kernel rebuilds only those dims of each key."""
+    if rope.rope_type == "proportional":
+        return int(rope.partial_rotary_factor * head_dim // 2)
+    return head_dim // 2
+
+
 class Rotary(nn.Module):
     """RoPE computed from positions on the fly: no table, so any max_seq_len is covered."""
 
     def __init__(self, rope: RopeConfig, head_dim: int):
         super().__init__()
         self.rope, self.head_dim = rope, head_dim
+        self.rotated_pairs = rotated_pairs(rope, head_dim)
         # each frequency twice (both halves of a head rotate by it), so the angles need no concatenation
         self.register_buffer("inv_freq", torch.empty(head_dim), persistent=False)
         self.reset_buffers()
@@ -86,6 +95,10 @@ class Rotary(nn.Module):
     def reset_buffers(self) -> None:
         inv = rope_inv_freq(self.rope, self.head_dim)
         self.inv_freq = torch.cat((inv, inv)).to(self.inv_freq.device)
+
+    def rotated_freqs(self) -> torch.Tensor:
+        """The frequencies [R] of pairs 0..R-1 (dims i and i + D/2), past which no pair rotates."""
+        return self.inv_freq[: self.rotated_pairs]
 
     def forward(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         angles = input_pos.float()[:, None] * self.inv_freq[None, :]
@@ -437,7 +450,7 @@ class Attention(nn.Module):
         q = self._rope(self._heads(q, self.num_heads, self.q_norm), cos, sin)
         v = self.v_cache[:, :, : self._slots(kv_len)]
         if few_rows and self.use_sdpa_midm and self.shared_kv:
-            w, freq = self._key_multiplier(v), self.rotary.inv_freq
+            w, freq = self._key_multiplier(v), self.rotary.rotated_freqs()
             o = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, input_pos, self.scale, self.window or 0)
         elif few_rows and self.use_sdpa_midm:
             o = torch.ops.etspec.sdpa_midm(q, self._keys(kv_len), v, input_pos, self.scale, self.window or 0)

@@ -67,23 +67,24 @@ def ref64(q, k, v, input_pos, scale, window=0):
 
 def shared_keys64(kv, k_weight, inv_freq):
     """Float64 keys of a K = V layer, written independently of the kernel module: the pair (d, d + D/2) of
-    k_weight * value as one complex number, turned by the angle position * inv_freq[d]."""
+    k_weight * value as one complex number, turned by the angle position * inv_freq[d] (inv_freq [R]: the
+    first R pairs rotate)."""
     x = kv[0].to(torch.float64) * k_weight.to(torch.float64)
     half = x.shape[-1] // 2
     z = torch.complex(x[..., :half], x[..., half:])
-    angle = torch.arange(x.shape[1], dtype=torch.float64, device=x.device)[:, None] * inv_freq[:half].to(x)
+    freq = torch.zeros(half, dtype=torch.float64, device=x.device)
+    freq[: inv_freq.shape[0]] = inv_freq.to(freq)  # pairs past R do not rotate
+    angle = torch.arange(x.shape[1], dtype=torch.float64, device=x.device)[:, None] * freq
     z = z * torch.polar(torch.ones_like(angle), angle)
     return torch.cat((z.real, z.imag), dim=-1)[None]
 
 
 def make_shared(d, seed, rotated=0.25):
-    """k_weight [D] around 1 and inv_freq [D] (each frequency twice) rotating the first `rotated` share
-    of the pairs, the rest at frequency 0, as Gemma 4's proportional RoPE does."""
+    """k_weight [D] around 1 and the frequencies [R] of the first R = `rotated` x D/2 pairs, the others
+    not rotating, as Gemma 4's proportional RoPE does."""
     g = torch.Generator().manual_seed(seed)
-    half = d // 2
-    n = max(1, int(rotated * half))
-    inv = torch.cat((1e4 ** -(torch.arange(n, dtype=torch.float32) * 2 / d), torch.zeros(half - n)))
-    return 1 + 0.5 * torch.randn(d, generator=g), torch.cat((inv, inv))
+    n = max(1, int(rotated * (d // 2)))
+    return 1 + 0.5 * torch.randn(d, generator=g), 1e4 ** -(torch.arange(n, dtype=torch.float32) * 2 / d)
 
 
 def make_case(hq, hkv, m, d, L, lb, dtype, device="cpu", seed=0, max_seq=None, q_strided=False):
@@ -139,15 +140,19 @@ INTERP_CASES = [
     ),
     (4, 1, 1, 128, 3, 300, 0, torch.float32, 4, {"block_n": 16}, "tiny L, big bucket"),
     (4, 2, 4, 64, 77, 128, 0, torch.float16, 4, {"block_n": 16}, "strided q (Linear layout)"),
+    (8, 2, 5, 64, 70, 128, 0, torch.float32, 4, {"block_n": 16, "rows": 16}, "20 rows per head in 2 blocks"),
 ]
 
 
-# K = V layers (one cached tensor, keys rebuilt in the kernel): the same fields
+# K = V layers (one cached tensor, keys rebuilt in the kernel): the same fields; "rotated" (not a config
+# field) is the share of rotated pairs (default 0.25, Gemma 4's)
 SHARED_CASES = [
     (4, 1, 4, 512, 40, 64, 0, torch.bfloat16, 4, {"block_n": 16}, "K=V D=512 (Gemma 4 full layer)"),
     (4, 1, 3, 512, 70, 80, 0, torch.float32, 4, {"block_n": 16, "min_tiles": 1}, "K=V D=512 fp32, splits"),
-    (8, 2, 2, 64, 33, 48, 0, torch.float32, 4, {"block_n": 16}, "K=V D=64 ragged, GQA 4"),
+    (8, 1, 5, 512, 45, 64, 0, torch.bfloat16, 4, {"block_n": 16, "rows": 16}, "K=V D=512 40 rows, 3 blocks"),
+    (8, 2, 2, 64, 33, 48, 0, torch.float32, 4, {"block_n": 16, "rotated": 1.0}, "K=V D=64 all rotate"),
     (4, 1, 4, 128, 150, 256, 16, torch.float16, 4, {"block_n": 16}, "K=V sliding window 16"),
+    (4, 2, 3, 64, 30, 32, 0, torch.float32, 4, {"block_n": 16, "rotated": 0.1}, "K=V 3 of 32 pairs rotate"),
 ]
 
 
@@ -163,7 +168,8 @@ def run_interp_cases() -> int:
         q, k, v, pos = make_case(hq, hkv, m, d, L, lb, dtype, seed=100 + i, q_strided="strided" in note)
         out = torch.full((1, hq, m, d), float("nan"), dtype=dtype)
         scale = 1.0 / math.sqrt(d)
-        extra = {"shared": make_shared(d, seed=i)} if shared else {}
+        cfg = dict(cfg)
+        extra = {"shared": make_shared(d, seed=i, rotated=cfg.pop("rotated", 0.25))} if shared else {}
         launch(q, k, v, pos, scale, win, out, n_sm=n_sm, config=replace(default_config(d), **cfg), **extra)
         keys = shared_keys64(v, *extra["shared"]) if shared else k
         ref = ref64(q, keys, v, pos, scale, win)
