@@ -79,8 +79,8 @@ DEFAULT_CONFIGS: dict[int, MidmConfig] = {
     64: MidmConfig(),
     128: MidmConfig(),
     256: MidmConfig(num_stages=2, min_tiles=4),
-    # Gemma 4's K = V full layers; not yet swept on a GPU: half the 256 tile, twice the warps, 16 rows
-    512: MidmConfig(block_n=32, num_warps=8, num_stages=2, min_tiles=4, rows=16),
+    # Gemma 4's K = V full layers (H100 sweep, 2026-12-07): 16-key tiles, 8 warps, every row in one program
+    512: MidmConfig(block_n=16, num_warps=8, num_stages=3, min_tiles=4),
 }
 
 

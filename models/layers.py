@@ -377,7 +377,11 @@ class Attention(nn.Module):
         self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest and not self.ring
         self.rows_kernel = kernels.linear_rows
         self.delegate_forms = False  # see use_delegate_forms
-        cache_shape = (1, num_kv_heads, cache_rows if self.ring else max_seq_len, head_dim)
+        # a K = V layer's cache has one spare row: its keys are computed from a slice [:kv_len], and an
+        # elementwise op on a slice asks whether it is contiguous, i.e. kv_len == the cache's rows, a guard
+        # torch.export refuses over kv_len <= max_seq_len; with max_seq_len + 1 rows it is never true
+        rows = cache_rows if self.ring else max_seq_len + int(k_eq_v)
+        cache_shape = (1, num_kv_heads, rows, head_dim)
         self.register_buffer("k_cache", None if k_eq_v else torch.empty(cache_shape), persistent=False)
         self.register_buffer("v_cache", torch.empty(cache_shape), persistent=False)
         self.reset_buffers()

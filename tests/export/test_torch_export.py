@@ -58,3 +58,25 @@ def test_export_methods_keeps_no_clone_of_traced_tensors(monkeypatch):
     ref.cache.copy_(module.cache)
     assert torch.allclose(ep.module()(*x), ref(*x))
     assert torch._dynamo.output_graph.SubgraphTracer.__init__ is init  # restored
+
+
+def test_k_eq_v_methods_export_over_the_whole_kv_range(tmp_path):
+    """A K = V layer computes its keys from a cache slice [:kv_len] by elementwise ops, which ask whether
+    the slice is contiguous: with a cache of exactly max_seq_len rows that is kv_len == max_seq_len, a
+    guard strict export refuses over kv_len <= max_seq_len (the CUDA forms; the XNNPACK forms too)."""
+    from etspec.export.methods import method_specs
+    from etspec.fixtures.shaped import write_random_pair
+    from etspec.kernels import register_ops
+    from etspec.models.checkpoint import load_speculator
+    from etspec.models.layers import FewRowsKernels
+
+    register_ops()
+    small = dict(hidden_size=64, intermediate_size=128, vocab_size=512, num_attention_heads=4)
+    small.update(num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=2)
+    layers = ["sliding_attention"] * 5 + ["full_attention"]
+    small.update(sliding_window=8, num_hidden_layers=6, layer_types=layers)
+    target, draft = write_random_pair(tmp_path, "gemma-4-31b-12l", draft_vocab_size=64, **small)
+    kernels = FewRowsKernels(sdpa_midm=True, linear_rows=True, reductions=True)
+    spec = load_speculator(target, draft, 128, 3, torch.float32, kernels=kernels, device="cpu", max_rows=16)
+    exported = export_methods(method_specs(spec, 16), progress=None)
+    assert set(exported) >= {"prefill", "target_verify", "draft"}
