@@ -14,9 +14,10 @@
   tile is read once per KV head.
 - Output ``[1, Hq, M, D]`` contiguous, in q's dtype; fp32 accumulation.
 
-CUDA: two Triton kernels. The split kernel runs on a grid (Hkv, num_splits) whose size depends only on
-Lb (and the SM count): each program covers a contiguous run of ``S`` keys (a multiple of the key tile)
-of the device-read range ``[lo, L)`` and writes an unnormalised partial (acc, running max, running sum);
+CUDA: two Triton kernels. The split kernel runs on a grid (row blocks, Hkv, num_splits) whose size
+depends only on Lb, M (and the SM count): each program covers its rows (all G*M unless the config caps
+them) over a contiguous run of ``S`` keys (a multiple of the key tile) of the device-read range
+``[lo, L)`` and writes an unnormalised partial (acc, running max, running sum);
 programs whose run starts past L exit at once. The reduce kernel combines the valid splits (their number
 is again computed on the device from L) by log-sum-exp. CPU: the reference math in fp32 (eager CPU runs).
 
