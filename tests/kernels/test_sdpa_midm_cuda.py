@@ -100,6 +100,33 @@ def test_shared_kv_matches_float64(case):
     assert err < TOL_GPU[dtype]
 
 
+ROW_BLOCK_CASES = [(LLAMA, 8, 20000 + 9, 20480, False), (GEMMA4_FULL, 8, 9000 + 1, 9216, True)]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ROW_BLOCK_CASES,
+    ids=[f"{'shared' if c[4] else 'plain'}-D{c[0][2]}-M{c[1]}" for c in ROW_BLOCK_CASES],
+)
+def test_row_blocks_match_float64(case):
+    """Programs of 16 rows (MidmConfig.rows) where G*M is 32 or 64: each row block writes its own
+    partials, and the reduce sees every row."""
+    from dataclasses import replace
+
+    from etspec.kernels.sdpa_midm import default_config, launch
+
+    (hq, hkv, d), m, L, lb, shared = case
+    q, k, v, pos = make_case(hq, hkv, m, d, L, lb, BF16, device="cuda", seed=L, max_seq=lb + 64)
+    extra = {"shared": tuple(t.cuda() for t in make_shared(d, seed=3))} if shared else {}
+    out = torch.full(q.shape, float("nan"), dtype=BF16, device="cuda")
+    scale = 1.0 / math.sqrt(d)
+    launch(q, k, v, pos, scale, 0, out, config=replace(default_config(d), rows=16), **extra)
+    torch.cuda.synchronize()
+    keys = shared_keys64(v, *extra["shared"]) if shared else k
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref64(q, keys, v, pos, scale)) < TOL_GPU[BF16]
+
+
 def test_cuda_graph_replay_inside_bucket():
     """One graph captured for a bucket bound Lb stays correct as L grows inside the bucket."""
     hq, hkv, d = LLAMA
