@@ -250,18 +250,29 @@ def sweep(models, read_gbs, results):
             if score < best_score:
                 best, best_score = cfg, score
         best2, best2_score = best, float("inf")
+        # split plans at short contexts, where the split count matters most, and at 128K, where a kernel
+        # bound by latency rather than bytes gains from more programs per SM
+        plan_lens = (4096, 16384, 131072)
         for ppsm, mt in itertools.product((1, 2, 3, 4), (1, 2, 4, 8)):
             cfg = replace(best, ppsm=ppsm, min_tiles=mt)
-            ts = [measure(sets, "midm", m, L, cfg)[0] for L in (4096, 16384)]
+            ts = [measure(sets, "midm", m, L, cfg)[0] for L in plan_lens]
             if None in ts:
                 continue
-            score = kv_floor_ratio(ts, (4096, 16384), hkv, d, read_gbs)
+            score = kv_floor_ratio(ts, plan_lens, hkv, d, read_gbs)
             log(
-                f"  sweep {name} ppsm={ppsm} min_tiles={mt}: 4K {ts[0]:.1f} us, 16K {ts[1]:.1f} us "
-                f"score {score:.3f}"
+                f"  sweep {name} ppsm={ppsm} min_tiles={mt}: 4K {ts[0]:.1f} us, 16K {ts[1]:.1f} us, "
+                f"128K {ts[2]:.1f} us score {score:.3f}"
             )
             results.append(
-                dict(model=name, stage="plan", ppsm=ppsm, min_tiles=mt, t4k_us=ts[0], t16k_us=ts[1])
+                dict(
+                    model=name,
+                    stage="plan",
+                    ppsm=ppsm,
+                    min_tiles=mt,
+                    t4k_us=ts[0],
+                    t16k_us=ts[1],
+                    t128k_us=ts[2],
+                )
             )
             if score < best2_score:
                 best2, best2_score = cfg, score
