@@ -218,10 +218,10 @@ def sweep(models, read_gbs, results):
         base = sm.default_config(d)
         best, best_score = None, float("inf")
         # head dim 512: smaller tiles, and programs of 16 rows (the fp32 accumulator) or all rows
-        tiles, row_opts = ((16, 32, 64), (16, 0)) if d >= 512 else ((32, 64, 128), (0,))
-        for bn, nw, ns, rows in itertools.product(
-            tiles, (4, 8), (1, 2, 3) if d >= 512 else (2, 3, 4), row_opts
-        ):
+        tiles, stages, row_opts = (
+            ((16, 32, 64), (1, 2, 3), (16, 0)) if d >= 512 else ((32, 64, 128), (2, 3, 4), (0,))
+        )
+        for bn, nw, ns, rows in itertools.product(tiles, (4, 8), stages, row_opts):
             cfg = replace(base, block_n=bn, num_warps=nw, num_stages=ns, rows=rows)
             ts = []
             for L in (16384, 131072):

@@ -10,7 +10,12 @@ import weakref
 import torch
 from torch._dynamo.variables import builder
 
+from etspec.export.methods import method_specs
 from etspec.export.torch_export import export_methods
+from etspec.fixtures.shaped import write_random_pair
+from etspec.kernels import register_ops
+from etspec.models.checkpoint import load_speculator
+from etspec.models.layers import FewRowsKernels
 
 
 class _Cached(torch.nn.Module):
@@ -64,12 +69,6 @@ def test_k_eq_v_methods_export_over_the_whole_kv_range(tmp_path):
     """A K = V layer computes its keys from a cache slice [:kv_len] by elementwise ops, which ask whether
     the slice is contiguous: with a cache of exactly max_seq_len rows that is kv_len == max_seq_len, a
     guard strict export refuses over kv_len <= max_seq_len (the CUDA forms; the XNNPACK forms too)."""
-    from etspec.export.methods import method_specs
-    from etspec.fixtures.shaped import write_random_pair
-    from etspec.kernels import register_ops
-    from etspec.models.checkpoint import load_speculator
-    from etspec.models.layers import FewRowsKernels
-
     register_ops()
     small = dict(hidden_size=64, intermediate_size=128, vocab_size=512, num_attention_heads=4)
     small.update(num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=2)

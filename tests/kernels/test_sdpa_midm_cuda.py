@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
 from etspec.kernels import register_ops
-from etspec.kernels.sdpa_midm import MAX_M
+from etspec.kernels.sdpa_midm import MAX_M, default_config, launch
 from tests.kernels.aoti_helpers import AotiMethod, delegate_input_order, lower_for_cuda, named_blobs
 from tests.kernels.midm_helpers import CachedAttn, make_case, make_shared, ref64, rel_err, shared_keys64
 
@@ -111,10 +112,6 @@ ROW_BLOCK_CASES = [(LLAMA, 8, 20000 + 9, 20480, False), (GEMMA4_FULL, 8, 9000 + 
 def test_row_blocks_match_float64(case):
     """Programs of 16 rows (MidmConfig.rows) where G*M is 32 or 64: each row block writes its own
     partials, and the reduce sees every row."""
-    from dataclasses import replace
-
-    from etspec.kernels.sdpa_midm import default_config, launch
-
     (hq, hkv, d), m, L, lb, shared = case
     q, k, v, pos = make_case(hq, hkv, m, d, L, lb, BF16, device="cuda", seed=L, max_seq=lb + 64)
     extra = {"shared": tuple(t.cuda() for t in make_shared(d, seed=3))} if shared else {}
