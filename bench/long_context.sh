@@ -20,19 +20,22 @@ step() {
   shift
   echo "== $name started $(date +%T)"
   "$@" > "$R/$name.log" 2>&1
-  echo "== $name rc=$? $(date +%T)"
+  local rc=$?
+  echo "== $name rc=$rc $(date +%T)"
+  return $rc
 }
 g4=(--shape gemma-4-31b-12l --max-seq 131072 --ks 5 --work out/lc_gemma4)
 l1=(--shape llama-3.2-1b --max-seq 131072 --ks 5 --work out/lc_1b)
 run=(--peers none --lossless --tag 128k --out "$R")
 if [[ " $steps " == *" gemma4 "* ]]; then
-  step export_gemma4 python bench/bench_e2e.py "${g4[@]}" --phase export
-  step run_gemma4 python bench/bench_e2e.py "${g4[@]}" --contexts 4096,65536 "${run[@]}"
+  # a failed export is not retried by the run step (it would export again)
+  step export_gemma4 python bench/bench_e2e.py "${g4[@]}" --phase export &&
+    step run_gemma4 python bench/bench_e2e.py "${g4[@]}" --contexts 4096,65536 "${run[@]}"
 fi
 if [[ " $steps " == *" sdpa "* ]]; then
   step sdpa_gemma4 python bench/bench_sdpa_midm.py --models gemma4-31b-full --out "$R"
 fi
 if [[ " $steps " == *" 1b "* ]]; then
-  step export_1b python bench/bench_e2e.py "${l1[@]}" --phase export
-  step run_1b python bench/bench_e2e.py "${l1[@]}" --contexts 122880 "${run[@]}"
+  step export_1b python bench/bench_e2e.py "${l1[@]}" --phase export &&
+    step run_1b python bench/bench_e2e.py "${l1[@]}" --contexts 122880 "${run[@]}"
 fi
