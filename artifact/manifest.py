@@ -22,11 +22,11 @@ import torch
 
 from .files import MANIFEST_NAME
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Formats this etspec reads. Format 1 had one switch for both few-rows kernels (`midm_sdpa`); format 2
 #: records `linear_rows` apart, so a format-1 manifest reads with `linear_rows = midm_sdpa`; format 3
-#: adds `reduction_kernels` (earlier programs had none: False).
-READABLE_FORMATS = (1, 2, 3)
+#: adds `reduction_kernels`, format 4 `linear_chunk` (earlier programs had neither: False).
+READABLE_FORMATS = (1, 2, 3, 4)
 
 #: Constant method returning the manifest JSON as a string (EValue String in the program).
 MANIFEST_METHOD = "get_manifest"
@@ -140,6 +140,7 @@ class Manifest:
     midm_sdpa: bool = False  # target_verify and draft use the split-K attention etspec::sdpa_midm
     linear_rows: bool = False  # ... and the few-rows linear etspec::linear_rows
     reduction_kernels: bool = False  # ... and the norm and argmax kernels (etspec::*_rows)
+    linear_chunk: bool = False  # prefill and the draft's catch-up rows use etspec::linear_chunk
     kv_bucket: int | None = None  # kv_window rounding for CUDA graphs; None = exact
     checkpoints: dict[str, str] = field(default_factory=dict)  # role -> "sha256:<hex>"
     versions: dict[str, str] = field(default_factory=dict)  # package -> version

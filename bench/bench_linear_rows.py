@@ -8,8 +8,12 @@ the kernel without K splits, for cuBLAS (`F.linear`) and for the Triton mm templ
 is). Every call is timed over enough copies of its weights to exceed the L2 cache three times, as in a
 model, where no layer's weights are in L2 when it runs.
 `--sweep` times column blocks x K splits instead and prints the best per shape.
+`--chunk` times etspec::linear_chunk (the kernel in 64-row blocks) on prefill chunks instead (64 and 256
+rows, plus the Gemma-4-31B shape's projections) against the same peers: these calls are bound by
+compute as much as by the weight stream, so each row also gives its rate against the dense bf16 matmul
+rate measured in the same run, and `--chunk --sweep` times a grid of chunk tiles.
 
-    python bench/bench_linear_rows.py [--sweep] [--no-inductor]
+    python bench/bench_linear_rows.py [--sweep] [--chunk] [--no-inductor]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from _common import copy_bandwidth_gbs, log, read_bandwidth_gbs, time_calls_in_graph
+from _common import copy_bandwidth_gbs, log, matmul_tflops, read_bandwidth_gbs, time_calls_in_graph
 
 from etspec.kernels.linear_rows import RowsConfig, default_config, launch
 
@@ -43,6 +47,15 @@ SHAPES = {  # name: (K, column widths, gated)
     "8b lm_head": (4096, [128256], ""),
     "8b head lm": (4096, [32000], ""),
 }
+CHUNK_SHAPES = {  # prefill's projections (lm_head runs on one row there)
+    **{n: v for n, v in SHAPES.items() if "lm" not in n},
+    "g4 qkv sliding": (5376, [8192, 4096, 4096], ""),
+    "g4 qk full": (5376, [16384, 2048], ""),
+    "g4 o sliding": (8192, [5376], ""),
+    "g4 gate+up": (5376, [21504], "gelu_tanh"),
+    "g4 down": (21504, [5376], ""),
+}
+CHUNK_ROWS = (64, 256)
 
 
 def weights(k: int, ns: list[int], gated: str) -> list[list[torch.Tensor]]:
@@ -70,7 +83,9 @@ def ours(x, ws, gated, config: RowsConfig | None = None):
 def reference(x, *ws, gated: str = ""):
     """The eager math the op replaces (separate matmuls; activation and product after)."""
     if gated:
-        return F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1])
+        g = F.linear(x, ws[0])
+        g = F.silu(g) if gated == "silu" else F.gelu(g, approximate="tanh")
+        return g * F.linear(x, ws[1])
     return torch.cat([F.linear(x, w) for w in ws], -1) if len(ws) > 1 else F.linear(x, ws[0])
 
 
@@ -115,6 +130,71 @@ def sweep(read: float) -> dict:
     return best
 
 
+def chunk_call(x, gated: str, config: RowsConfig | None = None):
+    """linear_chunk's kernel on x with `config` (default: the op's), per weight copy."""
+    return lambda ws: ours(x, ws, gated, config or default_config(gated, chunk=True))
+
+
+def chunk_sweep(read: float, tflops: float) -> dict:
+    """Chunk tiles (rows x columns x K tile x warps x stages) per prefill shape at 256 rows."""
+    grid = dict(block_m=(32, 64, 128), block_n=(64, 128), block_k=(32, 64), num_warps=(4, 8))
+    grid["num_stages"] = (3, 4)
+    best = {}
+    for name, (k, ns, gated) in CHUNK_SHAPES.items():
+        copies = weights(k, ns, gated)
+        x = torch.randn(256, k, device="cuda", dtype=torch.bfloat16)
+        res = []
+        for vals in itertools.product(*grid.values()):
+            cfg = replace(default_config(gated, chunk=True), **dict(zip(grid, vals)))
+            try:
+                res.append((us_per_call(chunk_call(x, gated, cfg), copies), dict(zip(grid, vals))))
+            except Exception as e:  # a tile that does not fit the shared memory
+                log(f"{name} {dict(zip(grid, vals))}: {type(e).__name__}")
+        res.sort(key=lambda r: r[0])
+        us, cfg = res[0]
+        shipped = us_per_call(chunk_call(x, gated), copies)
+        flops = 2 * 256 * k * sum(w.shape[0] for w in copies[0])
+        best[name] = {"us": us, "cfg": cfg, "shipped_us": shipped, "all": res}
+        best[name] |= {"read_frac": weight_bytes(copies[0]) / (us / 1e6) / read}
+        best[name] |= {"mma_frac": flops / (us / 1e6) / (tflops * 1e12)}
+        log(f"{name:16s} best {us:7.1f} µs {cfg}; shipped {shipped:7.1f} µs")
+    return best
+
+
+def chunk_rows(read: float, copy: float, tflops: float, impls: tuple[str, ...]) -> list[dict]:
+    """Each prefill projection at CHUNK_ROWS rows: linear_chunk, cuBLAS and the autotuned Triton template."""
+    rows = []
+    for name, (k, ns, gated) in CHUNK_SHAPES.items():
+        copies = weights(k, ns, gated)
+        mm = triton_mm(gated) if "triton_mm" in impls else None
+        wb = weight_bytes(copies[0])
+        for m in CHUNK_ROWS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"shape": name, "M": m, "weight_mb": wb / 1e6, "copies": len(copies)}
+            row |= measure_chunk(x, copies, gated, mm)
+            flops = 2 * m * k * sum(w.shape[0] for w in copies[0])
+            for impl in impls:
+                t = row[f"{impl}_us"] / 1e6
+                row[f"{impl}_read"], row[f"{impl}_copy"] = wb / t / read, wb / t / copy
+                row[f"{impl}_mma"] = flops / t / (tflops * 1e12)
+            rows.append(row)
+            times = [f"{i} {row[f'{i}_us']:7.1f} µs ({row[f'{i}_mma']:.0%} mma)" for i in impls]
+            log(f"{name:16s} M={m:3d}: " + "  ".join(times))
+    return rows
+
+
+def measure_chunk(x, copies, gated: str, mm) -> dict:
+    """µs per call of linear_chunk, cuBLAS and (with `mm`) the Triton template on these rows."""
+    row = {
+        "chunk_us": us_per_call(chunk_call(x, gated), copies),
+        "cublas_us": us_per_call(lambda ws: lambda: reference(x, *ws, gated=gated), copies),
+    }
+    if mm is not None:
+        mm(x, *copies[0])  # compile + autotune outside the timing
+        row["triton_mm_us"] = us_per_call(lambda ws: lambda: mm(x, *ws), copies)
+    return row
+
+
 def measure_row(x, copies, gated: str, mm, impls: tuple[str, ...]) -> dict:
     """µs per call of each implementation on these rows."""
     unsplit = replace(default_config(gated), split_k=1)
@@ -133,6 +213,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="time the tuning grid instead")
     ap.add_argument("--no-inductor", action="store_true", help="skip the Triton mm template peer")
+    ap.add_argument("--chunk", action="store_true", help="etspec::linear_chunk on prefill chunks instead")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -145,7 +226,15 @@ def main() -> int:
         "copy_gbs": copy / 1e9,
     }
     log(f"{gpu}: read {read / 1e9:.0f} GB/s, copy {copy / 1e9:.0f} GB/s (read + write)")
-    if args.sweep:
+    if args.chunk:
+        res["matmul_tflops"] = tflops = matmul_tflops()
+        log(f"dense bf16 matmul {tflops:.0f} TFLOP/s")
+    if args.chunk and args.sweep:
+        res["sweep"] = chunk_sweep(read, tflops)
+    elif args.chunk:
+        impls = ("chunk", "cublas") + (() if args.no_inductor else ("triton_mm",))
+        res["rows"] = chunk_rows(read, copy, tflops, impls)
+    elif args.sweep:
         res["sweep"] = sweep(read)
     else:
         rows = []
@@ -168,7 +257,8 @@ def main() -> int:
                 )
         res["rows"] = rows
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"linear_rows{'_sweep' if args.sweep else ''}_{gpu.replace(' ', '_')}.json"
+    kind = ("_chunk" if args.chunk else "") + ("_sweep" if args.sweep else "")
+    path = args.out / f"linear_rows{kind}_{gpu.replace(' ', '_')}.json"
     path.write_text(json.dumps(res, indent=1))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], path.name).write_text(path.read_text())

@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         "uses them)",
     )
     p.add_argument(
+        "--linear-chunk",
+        action="store_true",
+        help="CUDA: run the many-row linear layers (prefill chunks, the draft's catch-up rows) through "
+        "etspec::linear_chunk, fixed tiles, instead of AOTInductor's mm templates, which the export "
+        "autotunes by timing; a method left without a matmul then compiles untuned (XNNPACK never uses it)",
+    )
+    p.add_argument(
         "--sampling",
         action="store_true",
         help="also export target_verify_sample and draft_sample, the methods etspec-run --temperature > 0 "
@@ -237,6 +244,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--backend cuda needs an NVIDIA GPU and a CUDA build of torch; none is visible here")
     if args.cuda_triton_sdpa and (args.backend != "cuda" or args.dtype != "bf16"):
         raise UsageError("--cuda-triton-sdpa needs --backend cuda and --dtype bf16")
+    if args.linear_chunk and args.backend != "cuda":
+        raise UsageError("--linear-chunk needs --backend cuda (XNNPACK runs its own linear layers)")
     if args.autotune_every_method and args.backend != "cuda":
         raise UsageError("--autotune-every-method needs --backend cuda (XNNPACK does not autotune)")
 
@@ -390,6 +399,7 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Man
         sdpa_midm=cuda and not args.no_midm_sdpa,
         linear_rows=cuda and not args.no_linear_rows,
         reductions=cuda and not args.no_reduction_kernels,
+        linear_chunk=cuda and args.linear_chunk,
     )
     device = "cuda" if cuda else "cpu"
     eos_ids = list(eos_token_ids(args.target))
@@ -428,6 +438,7 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Man
         midm_sdpa=kernels.sdpa_midm,
         linear_rows=kernels.linear_rows,
         reduction_kernels=kernels.reductions,
+        linear_chunk=kernels.linear_chunk,
         kv_bucket=CUDA_KV_BUCKET if args.backend == "cuda" else None,
         checkpoints={"target": checkpoint_hash(args.target), "draft": checkpoint_hash(args.draft)},
         versions=toolchain_versions(),

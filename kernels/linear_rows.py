@@ -20,6 +20,12 @@ split stores an fp32 partial and a second kernel adds them in split order (and a
 split count depends only on the weight shape and the SM count, never on M, and the sums run in a fixed
 order, so a row's result does not depend on the other rows or on M and is deterministic. CPU: the
 reference math in fp32.
+
+``torch.ops.etspec.linear_chunk`` (same arguments, any number of rows) runs the same kernel with 64-row
+blocks (grid = column blocks x row blocks), for the many-row calls: a prefill chunk and the draft's
+catch-up rows. Why: fixed tiles in place of AOTInductor's mm templates, which ExecuTorch's CUDA backend
+autotunes by timing at export (most of prefill's compile time, and a choice that depends on whatever else
+the GPU ran then).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "RowsConfig",
     "default_config",
     "launch",
+    "linear_chunk",
     "linear_rows",
     "linear_rows_reference",
     "plan_split_k",
@@ -52,13 +59,15 @@ ACTS = ("silu", "gelu_tanh")
 @dataclass(frozen=True)
 class RowsConfig:
     """Tiles of the kernel: ``block_n`` columns per program, ``block_k`` the K tile (capped at K's next
-    power of two), Triton ``num_warps``/``num_stages``; ``split_k`` K splits (0: :func:`plan_split_k`)."""
+    power of two), Triton ``num_warps``/``num_stages``; ``split_k`` K splits (0: :func:`plan_split_k`);
+    ``block_m`` rows per program (more rows take more programs, one per row block)."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
     split_k: int = 0
+    block_m: int = MAX_ROWS
 
 
 # Per mode (H200 sweep of block_n x block_k x warps x stages over the 1B/8B projections at 1 and 8 rows,
@@ -66,6 +75,14 @@ class RowsConfig:
 # calls, 64 x 128 for gated ones (two weight tiles per step): the tiles that recur at the top.
 PLAIN_CONFIG = RowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
 GATED_CONFIG = RowsConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
+
+# etspec::linear_chunk (the many-row calls: a prefill chunk, the draft's catch-up rows): the same kernel
+# with 64-row blocks, so a 256-row chunk reads each weight slab from HBM once and from L2 three more times.
+# Not yet swept: 64 x 128 x 64 is the middle of the tiles AOTInductor's autotuning picked for 256-row
+# chunks of the Gemma-4-31B shape (128 x 128 x 64 and 64 x 128 x 128), with the smaller row block so
+# that a 256-row chunk of a narrow matrix still gives more programs than SMs. No K splits.
+CHUNK_CONFIG = RowsConfig(block_n=128, block_k=64, num_warps=4, num_stages=4, split_k=1, block_m=64)
+CHUNK_GATED_CONFIG = RowsConfig(block_n=64, block_k=64, num_warps=4, num_stages=4, split_k=1, block_m=64)
 
 
 # K splits (plan_split_k) only for a long K (SPLIT_MIN_K_TILES tiles or more) under a grid of at most one
@@ -81,8 +98,11 @@ MIN_SPLIT_TILES = 8
 _REDUCE_BLOCK = 256
 
 
-def default_config(gated: str) -> RowsConfig:
-    """The config the op uses for a plain (``gated == ""``) or gated call."""
+def default_config(gated: str, chunk: bool = False) -> RowsConfig:
+    """The config etspec::linear_rows (or with `chunk`, etspec::linear_chunk) uses for a plain
+    (``gated == ""``) or gated call."""
+    if chunk:
+        return CHUNK_GATED_CONFIG if gated else CHUNK_CONFIG
     return GATED_CONFIG if gated else PLAIN_CONFIG
 
 
@@ -151,7 +171,11 @@ def _linear_rows_kernel(
     FP32_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # axis 0 walks the row blocks of one column block before the next column block, so the programs
+    # that read one weight slab run together and all but the first find it in L2
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0) // m_blocks
+    row0 = (tl.program_id(0) % m_blocks) * BLOCK_M
     sid = tl.program_id(1)
     nb1 = tl.cdiv(N1, BLOCK_N)
     nb2 = tl.cdiv(N2, BLOCK_N)
@@ -167,7 +191,7 @@ def _linear_rows_kernel(
     n_end = tl.where(in3, N3, tl.where(in2, N2, N1))
     col0 = tl.where(in3, N1 + N2, tl.where(in2, N1, 0))
     offs_n = (pid - first) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < n_end
     m_ok = offs_m < M
@@ -261,7 +285,8 @@ def launch(
     part = out
     if split > 1:
         part = torch.empty((split, 2 if act else 1, rows, width), dtype=torch.float32, device=x.device)
-    launchable(_linear_rows_kernel)[(blocks, split)](
+    m_blocks = (rows + c.block_m - 1) // c.block_m  # rows may be symbolic under export
+    launchable(_linear_rows_kernel)[(blocks * m_blocks, split)](
         x,
         w1,
         w1 if w2 is None else w2,
@@ -278,7 +303,7 @@ def launch(
         out.stride(0),
         SPLIT=split,
         GATES=2 if act else 1,
-        BLOCK_M=MAX_ROWS,
+        BLOCK_M=c.block_m,
         BLOCK_N=c.block_n,
         BLOCK_K=block_k,
         ACT=act,
@@ -309,26 +334,34 @@ def _weights(w1, w2, w3) -> list[torch.Tensor]:
     return [w for w in (w1, w2, w3) if w is not None]
 
 
-def _check(x, w1, w2, w3, gated) -> int:
-    """Validates the call; returns the output width."""
+def _check(x, w1, w2, w3, gated, op: str = "linear_rows") -> int:
+    """Validates the call of `op` (linear_rows takes at most MAX_ROWS rows); returns the output width."""
     ws = _weights(w1, w2, w3)
-    torch._check(
-        gated in ("",) + ACTS, lambda: f"linear_rows: gated must be '', 'silu' or 'gelu_tanh', got {gated!r}"
-    )
+    acts = "'', 'silu' or 'gelu_tanh'"
+    torch._check(gated in ("",) + ACTS, lambda: f"{op}: gated must be {acts}, got {gated!r}")
     for w in ws:
-        torch._check(
-            w.dim() == 2 and w.shape[1] == x.shape[-1], lambda: "linear_rows: weights must be [N, K]"
-        )
-        torch._check(w.dtype == x.dtype, lambda: "linear_rows: x and weight dtypes differ")
-    rows = x.numel() // x.shape[-1]
-    torch._check(rows <= MAX_ROWS, lambda: f"linear_rows: at most {MAX_ROWS} rows")
+        torch._check(w.dim() == 2 and w.shape[1] == x.shape[-1], lambda: f"{op}: weights must be [N, K]")
+        torch._check(w.dtype == x.dtype, lambda: f"{op}: x and weight dtypes differ")
+    if op == "linear_rows":
+        rows = x.numel() // x.shape[-1]
+        torch._check(rows <= MAX_ROWS, lambda: f"linear_rows: at most {MAX_ROWS} rows")
     if gated:
         torch._check(
             w2 is not None and w3 is None and w2.shape[0] == w1.shape[0],
-            lambda: "linear_rows: gated needs two weights of one shape (gate, up)",
+            lambda: f"{op}: gated needs two weights of one shape (gate, up)",
         )
         return w1.shape[0]
     return sum(w.shape[0] for w in ws)
+
+
+def _run(x, w1, w2, w3, gated, n: int, chunk: bool) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    ws = [None if w is None else w.contiguous() for w in (w1, w2, w3)]
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    launch(x2, ws[0], ws[1], ws[2], gated, out, config=default_config(gated, chunk))
+    return out.view(*x.shape[:-1], n)
 
 
 @triton_op("etspec::linear_rows", mutates_args={})
@@ -339,14 +372,7 @@ def linear_rows(
     w3: torch.Tensor | None = None,
     gated: str = "",
 ) -> torch.Tensor:
-    n = _check(x, w1, w2, w3, gated)
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    ws = [None if w is None else w.contiguous() for w in (w1, w2, w3)]
-    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-    launch(x2, ws[0], ws[1], ws[2], gated, out)
-    return out.view(*x.shape[:-1], n)
+    return _run(x, w1, w2, w3, gated, _check(x, w1, w2, w3, gated), chunk=False)
 
 
 @linear_rows.register_fake
@@ -371,4 +397,27 @@ def linear_rows_reference(x, w1, w2=None, w3=None, gated="", acc_dtype=torch.flo
 @linear_rows.register_kernel("cpu")
 def _linear_rows_cpu(x, w1, w2=None, w3=None, gated=""):
     _check(x, w1, w2, w3, gated)
+    return linear_rows_reference(x, w1, w2, w3, gated)
+
+
+@triton_op("etspec::linear_chunk", mutates_args={})
+def linear_chunk(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor | None = None,
+    w3: torch.Tensor | None = None,
+    gated: str = "",
+) -> torch.Tensor:
+    return _run(x, w1, w2, w3, gated, _check(x, w1, w2, w3, gated, "linear_chunk"), chunk=True)
+
+
+@linear_chunk.register_fake
+def _linear_chunk_fake(x, w1, w2=None, w3=None, gated=""):
+    n = _check(x, w1, w2, w3, gated, "linear_chunk")
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@linear_chunk.register_kernel("cpu")
+def _linear_chunk_cpu(x, w1, w2=None, w3=None, gated=""):
+    _check(x, w1, w2, w3, gated, "linear_chunk")
     return linear_rows_reference(x, w1, w2, w3, gated)

@@ -36,7 +36,13 @@ class Eagle3Layer(nn.Module):
             qk_norm_eps=eps if cfg.qk_norm else None,
             kernels=kernels,
         )
-        self.mlp = MLP(h, cfg.intermediate_size, cfg.hidden_act, rows_kernel=kernels.linear_rows)
+        self.mlp = MLP(
+            h,
+            cfg.intermediate_size,
+            cfg.hidden_act,
+            rows_kernel=kernels.linear_rows,
+            chunk_kernel=kernels.linear_chunk,
+        )
 
     def attn_input(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Both norms and the concatenation stay eager ops, which Inductor fuses into one kernel; the norm
@@ -77,6 +83,7 @@ class Eagle3Draft(nn.Module):
         # Every draft query is one row (catch-up rows only write KV), so the few-rows kernels (split-K
         # attention, linear_rows) serve every query-side op of the draft method.
         self.rows_kernel = kernels.linear_rows
+        self.chunk_kernel = kernels.linear_chunk
         self.argmax_kernel = kernels.reductions
         self.midlayer = Eagle3Layer(cfg, max_seq_len, kernels)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rows_kernel=kernels.reductions)
@@ -90,7 +97,7 @@ class Eagle3Draft(nn.Module):
         x = torch.cat(taps, dim=-1)
         if self.input_norm is not None:
             x = self.input_norm(x)
-        return project(x, (self.fc,), few_rows and self.rows_kernel)[0]
+        return project(x, (self.fc,), few_rows and self.rows_kernel, self.chunk_kernel)[0]
 
     def to_target_ids(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy draft id, mapped to the target vocab; no softmax."""
@@ -106,7 +113,7 @@ class Eagle3Draft(nn.Module):
         """A step's output from `Eagle3Layer.branches`' (h, delta): (its logits, the state the next
         chained step reads: the pre-norm feature h + delta, or its norm with norm_output)."""
         h, normed = self.norm.add_norm(h, delta, rows)
-        logits = project(normed, (self.lm_head,), rows and self.rows_kernel)[0]
+        logits = project(normed, (self.lm_head,), rows and self.rows_kernel, self.chunk_kernel)[0]
         return logits, normed if self.cfg.norm_output else h
 
     def step_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -25,15 +25,19 @@ class FewRowsKernels:
     attention etspec::sdpa_midm (full-attention layers without a logit softcap); `linear_rows`, the
     weight-streaming linear etspec::linear_rows (projections, MLPs, heads); `reductions`, fixed-config
     kernels in place of Inductor's reductions: etspec::(add_)rms_norm_rows for the hidden-state norms
-    (with the residual add before them) and etspec::argmax_rows for the greedy ids."""
+    (with the residual add before them) and etspec::argmax_rows for the greedy ids. One switch is for
+    the calls of many rows instead: `linear_chunk`, the linear layers that linear_rows does not serve
+    (prefill chunks, the draft's catch-up rows) through etspec::linear_chunk, fixed tiles in place of
+    AOTInductor's autotuned mm templates (off in an export unless asked for)."""
 
     sdpa_midm: bool = False
     linear_rows: bool = False
     reductions: bool = False
+    linear_chunk: bool = False
 
     @property
     def any(self) -> bool:
-        return self.sdpa_midm or self.linear_rows or self.reductions
+        return self.sdpa_midm or self.linear_rows or self.reductions or self.linear_chunk
 
 
 ALL_KERNELS = FewRowsKernels(sdpa_midm=True, linear_rows=True, reductions=True)
@@ -185,16 +189,19 @@ class RMSNorm(nn.Module):
         return (1.0 + self.weight.float()) if self.style == "offset" else self.weight.float()
 
 
-def project(x: torch.Tensor, mods: tuple[nn.Linear, ...], rows: bool) -> list[torch.Tensor]:
+def project(
+    x: torch.Tensor, mods: tuple[nn.Linear, ...], rows: bool, chunk: bool = False
+) -> list[torch.Tensor]:
     """x through each Linear; with `rows` (a verify/draft call of at most a few rows) one
-    etspec::linear_rows launch streams all their weights.
+    etspec::linear_rows launch streams all their weights; else with `chunk` one etspec::linear_chunk.
 
     Both paths read every weight before any bias. AOTInductor lays out a method's weights blob in the
     order the method first uses each constant, and ExecuTorch stores prefill's and target_verify's
     blobs once only when they are byte-identical: with q/k/v biases read in another order on one path,
     the CUDA .ptd would hold the target twice (tests/export/test_constant_order.py)."""
-    if rows:
-        y = torch.ops.etspec.linear_rows(x, *(m.weight for m in mods))
+    if rows or chunk:
+        op = torch.ops.etspec.linear_rows if rows else torch.ops.etspec.linear_chunk
+        y = op(x, *(m.weight for m in mods))
         outs = y.split([m.out_features for m in mods], dim=-1) if len(mods) > 1 else (y,)
     else:
         outs = [F.linear(x, m.weight) for m in mods]
@@ -203,10 +210,17 @@ def project(x: torch.Tensor, mods: tuple[nn.Linear, ...], rows: bool) -> list[to
 
 class MLP(nn.Module):
     """Gated MLP; `rows_kernel` lets small-row calls use etspec::linear_rows (gate, up and the
-    activation in one launch) when there are no biases to add before the activation."""
+    activation in one launch), `chunk_kernel` the other calls etspec::linear_chunk, when there are no
+    biases to add before the activation."""
 
     def __init__(
-        self, hidden: int, inter: int, act: str = "silu", bias: bool = False, rows_kernel: bool = False
+        self,
+        hidden: int,
+        inter: int,
+        act: str = "silu",
+        bias: bool = False,
+        rows_kernel: bool = False,
+        chunk_kernel: bool = False,
     ):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
@@ -214,12 +228,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
         self.act = act
         self.rows_kernel = rows_kernel and not bias
+        self.chunk_kernel = chunk_kernel and not bias
 
     def forward(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
-        if rows and self.rows_kernel:
+        if (rows and self.rows_kernel) or self.chunk_kernel:
+            op = torch.ops.etspec.linear_rows if rows and self.rows_kernel else torch.ops.etspec.linear_chunk
             gated = "silu" if self.act == "silu" else "gelu_tanh"
-            h = torch.ops.etspec.linear_rows(x, self.gate_proj.weight, self.up_proj.weight, gated=gated)
-            return torch.ops.etspec.linear_rows(h, self.down_proj.weight)
+            h = op(x, self.gate_proj.weight, self.up_proj.weight, gated=gated)
+            return op(h, self.down_proj.weight)
         g = self.gate_proj(x)
         g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
         return self.down_proj(g * self.up_proj(x))
@@ -376,6 +392,7 @@ class Attention(nn.Module):
         self.ring = cache_rows is not None and cache_rows < max_seq_len
         self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest and not self.ring
         self.rows_kernel = kernels.linear_rows
+        self.chunk_kernel = kernels.linear_chunk
         self.delegate_forms = False  # see use_delegate_forms
         # a K = V layer's cache has one spare row: its keys are computed from a slice [:kv_len], and an
         # elementwise op on a slice asks whether it is contiguous, i.e. kv_len == the cache's rows, a guard
@@ -464,13 +481,13 @@ class Attention(nn.Module):
             plain = attend_grouped if self.delegate_forms else attend
             o = plain(q, self._keys(kv_len), v, mask, self.scale, self.softcap)
         o = o.transpose(1, 2).contiguous().view(1, -1, self.num_heads * self.head_dim)
-        return project(o, (self.o_proj,), few_rows and self.rows_kernel)[0]
+        return project(o, (self.o_proj,), few_rows and self.rows_kernel, self.chunk_kernel)[0]
 
     def write_kv(
         self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> None:
         """Project x [1,R,in] to k/v, rotate k, and store the R rows at input_pos (R may be large)."""
-        k, v = self._kv(project(x, self._kv_projs(), False))
+        k, v = self._kv(project(x, self._kv_projs(), False, self.chunk_kernel))
         self._store(k, v, input_pos, cos, sin)
 
     def _kv_projs(self) -> tuple[nn.Linear, ...]:
@@ -495,14 +512,15 @@ class Attention(nn.Module):
         at construction, and by the draft, whose queries are single rows; so no test on the (possibly
         dynamic) M is needed here.
         """
-        (q,) = project(x, (self.q_proj,), few_rows and self.rows_kernel)
+        (q,) = project(x, (self.q_proj,), few_rows and self.rows_kernel, self.chunk_kernel)
         return self._attend(q, input_pos, cos, sin, kv_len, few_rows)
 
     def forward(
         self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int, few_rows: bool = False
     ) -> torch.Tensor:
         cos, sin = self.rotary(input_pos, x.dtype)
-        q, *kv = project(x, (self.q_proj, *self._kv_projs()), few_rows and self.rows_kernel)
+        projs = (self.q_proj, *self._kv_projs())
+        q, *kv = project(x, projs, few_rows and self.rows_kernel, self.chunk_kernel)
         k, v = self._kv(kv)
         self._store(k, v, input_pos, cos, sin)
         return self._attend(q, input_pos, cos, sin, kv_len, few_rows)

@@ -3,6 +3,8 @@ caches."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -38,13 +40,18 @@ class DecoderLayer(nn.Module):
             k_eq_v=cfg.k_eq_v and not sliding,
             softcap=cfg.attn_logit_softcap,
             window=cfg.sliding_window if sliding else None,
-            # docs/design.md §5: a sliding layer's attention takes the plain ops (the windowed path);
-            # its MLP takes linear_rows like every other.
-            kernels=PLAIN_OPS if sliding else kernels,
+            # docs/design.md §5: a sliding layer's attention takes the plain path (windowed), never
+            # sdpa_midm; its projections, like its MLP, take the linear kernels of every other layer
+            kernels=replace(kernels, sdpa_midm=False) if sliding else kernels,
             cache_rows=cfg.sliding_window + 2 * max_rows if ring else None,
         )
         self.mlp = MLP(
-            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, kernels.linear_rows
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.hidden_act,
+            cfg.mlp_bias,
+            kernels.linear_rows,
+            kernels.linear_chunk,
         )
         eps, style = cfg.rms_norm_eps, cfg.norm_style
         self.sandwich = cfg.sandwich_norm
@@ -106,6 +113,7 @@ class TargetModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style, kernels.reductions)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rows_kernel = kernels.linear_rows  # etspec::linear_rows for the lm_head of verify calls
+        self.chunk_kernel = kernels.linear_chunk  # ... etspec::linear_chunk for the others
         self.argmax_kernel = kernels.reductions  # etspec::argmax_rows for the greedy ids of verify calls
         self.tie_weights()
 
@@ -144,7 +152,7 @@ class TargetModel(nn.Module):
 
     def logits(self, normed: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
         """Logits of final-norm outputs (`hidden`'s first result)."""
-        (logits,) = project(normed, (self.lm_head,), few_rows and self.rows_kernel)
+        (logits,) = project(normed, (self.lm_head,), few_rows and self.rows_kernel, self.chunk_kernel)
         cap = self.cfg.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -5,6 +5,8 @@ is checked against a stand-in backend (the CUDA compile itself runs only on the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -38,8 +40,11 @@ def _exported(family: str, kernels: FewRowsKernels):
         # without the linear kernel every method has matmuls
         ("llama", FewRowsKernels(sdpa_midm=True, reductions=True), set(METHODS)),
         ("llama", PLAIN_OPS, set(METHODS)),
+        # the many-row linear kernel takes prefill's and the draft's catch-up projections: prefill keeps
+        # only its SDPA, the draft nothing
+        ("llama", replace(ALL_KERNELS, linear_chunk=True), {"prefill"}),
     ],
-    ids=["llama-all-kernels", "gemma2-softcap", "llama-no-linear-rows", "llama-plain"],
+    ids=["llama-all-kernels", "gemma2-softcap", "llama-no-linear-rows", "llama-plain", "llama-chunk"],
 )
 def test_only_methods_with_a_matmul_are_tuned(family, kernels, tuned):
     eps = _exported(family, kernels)
@@ -47,7 +52,17 @@ def test_only_methods_with_a_matmul_are_tuned(family, kernels, tuned):
     assert all(methods_to_tune(eps, every_method=True).values())
     for m in METHODS:
         assert bool(matmul_ops(eps[m])) == (m in tuned), (m, matmul_ops(eps[m]))
-    assert matmul_ops(eps["prefill"]) & {"linear", "matmul"}
+    projections = matmul_ops(eps["prefill"]) & {"linear", "matmul"}
+    assert bool(projections) != kernels.linear_chunk
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text"])
+def test_sliding_layers_take_the_linear_kernels(family):
+    """A sliding layer's verify attention stays on SDPA (never sdpa_midm), but its projections, like
+    every other layer's, are etspec::linear_rows: no aten matmul is left in target_verify."""
+    verify = _exported(family, ALL_KERNELS)["target_verify"]
+    assert not matmul_ops(verify) & {"linear", "matmul", "mm", "bmm", "addmm"}, matmul_ops(verify)
+    assert any("scaled_dot_product" in op for op in matmul_ops(verify))
 
 
 def test_matmul_ops_sees_matmuls_inside_nested_graphs():

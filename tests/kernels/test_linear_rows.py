@@ -77,8 +77,31 @@ def run_interp_cases() -> int:
             assert torch.isfinite(out).all(), (i, cfg, "unwritten output")
             assert err < TOL[dt], (i, cfg, err)
             print(f"case {i} cfg={cfg}: rel_err {err:.2e}")
+    # linear_chunk's tiling: more rows than one row block (ragged last block), several column blocks
+    # per weight, narrower tiles that leave K ragged; every row block of every column block written
+    for i, (rows, k, ns, gated, dt) in enumerate(CHUNK_CASES):
+        x, ws = make(rows, k, ns, dt, seed=100 + i, gated=gated)
+        w1, w2, w3 = (ws + [None, None])[:3]
+        for cfg in ({}, dict(block_m=16, block_n=16, block_k=32)):
+            n = ns[0] if gated else sum(ns)
+            out = torch.full((rows, n), float("nan"), dtype=dt)
+            launch(x, w1, w2, w3, gated, out, config=replace(default_config(gated, chunk=True), **cfg))
+            err = rel_err(out, ref64(x, ws, gated))
+            assert torch.isfinite(out).all(), (i, cfg, "unwritten output")
+            assert err < TOL[dt], (i, cfg, err)
+            print(f"chunk case {i} cfg={cfg}: rel_err {err:.2e}")
     print("interpreter cases passed")
     return 0
+
+
+# rows, K, column widths, gated, dtype for the chunk tiling (64-row blocks): 1 row, a ragged 2.3 blocks,
+# exactly two blocks; K ragged against both K tiles
+CHUNK_CASES = [
+    (1, 64, [48], "", torch.float32),
+    (150, 100, [130, 16, 24], "", torch.float32),
+    (128, 96, [33], "silu", torch.bfloat16),
+    (70, 80, [140], "gelu_tanh", torch.float32),
+]
 
 
 def test_interpreted_kernel_matches_float64():
@@ -102,6 +125,20 @@ def test_cpu_impl_matches_float64(shape, k, ns, gated, dtype):
     assert rel_err(out, ref64(x, ws, gated)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("rows,gated", [(1, ""), (300, ""), (257, "silu")])
+def test_chunk_cpu_impl_takes_any_rows(rows, gated):
+    x, ws = make(rows, 64, [40, 24], torch.bfloat16, seed=rows, gated=gated)
+    out = torch.ops.etspec.linear_chunk(x.view(1, rows, 64), *ws, gated=gated)
+    assert out.shape == (1, rows, 40 if gated else 64)
+    assert rel_err(out, ref64(x, ws, gated).view(1, rows, -1)) < TOL[torch.bfloat16]
+
+
+def test_chunk_bad_arguments_name_the_op():
+    x, w = torch.randn(1, 3, 16), torch.randn(24, 16)
+    with pytest.raises(RuntimeError, match=r"linear_chunk: weights must be \[N, K\]"):
+        torch.ops.etspec.linear_chunk(x, w[:, :8])
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
@@ -120,28 +157,30 @@ def test_bad_arguments_raise(call, match):
 
 
 class _Mlp(torch.nn.Module):
-    def __init__(self, h=32, inter=48):
+    def __init__(self, op: str, h=32, inter=48):
         super().__init__()
         self.gate = torch.nn.Linear(h, inter, bias=False)
         self.up = torch.nn.Linear(h, inter, bias=False)
         self.down = torch.nn.Linear(inter, h, bias=False)
+        self.op = getattr(torch.ops.etspec, op)
 
     def forward(self, x):
-        g = torch.ops.etspec.linear_rows(x, self.gate.weight, self.up.weight, gated="silu")
-        return torch.ops.etspec.linear_rows(g, self.down.weight)
+        g = self.op(x, self.gate.weight, self.up.weight, gated="silu")
+        return self.op(g, self.down.weight)
 
 
-def test_export_strict_keeps_one_node_per_call_with_dynamic_rows():
+@pytest.mark.parametrize("op,most", [("linear_rows", 8), ("linear_chunk", 300)])
+def test_export_strict_keeps_one_node_per_call_with_dynamic_rows(op, most):
     torch.manual_seed(0)
-    mod = _Mlp().eval().requires_grad_(False)
-    m = torch.export.Dim("m", min=1, max=8)
+    mod = _Mlp(op).eval().requires_grad_(False)
+    m = torch.export.Dim("m", min=1, max=most)
     with torch.no_grad():
         ep = torch.export.export(mod, (torch.randn(1, 4, 32),), dynamic_shapes=({1: m},), strict=True)
-    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and "linear_rows" in str(n.target)]
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and op in str(n.target)]
     assert len(nodes) == 2
     assert isinstance(nodes[0].meta["val"].shape[1], torch.SymInt)
     runner = ep.module()
-    for rows in (1, 7):
+    for rows in (1, most - 1):
         x = torch.randn(1, rows, 32)
         torch.testing.assert_close(runner(x), mod(x))
         want = torch.nn.functional.silu(mod.gate(x)) * mod.up(x) @ mod.down.weight.T

@@ -1,7 +1,8 @@
 """GPU tests of etspec::linear_rows (run on the GPU box): the projections of the Llama-3.2-1B and
 Llama-3.1-8B shapes and their EAGLE-3 heads against float64, every row count 1..16, poisoned outputs,
 row independence (a row's bits do not depend on the other rows: target-only and speculative decoding
-must agree), and CUDA-graph replay."""
+must agree), and CUDA-graph replay; etspec::linear_chunk (the same kernel in 64-row blocks) on prefill
+chunks of those shapes, and both ops lowered through the CUDA partitioner."""
 
 from __future__ import annotations
 
@@ -65,6 +66,30 @@ def test_matches_float64(k, ns, gated, m, dtype):
     torch.testing.assert_close(got[0], out, rtol=0, atol=0)
 
 
+CHUNK_CASES = [(k, ns, g, m, BF16) for k, ns, g in _shapes(2048, 512, 8192, 128256)[:4] for m in (256, 37)]
+CHUNK_CASES += [(k, ns, g, 256, BF16) for k, ns, g in _shapes(4096, 1024, 14336, 32000)[:4]]
+CHUNK_CASES += [
+    (1000, [333, 77], "", 129, BF16),  # ragged K, N and rows
+    (5376, [21504], "gelu_tanh", 200, BF16),  # Gemma-4-31B gate+up
+    (512, [256, 64, 64], "", 100, torch.float32),
+    (640, [1000], "silu", 3, torch.float32),
+]
+
+
+@pytest.mark.parametrize("k,ns,gated,m,dtype", CHUNK_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_chunk_matches_float64(k, ns, gated, m, dtype):
+    x, ws = make(m, k, ns, dtype, seed=k + m, gated=gated)
+    x, ws = x.cuda(), [w.cuda() for w in ws]
+    w1, w2, w3 = (ws + [None, None])[:3]
+    n = ns[0] if gated else sum(ns)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    launch(x, w1, w2, w3, gated, out, config=default_config(gated, chunk=True))
+    assert torch.isfinite(out).all(), "unwritten output"
+    assert rel_err(out, ref64(x, ws, gated)) < TOL_GPU[dtype]
+    got = torch.ops.etspec.linear_chunk(x.view(1, m, k), *ws, gated=gated)
+    torch.testing.assert_close(got[0], out, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "k,ns,gated,m,split",
     [
@@ -121,26 +146,29 @@ def test_cuda_graph_replay():
 
 
 class _Rows(torch.nn.Module):
-    """A 1B down projection (planned with K splits) and an MLP's gate+up, as the models call the op."""
+    """A 1B down projection (planned with K splits under linear_rows) and an MLP's gate+up, as the models
+    call the op `op`."""
 
-    def __init__(self):
+    def __init__(self, op: str):
         super().__init__()
         fixed = lambda w: torch.nn.Parameter(w.cuda(), requires_grad=False)
         (d,), (g, u) = make(1, 8192, [2048], BF16, seed=7)[1], make(1, 2048, [4096], BF16, 8, "silu")[1]
         self.d, self.g, self.u = fixed(d), fixed(g), fixed(u)
+        self.op = getattr(torch.ops.etspec, op)
 
     def forward(self, x):
-        y = torch.ops.etspec.linear_rows(x, self.d)
-        return torch.ops.etspec.linear_rows(y, self.g, self.u, gated="silu")
+        y = self.op(x, self.d)
+        return self.op(y, self.g, self.u, gated="silu")
 
 
-def test_lowered_through_cuda_partitioner_matches_eager(tmp_path):
+@pytest.mark.parametrize("op,most", [("linear_rows", MAX_ROWS), ("linear_chunk", 256)])
+def test_lowered_through_cuda_partitioner_matches_eager(tmp_path, op, most):
     """AOTInductor compiles the op body (both kernels, the partials planned inside) into the delegate,
     with a dynamic row count, and the delegate gives the eager op's result."""
     from tests.kernels.aoti_helpers import AotiMethod, delegate_input_order, lower_for_cuda, named_blobs
 
-    model = _Rows().eval()
-    dm = torch.export.Dim("m", min=1, max=MAX_ROWS)
+    model = _Rows(op).eval()
+    dm = torch.export.Dim("m", min=1, max=most)
     x = torch.randn(1, 5, 8192, device="cuda").to(BF16)
     with torch.no_grad():
         ep = torch.export.export(model, (x,), dynamic_shapes=({1: dm},), strict=True)
@@ -151,7 +179,7 @@ def test_lowered_through_cuda_partitioner_matches_eager(tmp_path):
     meth = AotiMethod(so, weights)
     try:
         assert delegate_input_order(program, meth.ni) == [0]
-        for m in (1, 8, 3, 16):
+        for m in sorted({1, 3, 8, most, max(1, most - 61)}):
             x = torch.randn(1, m, 8192, device="cuda").to(BF16)
             got = meth(x)[0]
             want = model(x)

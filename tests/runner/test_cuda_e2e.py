@@ -1,6 +1,7 @@
 """GPU: `etspec-export --backend cuda` of the tiny pair, run by the CUDA executor and the runner.
 
-Each artifact (midm on / off) is exported once per session (set ETSPEC_CUDA_ART_CACHE to keep them
+Each artifact (etspec's kernels on, off, and on with linear_chunk for the many-row calls) is exported
+once per session (set ETSPEC_CUDA_ART_CACHE to keep them
 between runs). fp32 so that the compiled program and the eager model agree on every argmax; the bf16
 path is exercised by the benchmarks and tests/kernels.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,9 +30,15 @@ from tests.recorder import Recorder
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
 NO_KERNELS = ["--no-midm-sdpa", "--no-linear-rows", "--no-reduction-kernels"]
+# each artifact's export flags and the kernels its eager twin runs
+ARTS = {
+    "midm": ([], ALL_KERNELS),
+    "no-midm": (NO_KERNELS, FewRowsKernels()),
+    "chunk": (["--linear-chunk"], replace(ALL_KERNELS, linear_chunk=True)),
+}
 
 
-@pytest.fixture(scope="module", params=["midm", "no-midm"])
+@pytest.fixture(scope="module", params=list(ARTS))
 def cuda_art(request, tiny_checkpoints, tmp_path_factory):
     target, draft = tiny_checkpoints("llama")
     root = Path(os.environ.get("ETSPEC_CUDA_ART_CACHE") or tmp_path_factory.mktemp("cuda_art"))
@@ -40,13 +48,13 @@ def cuda_art(request, tiny_checkpoints, tmp_path_factory):
         argv += ["--dtype", "fp32", "--max-seq-len", str(TINY_MAX_SEQ), "--force"]
         argv += ["--max-prefill-chunk", str(TINY_CHUNK), "--draft-len", str(TINY_K)]
         t0 = time.perf_counter()
-        assert export_main(argv + (NO_KERNELS if request.param == "no-midm" else [])) == 0
+        assert export_main(argv + ARTS[request.param][0]) == 0
         print(f"[{request.param}] cuda export took {time.perf_counter() - t0:.1f}s")
-    return target, draft, out, request.param == "midm"
+    return target, draft, out, ARTS[request.param][1]
 
 
 def test_artifact_files_and_delegates(cuda_art):
-    _, _, out, midm = cuda_art
+    _, _, out, kernels = cuda_art
     files = {f.name: f.stat().st_size for f in out.iterdir()}
     print("artifact:", files)
     assert {"model.pte", "aoti_cuda_blob.ptd", "manifest.json", "tokenizer.json"} <= set(files)
@@ -55,15 +63,15 @@ def test_artifact_files_and_delegates(cuda_art):
         assert info["methods"][name]["delegates"] == ["CudaBackend"], info["methods"][name]
     with Program.load(out) as p:
         m = p.manifest
-        assert m.midm_sdpa == m.linear_rows == m.reduction_kernels == midm and m.backend == "cuda"
+        assert m.backend == "cuda"
+        got = FewRowsKernels(m.midm_sdpa, m.linear_rows, m.reduction_kernels, m.linear_chunk)
+        assert got == kernels
 
 
 def test_rounds_match_eager(cuda_art):
     """20+ rounds of the docs/design.md §4 protocol, every call compared with the eager model (ids exact)."""
-    target, draft, out, midm = cuda_art
-    eager = load_speculator(
-        target, draft, TINY_MAX_SEQ, TINY_K, kernels=FewRowsKernels(midm, midm, midm), device="cuda"
-    )
+    target, draft, out, kernels = cuda_art
+    eager = load_speculator(target, draft, TINY_MAX_SEQ, TINY_K, kernels=kernels, device="cuda")
     with Program.load(out) as program:
         torch.cuda.reset_peak_memory_stats()
         rec = Recorder(program, eager, atol=2e-3)
