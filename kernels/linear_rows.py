@@ -364,23 +364,6 @@ def _run(x, w1, w2, w3, gated, n: int, chunk: bool) -> torch.Tensor:
     return out.view(*x.shape[:-1], n)
 
 
-@triton_op("etspec::linear_rows", mutates_args={})
-def linear_rows(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor | None = None,
-    w3: torch.Tensor | None = None,
-    gated: str = "",
-) -> torch.Tensor:
-    return _run(x, w1, w2, w3, gated, _check(x, w1, w2, w3, gated), chunk=False)
-
-
-@linear_rows.register_fake
-def _linear_rows_fake(x, w1, w2=None, w3=None, gated=""):
-    n = _check(x, w1, w2, w3, gated)
-    return x.new_empty((*x.shape[:-1], n))
-
-
 def linear_rows_reference(x, w1, w2=None, w3=None, gated="", acc_dtype=torch.float32):
     """The op's math in `acc_dtype` (also its CPU implementation)."""
     xa = x.to(acc_dtype)
@@ -394,30 +377,31 @@ def linear_rows_reference(x, w1, w2=None, w3=None, gated="", acc_dtype=torch.flo
     return torch.cat([xa @ w.to(acc_dtype).T for w in _weights(w1, w2, w3)], dim=-1).to(x.dtype)
 
 
-@linear_rows.register_kernel("cpu")
-def _linear_rows_cpu(x, w1, w2=None, w3=None, gated=""):
-    _check(x, w1, w2, w3, gated)
-    return linear_rows_reference(x, w1, w2, w3, gated)
+def _register(op: str, chunk: bool):
+    """Register etspec::`op` (its fake and CPU implementations too); linear_rows and linear_chunk differ
+    only in their row limit and tiles."""
+
+    @triton_op(f"etspec::{op}", mutates_args={})
+    def run(
+        x: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor | None = None,
+        w3: torch.Tensor | None = None,
+        gated: str = "",
+    ) -> torch.Tensor:
+        return _run(x, w1, w2, w3, gated, _check(x, w1, w2, w3, gated, op), chunk)
+
+    @run.register_fake
+    def _fake(x, w1, w2=None, w3=None, gated=""):
+        return x.new_empty((*x.shape[:-1], _check(x, w1, w2, w3, gated, op)))
+
+    @run.register_kernel("cpu")
+    def _cpu(x, w1, w2=None, w3=None, gated=""):
+        _check(x, w1, w2, w3, gated, op)
+        return linear_rows_reference(x, w1, w2, w3, gated)
+
+    return run
 
 
-@triton_op("etspec::linear_chunk", mutates_args={})
-def linear_chunk(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor | None = None,
-    w3: torch.Tensor | None = None,
-    gated: str = "",
-) -> torch.Tensor:
-    return _run(x, w1, w2, w3, gated, _check(x, w1, w2, w3, gated, "linear_chunk"), chunk=True)
-
-
-@linear_chunk.register_fake
-def _linear_chunk_fake(x, w1, w2=None, w3=None, gated=""):
-    n = _check(x, w1, w2, w3, gated, "linear_chunk")
-    return x.new_empty((*x.shape[:-1], n))
-
-
-@linear_chunk.register_kernel("cpu")
-def _linear_chunk_cpu(x, w1, w2=None, w3=None, gated=""):
-    _check(x, w1, w2, w3, gated, "linear_chunk")
-    return linear_rows_reference(x, w1, w2, w3, gated)
+linear_rows = _register("linear_rows", chunk=False)
+linear_chunk = _register("linear_chunk", chunk=True)
