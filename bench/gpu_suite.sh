@@ -2,7 +2,7 @@
 # One device command: install the carried wheels, run every `cuda` test file and the 1B runtime bench,
 # each in its own process (AOTInductor compiles are CPU-bound; 16 cores run them side by side), logs
 # under $OUT/logs, a summary last. Artifacts are cached under out/ (git-ignored) for the next call.
-#   run: source .whl/setup.sh && bash bench/gpu_suite.sh [groups...]   (groups: kernels runtime e2e bench1b sdpa linear)
+#   run: source .whl/setup.sh && bash bench/gpu_suite.sh [groups...]   (groups: kernels runtime e2e bench1b sdpa linear chunk)
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT/logs" out
@@ -15,6 +15,7 @@ declare -A cmd=(
   [bench1b]="python bench/bench_runtime_1b.py"
   [sdpa]="python bench/bench_sdpa_midm.py"
   [linear]="python bench/bench_linear_rows.py"
+  [chunk]="python bench/bench_linear_rows.py --chunk"
 )
 for g in $groups; do
   ( start=$(date +%s); ${cmd[$g]} > "$OUT/logs/$g.log" 2>&1; rc=$?
