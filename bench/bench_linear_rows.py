@@ -102,12 +102,17 @@ def us_per_call(make_call, copies: list[list[torch.Tensor]]) -> float:
     return time_calls_in_graph([make_call(ws) for ws in copies], target_ms=2.0)
 
 
-def sweep_shape(x, copies, gated: str, grid: dict) -> list[tuple[float, dict]]:
-    """µs of every grid point (on the mode's default K tile, warps and stages), fastest first."""
+def sweep_shape(x, copies, gated: str, grid: dict, chunk: bool = False) -> list[tuple[float, dict]]:
+    """µs of every grid point (on the rest of the op's config: linear_rows', or with `chunk`
+    linear_chunk's), fastest first; a point that does not compile (shared memory) is logged and left out."""
     res = []
     for vals in itertools.product(*grid.values()):
-        cfg = replace(default_config(gated), **dict(zip(grid, vals)))
-        res.append((us_per_call(lambda ws, c=cfg: ours(x, ws, gated, c), copies), dict(zip(grid, vals))))
+        point = dict(zip(grid, vals))
+        cfg = replace(default_config(gated, chunk), **point)
+        try:
+            res.append((us_per_call(lambda ws, c=cfg: ours(x, ws, gated, c), copies), point))
+        except Exception as e:  # a tile that does not fit the shared memory
+            log(f"{point}: {type(e).__name__}")
     return sorted(res, key=lambda r: r[0])
 
 
@@ -130,11 +135,6 @@ def sweep(read: float) -> dict:
     return best
 
 
-def chunk_call(x, gated: str, config: RowsConfig | None = None):
-    """linear_chunk's kernel on x with `config` (default: the op's), per weight copy."""
-    return lambda ws: ours(x, ws, gated, config or default_config(gated, chunk=True))
-
-
 def chunk_sweep(read: float, tflops: float) -> dict:
     """Chunk tiles (rows x columns x K tile x warps x stages) per prefill shape at 256 rows."""
     grid = dict(block_m=(32, 64, 128), block_n=(64, 128), block_k=(32, 64), num_warps=(4, 8))
@@ -143,16 +143,9 @@ def chunk_sweep(read: float, tflops: float) -> dict:
     for name, (k, ns, gated) in CHUNK_SHAPES.items():
         copies = weights(k, ns, gated)
         x = torch.randn(256, k, device="cuda", dtype=torch.bfloat16)
-        res = []
-        for vals in itertools.product(*grid.values()):
-            cfg = replace(default_config(gated, chunk=True), **dict(zip(grid, vals)))
-            try:
-                res.append((us_per_call(chunk_call(x, gated, cfg), copies), dict(zip(grid, vals))))
-            except Exception as e:  # a tile that does not fit the shared memory
-                log(f"{name} {dict(zip(grid, vals))}: {type(e).__name__}")
-        res.sort(key=lambda r: r[0])
+        res = sweep_shape(x, copies, gated, grid, chunk=True)
         us, cfg = res[0]
-        shipped = us_per_call(chunk_call(x, gated), copies)
+        shipped = us_per_call(lambda ws, x=x, g=gated: ours(x, ws, g, default_config(g, chunk=True)), copies)
         flops = 2 * 256 * k * sum(w.shape[0] for w in copies[0])
         best[name] = {"us": us, "cfg": cfg, "shipped_us": shipped, "all": res}
         best[name] |= {"read_frac": weight_bytes(copies[0]) / (us / 1e6) / read}
@@ -161,52 +154,53 @@ def chunk_sweep(read: float, tflops: float) -> dict:
     return best
 
 
-def chunk_rows(read: float, copy: float, tflops: float, impls: tuple[str, ...]) -> list[dict]:
-    """Each prefill projection at CHUNK_ROWS rows: linear_chunk, cuBLAS and the autotuned Triton template."""
-    rows = []
-    for name, (k, ns, gated) in CHUNK_SHAPES.items():
-        copies = weights(k, ns, gated)
-        mm = triton_mm(gated) if "triton_mm" in impls else None
-        wb = weight_bytes(copies[0])
-        for m in CHUNK_ROWS:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row = {"shape": name, "M": m, "weight_mb": wb / 1e6, "copies": len(copies)}
-            row |= measure_chunk(x, copies, gated, mm)
-            flops = 2 * m * k * sum(w.shape[0] for w in copies[0])
-            for impl in impls:
-                t = row[f"{impl}_us"] / 1e6
-                row[f"{impl}_read"], row[f"{impl}_copy"] = wb / t / read, wb / t / copy
-                row[f"{impl}_mma"] = flops / t / (tflops * 1e12)
-            rows.append(row)
-            times = [f"{i} {row[f'{i}_us']:7.1f} µs ({row[f'{i}_mma']:.0%} mma)" for i in impls]
-            log(f"{name:16s} M={m:3d}: " + "  ".join(times))
-    return rows
-
-
-def measure_chunk(x, copies, gated: str, mm) -> dict:
-    """µs per call of linear_chunk, cuBLAS and (with `mm`) the Triton template on these rows."""
+def measure_row(x, copies, gated: str, mm, kernels: dict[str, RowsConfig]) -> dict:
+    """µs per call of our kernel in each of `kernels`' configs, cuBLAS and (with `mm`) the Triton
+    template on these rows."""
     row = {
-        "chunk_us": us_per_call(chunk_call(x, gated), copies),
-        "cublas_us": us_per_call(lambda ws: lambda: reference(x, *ws, gated=gated), copies),
+        f"{name}_us": us_per_call(lambda ws, c=c: ours(x, ws, gated, c), copies)
+        for name, c in kernels.items()
     }
+    row["cublas_us"] = us_per_call(lambda ws: lambda: reference(x, *ws, gated=gated), copies)
     if mm is not None:
         mm(x, *copies[0])  # compile + autotune outside the timing
         row["triton_mm_us"] = us_per_call(lambda ws: lambda: mm(x, *ws), copies)
     return row
 
 
-def measure_row(x, copies, gated: str, mm, impls: tuple[str, ...]) -> dict:
-    """µs per call of each implementation on these rows."""
-    unsplit = replace(default_config(gated), split_k=1)
-    row = {
-        "ours_us": us_per_call(lambda ws: ours(x, ws, gated), copies),
-        "ours_unsplit_us": us_per_call(lambda ws: ours(x, ws, gated, unsplit), copies),
-        "cublas_us": us_per_call(lambda ws: lambda: reference(x, *ws, gated=gated), copies),
-    }
-    if "triton_mm" in impls:
-        mm(x, *copies[0])  # compile + autotune outside the timing
-        row["triton_mm_us"] = us_per_call(lambda ws: lambda: mm(x, *ws), copies)
-    return row
+def _timing(row: dict, impl: str) -> str:
+    mma = f", {row[f'{impl}_mma']:.0%} mma" if f"{impl}_mma" in row else ""
+    return f"{impl} {row[f'{impl}_us']:7.1f} µs ({row[f'{impl}_read']:.0%}{mma})"
+
+
+def measure_shapes(shapes: dict, row_counts, chunk: bool, inductor: bool, ceilings: dict) -> list[dict]:
+    """Every shape at every row count: our kernel (linear_rows with its planned and with no K splits, or
+    linear_chunk), cuBLAS and the Triton template, each as a fraction of every rate in `ceilings` (bytes
+    per second for "read" and "copy", FLOP per second for "mma")."""
+    rows = []
+    for name, (k, ns, gated) in shapes.items():
+        copies = weights(k, ns, gated)
+        mm = triton_mm(gated) if inductor else None
+        wb = weight_bytes(copies[0])
+        if chunk:
+            kernels = {"chunk": default_config(gated, chunk=True)}
+        else:
+            kernels = {
+                "ours": default_config(gated),
+                "ours_unsplit": replace(default_config(gated), split_k=1),
+            }
+        impls = (*kernels, "cublas") + (("triton_mm",) if inductor else ())
+        for m in row_counts:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"shape": name, "M": m, "weight_mb": wb / 1e6, "copies": len(copies)}
+            row |= measure_row(x, copies, gated, mm, kernels)
+            work = {"read": wb, "copy": wb, "mma": 2 * m * k * sum(w.shape[0] for w in copies[0])}
+            for impl in impls:
+                for ceiling, rate in ceilings.items():
+                    row[f"{impl}_{ceiling}"] = work[ceiling] / (row[f"{impl}_us"] / 1e6) / rate
+            rows.append(row)
+            log(f"{name:16s} M={m:3d}: " + "  ".join(_timing(row, i) for i in impls))
+    return rows
 
 
 def main() -> int:
@@ -231,31 +225,12 @@ def main() -> int:
         log(f"dense bf16 matmul {tflops:.0f} TFLOP/s")
     if args.chunk and args.sweep:
         res["sweep"] = chunk_sweep(read, tflops)
-    elif args.chunk:
-        impls = ("chunk", "cublas") + (() if args.no_inductor else ("triton_mm",))
-        res["rows"] = chunk_rows(read, copy, tflops, impls)
     elif args.sweep:
         res["sweep"] = sweep(read)
     else:
-        rows = []
-        impls = ("ours", "ours_unsplit", "cublas") + (() if args.no_inductor else ("triton_mm",))
-        for name, (k, ns, gated) in SHAPES.items():
-            copies = weights(k, ns, gated)
-            mm = None if args.no_inductor else triton_mm(gated)
-            for m in (1, 5, 8):
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                wb = weight_bytes(copies[0])
-                row = {"shape": name, "M": m, "weight_mb": wb / 1e6, "copies": len(copies)}
-                row |= measure_row(x, copies, gated, mm, impls)
-                for impl in impls:
-                    row[f"{impl}_read"] = wb / (row[f"{impl}_us"] / 1e6) / read
-                    row[f"{impl}_copy"] = wb / (row[f"{impl}_us"] / 1e6) / copy
-                rows.append(row)
-                log(
-                    f"{name:12s} M={m}: "
-                    + "  ".join(f"{i} {row[f'{i}_us']:7.1f} µs ({row[f'{i}_read']:.0%})" for i in impls)
-                )
-        res["rows"] = rows
+        ceilings = {"read": read, "copy": copy} | ({"mma": tflops * 1e12} if args.chunk else {})
+        shapes, counts = (CHUNK_SHAPES, CHUNK_ROWS) if args.chunk else (SHAPES, (1, 5, 8))
+        res["rows"] = measure_shapes(shapes, counts, args.chunk, not args.no_inductor, ceilings)
     args.out.mkdir(parents=True, exist_ok=True)
     kind = ("_chunk" if args.chunk else "") + ("_sweep" if args.sweep else "")
     path = args.out / f"linear_rows{kind}_{gpu.replace(' ', '_')}.json"
