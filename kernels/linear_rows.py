@@ -334,17 +334,17 @@ def _weights(w1, w2, w3) -> list[torch.Tensor]:
     return [w for w in (w1, w2, w3) if w is not None]
 
 
-def _check(x, w1, w2, w3, gated, op: str = "linear_rows") -> int:
-    """Validates the call of `op` (linear_rows takes at most MAX_ROWS rows); returns the output width."""
+def _check(x, w1, w2, w3, gated, op: str, max_rows: int | None) -> int:
+    """Validates the call of `op` (at most `max_rows` rows, if given); returns the output width."""
     ws = _weights(w1, w2, w3)
     acts = "'', 'silu' or 'gelu_tanh'"
     torch._check(gated in ("",) + ACTS, lambda: f"{op}: gated must be {acts}, got {gated!r}")
     for w in ws:
         torch._check(w.dim() == 2 and w.shape[1] == x.shape[-1], lambda: f"{op}: weights must be [N, K]")
         torch._check(w.dtype == x.dtype, lambda: f"{op}: x and weight dtypes differ")
-    if op == "linear_rows":
+    if max_rows is not None:
         rows = x.numel() // x.shape[-1]
-        torch._check(rows <= MAX_ROWS, lambda: f"linear_rows: at most {MAX_ROWS} rows")
+        torch._check(rows <= max_rows, lambda: f"{op}: at most {max_rows} rows")
     if gated:
         torch._check(
             w2 is not None and w3 is None and w2.shape[0] == w1.shape[0],
@@ -380,6 +380,7 @@ def linear_rows_reference(x, w1, w2=None, w3=None, gated="", acc_dtype=torch.flo
 def _register(op: str, chunk: bool):
     """Register etspec::`op` (its fake and CPU implementations too); linear_rows and linear_chunk differ
     only in their row limit and tiles."""
+    max_rows = None if chunk else MAX_ROWS
 
     @triton_op(f"etspec::{op}", mutates_args={})
     def run(
@@ -389,15 +390,15 @@ def _register(op: str, chunk: bool):
         w3: torch.Tensor | None = None,
         gated: str = "",
     ) -> torch.Tensor:
-        return _run(x, w1, w2, w3, gated, _check(x, w1, w2, w3, gated, op), chunk)
+        return _run(x, w1, w2, w3, gated, _check(x, w1, w2, w3, gated, op, max_rows), chunk)
 
     @run.register_fake
     def _fake(x, w1, w2=None, w3=None, gated=""):
-        return x.new_empty((*x.shape[:-1], _check(x, w1, w2, w3, gated, op)))
+        return x.new_empty((*x.shape[:-1], _check(x, w1, w2, w3, gated, op, max_rows)))
 
     @run.register_kernel("cpu")
     def _cpu(x, w1, w2=None, w3=None, gated=""):
-        _check(x, w1, w2, w3, gated, op)
+        _check(x, w1, w2, w3, gated, op, max_rows)
         return linear_rows_reference(x, w1, w2, w3, gated)
 
     return run
