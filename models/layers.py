@@ -189,6 +189,14 @@ class RMSNorm(nn.Module):
         return (1.0 + self.weight.float()) if self.style == "offset" else self.weight.float()
 
 
+def linear_kernel(rows: bool, chunk: bool):
+    """The etspec op a linear call takes: linear_rows for a few-rows call (`rows`), else linear_chunk
+    with `chunk`, else None (nn.Linear's own matmul)."""
+    if rows:
+        return torch.ops.etspec.linear_rows
+    return torch.ops.etspec.linear_chunk if chunk else None
+
+
 def project(
     x: torch.Tensor, mods: tuple[nn.Linear, ...], rows: bool, chunk: bool = False
 ) -> list[torch.Tensor]:
@@ -199,8 +207,8 @@ def project(
     order the method first uses each constant, and ExecuTorch stores prefill's and target_verify's
     blobs once only when they are byte-identical: with q/k/v biases read in another order on one path,
     the CUDA .ptd would hold the target twice (tests/export/test_constant_order.py)."""
-    if rows or chunk:
-        op = torch.ops.etspec.linear_rows if rows else torch.ops.etspec.linear_chunk
+    op = linear_kernel(rows, chunk)
+    if op is not None:
         y = op(x, *(m.weight for m in mods))
         outs = y.split([m.out_features for m in mods], dim=-1) if len(mods) > 1 else (y,)
     else:
@@ -231,8 +239,8 @@ class MLP(nn.Module):
         self.chunk_kernel = chunk_kernel and not bias
 
     def forward(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
-        if (rows and self.rows_kernel) or self.chunk_kernel:
-            op = torch.ops.etspec.linear_rows if rows and self.rows_kernel else torch.ops.etspec.linear_chunk
+        op = linear_kernel(rows and self.rows_kernel, self.chunk_kernel)
+        if op is not None:
             gated = "silu" if self.act == "silu" else "gelu_tanh"
             h = op(x, self.gate_proj.weight, self.up_proj.weight, gated=gated)
             return op(h, self.down_proj.weight)
@@ -386,11 +394,12 @@ class Attention(nn.Module):
             raise ValueError("a K = V layer needs its key and value norms together, with one eps, or neither")
         self.rotary = Rotary(rope, head_dim)
         self.scale, self.softcap, self.window = scale, softcap, window
-        # The split-K kernel covers causal (optionally windowed) attention without a logit softcap; the
-        # few-rows linear kernel serves every projection of a verify/draft call.
+        # The split-K kernel covers full causal attention without a logit softcap (docs/design.md §5: a
+        # sliding-window layer's attention takes the plain windowed path); the few-rows linear kernel
+        # serves every projection of a verify/draft call, sliding layers' too.
         widest = MIDM_MAX_SHARED_HEAD_DIM if k_eq_v else MIDM_MAX_HEAD_DIM
         self.ring = cache_rows is not None and cache_rows < max_seq_len
-        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest and not self.ring
+        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest and window is None
         self.rows_kernel = kernels.linear_rows
         self.chunk_kernel = kernels.linear_chunk
         self.delegate_forms = False  # see use_delegate_forms

@@ -3,8 +3,6 @@ caches."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
@@ -40,9 +38,7 @@ class DecoderLayer(nn.Module):
             k_eq_v=cfg.k_eq_v and not sliding,
             softcap=cfg.attn_logit_softcap,
             window=cfg.sliding_window if sliding else None,
-            # docs/design.md §5: a sliding layer's attention takes the plain path (windowed), never
-            # sdpa_midm; its projections, like its MLP, take the linear kernels of every other layer
-            kernels=replace(kernels, sdpa_midm=False) if sliding else kernels,
+            kernels=kernels,
             cache_rows=cfg.sliding_window + 2 * max_rows if ring else None,
         )
         self.mlp = MLP(
