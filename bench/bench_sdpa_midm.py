@@ -384,6 +384,7 @@ def main():
         cudnn=torch.backends.cudnn.version(),
         python=platform.python_version(),
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        command=" ".join(["python", *sys.argv]),
     )
     log("meta", meta)
     t_start = time.time()
