@@ -61,6 +61,7 @@ register_ops()
 MODELS = {"llama3.1-8b": (32, 8, 128), "gemma2-9b-global": (16, 8, 256), "gemma4-31b-full": (32, 4, 512)}
 SHARED_KV = {"gemma4-31b-full"}  # K = V layers: one cached tensor
 GEMMA4_FULL_ROPE = RopeConfig(theta=1e6, rope_type="proportional", partial_rotary_factor=0.25)
+FULL_ROPE = RopeConfig(theta=5e5)  # the other shapes: every pair rotates (Llama 3.1's theta)
 MS = (1, 2, 4, 8)
 LS = (4096, 16384, 32768, 65536, 131072)
 MAX_SEQ = 131072
@@ -80,16 +81,17 @@ def kv_floor_ratio(ts, lens, hkv, d, read_gbs):
 
 
 class Sets:
-    """N_SETS independent (q per M, k cache, v cache) of max_seq_len 128K for one model shape. A K = V
-    shape (`shared`) also has the key norm's weight and the rotary frequencies its kernel rebuilds keys
-    with, and its k caches hold those rebuilt keys (for the peers that read a separate key cache)."""
+    """N_SETS independent (q per M, k cache, v cache) of max_seq_len 128K for one model shape, and the
+    rotary frequencies the kernel turns the queries with (the peers take q as it is: rotating it is not
+    what they are timed on). A K = V shape (`shared`) also has the key norm's weight its kernel rebuilds
+    keys with, and its k caches hold those rebuilt keys (for the peers that read a separate key cache)."""
 
     def __init__(self, hq, hkv, d, shared=False):
         g = torch.Generator(device="cuda").manual_seed(0)
         self.hq, self.hkv, self.d, self.shared = hq, hkv, d, shared
         self.v = [torch.randn(1, hkv, MAX_SEQ, d, device="cuda", generator=g).to(DT) for _ in range(N_SETS)]
+        self.freq = Rotary(GEMMA4_FULL_ROPE if shared else FULL_ROPE, d).rotated_freqs().cuda()
         if shared:
-            self.freq = Rotary(GEMMA4_FULL_ROPE, d).rotated_freqs().cuda()  # what the model passes
             self.w = 1 + 0.1 * torch.randn(d, device="cuda", generator=g)
             self.k = [sm.shared_kv_keys(v, self.w, self.freq) for v in self.v]
         else:
@@ -112,13 +114,13 @@ def make_calls(sets, impl, m, L, config=None):
     pos = torch.arange(L - m, L, device="cuda")
     calls = []
     if impl == "midm":
-        out = torch.empty(sets.q[m][0].shape, device="cuda", dtype=DT)
+        out = sm.output_like(sets.q[m][0])
         cfg = config or sm.default_config(d)
-        shared = (sets.w, sets.freq) if sets.shared else None
+        extra = {"k_weight": sets.w} if sets.shared else {}
         for i in range(N_SETS):
             q, k, v = sets.q[m][i], sets.k[i][:, :, :L], sets.v[i][:, :, :L]
             calls.append(
-                lambda q=q, k=k, v=v: sm.launch(q, k, v, pos, scale, 0, out, config=cfg, shared=shared)
+                lambda q=q, k=k, v=v: sm.launch(q, k, v, sets.freq, pos, scale, 0, out, config=cfg, **extra)
             )
         return calls
     if impl == "plain_shared":
@@ -191,15 +193,15 @@ def check_midm(sets, m, L, config=None):
     hq, hkv, d = sets.hq, sets.hkv, sets.d
     pos = torch.arange(L - m, L, device="cuda")
     q, k, v = sets.q[m][0], sets.k[0][:, :, :L], sets.v[0][:, :, :L]
-    shared = (sets.w, sets.freq) if sets.shared else None
-    if config is None and shared:
-        out = torch.ops.etspec.sdpa_midm_shared_kv(q, v, *shared, pos, 1.0 / math.sqrt(d)).float()
+    scale, freq = 1.0 / math.sqrt(d), sets.freq
+    if config is None and sets.shared:
+        out = torch.ops.etspec.sdpa_midm_shared_kv(q, v, sets.w, freq, pos, scale).float()
     elif config is None:
-        out = torch.ops.etspec.sdpa_midm(q, k, v, pos, 1.0 / math.sqrt(d)).float()
+        out = torch.ops.etspec.sdpa_midm(q, k, v, freq, pos, scale).float()
     else:
-        out = torch.empty_like(q)
-        out = sm.launch(q, k, v, pos, 1.0 / math.sqrt(d), 0, out, config=config, shared=shared).float()
-    qf = q.float().view(hkv, hq // hkv * m, d)
+        extra = {"k_weight": sets.w} if sets.shared else {}
+        out = sm.launch(q, k, v, freq, pos, scale, 0, sm.output_like(q), config=config, **extra).float()
+    qf = sm.rotate(q, pos, freq).float().reshape(hkv, hq // hkv * m, d)
     s = torch.einsum("hrd,hld->hrl", qf, k[0].float()) / math.sqrt(d)
     j = torch.arange(L, device="cuda")
     allowed = (j[None, :] <= pos[:, None]).repeat(hq // hkv, 1)

@@ -1,8 +1,11 @@
 """Split-K "mid-M" attention (flash-decoding style) for the target's verify and the draft's queries.
 
-``torch.ops.etspec.sdpa_midm(q, k, v, input_pos, scale, window=0) -> Tensor``
+``torch.ops.etspec.sdpa_midm(q, k, v, inv_freq, input_pos, scale, window=0) -> Tensor``
 
-- ``q`` ``[1, Hq, M, D]``: the M query rows (1 <= M <= MAX_M) of one verify call.
+- ``q`` ``[1, Hq, M, D]``: the M query rows (1 <= M <= MAX_M) of one verify call, before RoPE (any
+  strides with a unit stride on D: the projection's output viewed as heads). The kernel rotates each
+  row by its position, ``inv_freq`` [R] being the frequencies of the rotated pairs (pair i: dims i and
+  i + D/2; R < D/2 for a partial RoPE), in fp32: the query rotation is no launch of its own.
 - ``k``/``v`` ``[1, Hkv, Lb, D]``: views into the KV cache (``cache[:, :, :Lb]``; any strides with a
   unit stride on D). ``Lb`` is an *upper bound* of the valid length (a CUDA-graph bucket).
 - ``input_pos`` int64 ``[M]``: the consecutive positions of the M rows. The exact valid length
@@ -12,7 +15,8 @@
 - Row i sees keys ``j <= input_pos[i]``, and with ``window > 0`` only keys ``j > input_pos[i] - window``.
 - GQA: ``Hq = G * Hkv``; the G query heads of one KV head are processed together (G*M rows), so each KV
   tile is read once per KV head.
-- Output ``[1, Hq, M, D]`` contiguous, in q's dtype; fp32 accumulation.
+- Output ``[1, Hq, M, D]`` in q's dtype (fp32 accumulation), laid out as ``[1, M, Hq, D]``: its
+  transpose is the contiguous input of o_proj, so no copy runs between them.
 
 CUDA: two Triton kernels. The split kernel runs on a grid (row blocks, Hkv, num_splits) whose size
 depends only on Lb, M (and the SM count): each program covers its rows (all G*M unless the config caps
@@ -21,9 +25,9 @@ them) over a contiguous run of ``S`` keys (a multiple of the key tile) of the de
 programs whose run starts past L exit at once. The reduce kernel combines the valid splits (their number
 is again computed on the device from L) by log-sum-exp. CPU: the reference math in fp32 (eager CPU runs).
 
-``launch(q, k, v, input_pos, scale, window, out, config=...)`` is the plain launcher used by the op on
-CUDA (with :func:`default_config`); the CPU tests call it directly under ``TRITON_INTERPRET=1`` and the
-benchmark passes the configs it sweeps.
+``launch(q, k, v, inv_freq, input_pos, scale, window, out, config=...)`` is the plain launcher used by
+the op on CUDA (with :func:`default_config`); the CPU tests call it directly under
+``TRITON_INTERPRET=1`` and the benchmark passes the configs it sweeps.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ __all__ = [
     "MidmConfig",
     "default_config",
     "launch",
+    "output_like",
     "plan_splits",
+    "rotate",
     "sdpa_midm",
     "sdpa_midm_reference",
     "sdpa_midm_shared_kv",
@@ -151,6 +157,17 @@ def _tile_update(
 
 
 @triton.jit
+def _rotate(q_rows, dims, partners, sign, freq, angle_r, mask):
+    """RoPE of query rows on `dims` [X]: q[d] cos(a) + sign q[partner] sin(a), a = position x freq, in
+    fp32 with the rows' positions `angle_r` [BR, 1]; rounded to q's dtype, as a rotated query would be."""
+    x = tl.load(q_rows + dims[None, :], mask=mask, other=0.0)
+    xp = tl.load(q_rows + partners[None, :], mask=mask, other=0.0)
+    angle = angle_r * freq[None, :]
+    out = x.to(tl.float32) * tl.cos(angle) + sign[None, :] * xp.to(tl.float32) * tl.sin(angle)
+    return out.to(x.dtype)
+
+
+@triton.jit
 def _tile_scores(
     q,
     q_rot,
@@ -252,6 +269,7 @@ def _midm_split_kernel(
     qh = (kvh * G + g).to(tl.int64)
     q_rows = q_ptr + qh[:, None] * sq_h + mm[:, None] * sq_m
     q = tl.load(q_rows + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    angle_r = pos_r.to(tl.float32)[:, None]  # the rows' positions: q is rotated here, not by the caller
     k_base = k_ptr + kvh.to(tl.int64) * sk_h
     v_base = v_ptr + kvh.to(tl.int64) * sv_h
     # K = V: the first N_ROT / 2 dims of each half rotate (pair i: dims i and i + D/2, frequency i); in
@@ -262,19 +280,25 @@ def _midm_split_kernel(
     half_c = offs_c % 2
     rot_d = offs_c // 2 + half_c * (D // 2)
     part_d = offs_c // 2 + (1 - half_c) * (D // 2)
+    sign_c = tl.where(half_c == 0, -1.0, 1.0)  # rotate_half: the first half takes minus its partner
+    freq = tl.load(f_ptr + offs_c // 2, mask=cmask, other=0.0)
     if SHARED_KV:
         w = tl.load(w_ptr + offs_d)
         rotated = (offs_d % (D // 2)) < N_ROT // 2
+        # the pass-through dims need no rotation: q times k_weight there, zero on the rotated dims
         q = tl.where(rotated[None, :], 0.0, q.to(tl.float32) * w[None, :]).to(q_ptr.dtype.element_ty)
-        q_rot = tl.load(q_rows + rot_d[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        q_rot = _rotate(q_rows, rot_d, part_d, sign_c, freq, angle_r, rmask[:, None] & cmask[None, :])
         w_rot = tl.load(w_ptr + rot_d, mask=cmask, other=0.0)
-        w_part = tl.where(half_c == 0, -1.0, 1.0) * tl.load(w_ptr + part_d, mask=cmask, other=0.0)
-        freq = tl.load(f_ptr + offs_c // 2, mask=cmask, other=0.0)
+        w_part = sign_c * tl.load(w_ptr + part_d, mask=cmask, other=0.0)
     else:
+        half_d = offs_d % (D // 2)
+        partner = (offs_d + D // 2) % D
+        sign_d = tl.where(offs_d < D // 2, -1.0, 1.0)
+        f_d = tl.load(f_ptr + half_d, mask=half_d < N_ROT // 2, other=0.0)  # 0: the dim does not turn
+        q = _rotate(q_rows, offs_d, partner, sign_d, f_d, angle_r, rmask[:, None])
         q_rot = q
         w_rot = tl.zeros([ROT_W], tl.float32)
         w_part = w_rot
-        freq = w_rot
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
@@ -317,6 +341,8 @@ def _midm_reduce_kernel(
     pl_ptr,
     pos_ptr,
     o_ptr,
+    so_h,
+    so_m,
     M,
     S,
     MAX_SPLITS,
@@ -362,7 +388,7 @@ def _midm_reduce_kernel(
         m_run = m_new
     # every row sees at least its own key, so l_run > 0
     out = acc / l_run
-    tl.store(o_ptr + row * D + offs_d, out.to(o_ptr.dtype.element_ty))
+    tl.store(o_ptr + (row // M) * so_h + (row % M) * so_m + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,6 +420,7 @@ def launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    inv_freq: torch.Tensor,
     input_pos: torch.Tensor,
     scale: float,
     window: int,
@@ -401,15 +428,17 @@ def launch(
     *,
     config: MidmConfig | None = None,
     n_sm: int | None = None,
-    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    k_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the split + reduce kernels; writes ``out`` ([1, Hq, M, D], contiguous) and returns it.
+    """Run the split + reduce kernels; writes ``out`` ([1, Hq, M, D], any strides with a unit stride on
+    D) and returns it. ``q`` is not yet rotated: the kernel turns each row by its position with
+    ``inv_freq`` [R], the frequencies of the rotated pairs (pair i: dims i and i + D/2; pairs past R do
+    not rotate).
 
     ``config`` defaults to :func:`default_config` of the head dim; ``n_sm`` overrides the SM count that
-    the split plan aims at (tests). ``shared = (k_weight, inv_freq)``: a K = V layer, whose cache holds
-    the values only (``v``; ``k`` is ignored): each key is rebuilt from its value row as
-    ``rope(k_weight * v)`` at the key's position (:func:`shared_kv_keys`; ``inv_freq`` [R] the rotated
-    pairs' frequencies), so the kernel reads one tensor.
+    the split plan aims at (tests). ``k_weight`` [D]: a K = V layer, whose cache holds the values only
+    (``v``; ``k`` is ignored): each key is rebuilt from its value row as ``rope(k_weight * v)`` at the
+    key's position (:func:`shared_kv_keys`), so the kernel reads one tensor.
     """
     _, hq, m, d = q.shape
     hkv, lb = k.shape[1], k.shape[2]
@@ -418,9 +447,10 @@ def launch(
         q = q.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    if shared is not None:
+    inv_freq = inv_freq.float().contiguous()
+    if k_weight is not None:
         k = v
-        k_weight, inv_freq = (t.float().contiguous() for t in shared)
+        k_weight = k_weight.float().contiguous()
     elif k.stride(-1) != 1:
         k = k.contiguous()
     c = config or default_config(d)
@@ -435,7 +465,7 @@ def launch(
     if c.rows:
         block_r = min(block_r, max(16, _next_pow2(c.rows)))
     r = g * m
-    n_rot = 2 * inv_freq.shape[0] if shared is not None else 0
+    n_rot = 2 * inv_freq.shape[0]
     span = lb if window <= 0 else torch.sym_min(lb, window + m - 1)
     nsplit, split_len, max_splits = plan_splits(
         span, hkv, n_sm or _num_sms(q.device), c.block_n, c.ppsm, c.min_tiles
@@ -471,8 +501,8 @@ def launch(
         k.stride(2),
         v.stride(1),
         v.stride(2),
-        k_weight if shared is not None else pm,  # unread unless SHARED_KV
-        inv_freq if shared is not None else pm,
+        k_weight if k_weight is not None else pm,  # unread unless SHARED_KV
+        inv_freq,
         D=d,
         BLOCK_R=block_r,
         BLOCK_N=c.block_n,
@@ -480,7 +510,7 @@ def launch(
         WINDOW=int(window),
         FP32_DOT=fp32_dot,
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-        SHARED_KV=shared is not None,
+        SHARED_KV=k_weight is not None,
         N_ROT=n_rot,
         ROT_W=max(16, _next_pow2(n_rot)),
         num_warps=c.num_warps,
@@ -492,6 +522,8 @@ def launch(
         pl,
         input_pos,
         out,
+        out.stride(1),
+        out.stride(2),
         m,
         split_len,
         max_splits,
@@ -504,7 +536,7 @@ def launch(
     return out
 
 
-def _check(q, k, v, input_pos):
+def _check(q, k, v, inv_freq, input_pos):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "sdpa_midm: 4-d q/k/v expected")
     torch._check(q.shape[0] == 1, lambda: "sdpa_midm: batch 1 only")
     torch._check(
@@ -514,33 +546,65 @@ def _check(q, k, v, input_pos):
     torch._check(q.shape[3] == k.shape[3] and k.shape[3] == v.shape[3], lambda: "sdpa_midm: head dims")
     torch._check(q.dtype == k.dtype and k.dtype == v.dtype, lambda: "sdpa_midm: q/k/v dtypes differ")
     torch._check(input_pos.dtype == torch.int64, lambda: "sdpa_midm: input_pos must be int64")
+    torch._check(q.shape[3] % 2 == 0, lambda: "sdpa_midm: head dim must be even")
+    torch._check(
+        inv_freq.dim() == 1 and inv_freq.shape[0] <= q.shape[3] // 2,
+        lambda: "sdpa_midm: inv_freq must be [R], R <= D/2 rotated pairs",
+    )
+
+
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """The output [1, Hq, M, D] laid out as [1, M, Hq, D]: its transpose is the contiguous [1, M, Hq*D]
+    that o_proj reads, so no copy runs between the two."""
+    _, hq, m, d = q.shape
+    return torch.empty((1, m, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved RoPE of x [..., N, D] at `positions` [N] in fp32, rounded to x's dtype.
+    ``inv_freq`` [R] (R <= D/2): the frequencies of the rotated pairs, pair i being dims i and i + D/2;
+    the other dims do not rotate (a partial RoPE)."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    freq = F.pad(inv_freq.float(), (0, half - inv_freq.shape[0])).repeat(2)
+    angle = positions.to(x.device, torch.float32)[:, None] * freq
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * angle.cos() + rotated * angle.sin()).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
-# The op
+# The ops
 # --------------------------------------------------------------------------------------------------
 
 
 @triton_op("etspec::sdpa_midm", mutates_args={})
 def sdpa_midm(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, scale: float, window: int = 0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inv_freq: torch.Tensor,
+    input_pos: torch.Tensor,
+    scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
-    _check(q, k, v, input_pos)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    launch(q, k, v, input_pos, scale, window, out)
+    _check(q, k, v, inv_freq, input_pos)
+    out = output_like(q)
+    launch(q, k, v, inv_freq, input_pos, scale, window, out)
     return out
 
 
 @sdpa_midm.register_fake
-def _sdpa_midm_fake(q, k, v, input_pos, scale, window=0):
-    _check(q, k, v, input_pos)
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+def _sdpa_midm_fake(q, k, v, inv_freq, input_pos, scale, window=0):
+    _check(q, k, v, inv_freq, input_pos)
+    return output_like(q)
 
 
-def sdpa_midm_reference(q, k, v, input_pos, scale, window=0, acc_dtype=torch.float32):
-    """Reference math (also the CPU implementation): reads only keys [0, L), L = input_pos[-1] + 1."""
+def sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window=0, acc_dtype=torch.float32):
+    """Reference math (also the CPU implementation): q rotated at input_pos (:func:`rotate`), then
+    attention over keys [0, L) only, L = input_pos[-1] + 1."""
     hq, hkv = q.shape[1], k.shape[1]
     L = int(input_pos[-1].item()) + 1
+    q = rotate(q, input_pos, inv_freq)
     kk = k[:, :, :L].to(acc_dtype).repeat_interleave(hq // hkv, dim=1)
     vv = v[:, :, :L].to(acc_dtype).repeat_interleave(hq // hkv, dim=1)
     s = (q.to(acc_dtype) @ kk.transpose(-1, -2)) * scale
@@ -554,32 +618,21 @@ def sdpa_midm_reference(q, k, v, input_pos, scale, window=0, acc_dtype=torch.flo
 
 
 @sdpa_midm.register_kernel("cpu")
-def _sdpa_midm_cpu(q, k, v, input_pos, scale, window=0):
-    _check(q, k, v, input_pos)
-    return sdpa_midm_reference(q, k, v, input_pos, scale, window).contiguous()
+def _sdpa_midm_cpu(q, k, v, inv_freq, input_pos, scale, window=0):
+    _check(q, k, v, inv_freq, input_pos)
+    return output_like(q).copy_(sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window))
 
 
 def shared_kv_keys(kv: torch.Tensor, k_weight: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """The keys of a K = V layer from its cached values kv [1, Hkv, Lb, D]: ``rope(k_weight * kv)`` with
-    key j at position j, in fp32, rounded to kv's dtype. ``inv_freq`` [R] (R <= D/2): the frequencies of
-    the rotated pairs, pair i being dims i and i + D/2; the other dims do not rotate (a partial RoPE)."""
-    x = kv.float() * k_weight.float()
-    half = x.shape[-1] // 2
-    freq = F.pad(inv_freq.float(), (0, half - inv_freq.shape[0])).repeat(2)
-    angle = torch.arange(kv.shape[2], device=kv.device, dtype=torch.float32)[:, None] * freq
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * angle.cos() + rotated * angle.sin()).to(kv.dtype)
+    key j at position j, in fp32, rounded to kv's dtype (:func:`rotate`)."""
+    positions = torch.arange(kv.shape[2], device=kv.device)
+    return rotate(kv.float() * k_weight.float(), positions, inv_freq).to(kv.dtype)
 
 
 def _check_shared(q, kv, k_weight, inv_freq, input_pos):
-    _check(q, kv, kv, input_pos)
-    d = kv.shape[3]
-    torch._check(d % 2 == 0, lambda: "sdpa_midm_shared_kv: head dim must be even")
-    torch._check(k_weight.shape == (d,), lambda: "sdpa_midm_shared_kv: k_weight must be [D]")
-    torch._check(
-        inv_freq.dim() == 1 and inv_freq.shape[0] <= d // 2,
-        lambda: "sdpa_midm_shared_kv: inv_freq must be [R], R <= D/2 rotated pairs",
-    )
+    _check(q, kv, kv, inv_freq, input_pos)
+    torch._check(k_weight.shape == (kv.shape[3],), lambda: "sdpa_midm_shared_kv: k_weight must be [D]")
 
 
 @triton_op("etspec::sdpa_midm_shared_kv", mutates_args={})
@@ -592,22 +645,22 @@ def sdpa_midm_shared_kv(
     scale: float,
     window: int = 0,
 ) -> torch.Tensor:
-    """sdpa_midm for a K = V layer: one cached tensor, keys rebuilt in the kernel (launch's ``shared``;
-    ``inv_freq`` [R]: the frequencies of the R rotated pairs, see :func:`shared_kv_keys`)."""
+    """sdpa_midm for a K = V layer: one cached tensor, keys rebuilt in the kernel (launch's ``k_weight``,
+    :func:`shared_kv_keys`)."""
     _check_shared(q, kv, k_weight, inv_freq, input_pos)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    launch(q, kv, kv, input_pos, scale, window, out, shared=(k_weight, inv_freq))
+    out = output_like(q)
+    launch(q, kv, kv, inv_freq, input_pos, scale, window, out, k_weight=k_weight)
     return out
 
 
 @sdpa_midm_shared_kv.register_fake
 def _sdpa_midm_shared_kv_fake(q, kv, k_weight, inv_freq, input_pos, scale, window=0):
     _check_shared(q, kv, k_weight, inv_freq, input_pos)
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return output_like(q)
 
 
 @sdpa_midm_shared_kv.register_kernel("cpu")
 def _sdpa_midm_shared_kv_cpu(q, kv, k_weight, inv_freq, input_pos, scale, window=0):
     _check_shared(q, kv, k_weight, inv_freq, input_pos)
     keys = shared_kv_keys(kv, k_weight, inv_freq)
-    return sdpa_midm_reference(q, keys, kv, input_pos, scale, window).contiguous()
+    return output_like(q).copy_(sdpa_midm_reference(q, keys, kv, inv_freq, input_pos, scale, window))

@@ -477,14 +477,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Projected queries q [1,M,Hq*D] over the cache slice [:kv_len] (a ring: its first `_slots`),
         then o_proj: [1,M,out]."""
-        q = self._rope(self._heads(q, self.num_heads, self.q_norm), cos, sin)
+        q = self._heads(q, self.num_heads, self.q_norm)
         v = self.v_cache[:, :, : self._slots(kv_len)]
+        # the split-K kernels rotate the queries themselves (no launch of its own for q's RoPE)
+        freq, window = self.rotary.rotated_freqs(), self.window or 0
         if few_rows and self.use_sdpa_midm and self.shared_kv:
-            w, freq = self._key_multiplier(v), self.rotary.rotated_freqs()
-            o = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, input_pos, self.scale, self.window or 0)
+            w = self._key_multiplier(v)
+            o = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, input_pos, self.scale, window)
         elif few_rows and self.use_sdpa_midm:
-            o = torch.ops.etspec.sdpa_midm(q, self._keys(kv_len), v, input_pos, self.scale, self.window or 0)
+            o = torch.ops.etspec.sdpa_midm(q, self._keys(kv_len), v, freq, input_pos, self.scale, window)
         else:
+            q = self._rope(q, cos, sin)
             ring = self.v_cache.shape[2] if self.ring else None
             mask = attention_mask(input_pos, self._slots(kv_len), self.window, ring)
             plain = attend_grouped if self.delegate_forms else attend

@@ -5,6 +5,7 @@ is checked against a stand-in backend (the CUDA compile itself runs only on the 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import replace
 
 import pytest
@@ -101,3 +102,33 @@ def test_untuned_methods_get_max_autotune_off_and_each_compile_reports(monkeypat
     # the hooks are gone after the block
     assert _Backend.get_aoti_compile_options(["draft"])["max_autotune"] is True
     assert "get_aoti_compile_options" in vars(_Backend)
+
+
+_VIEWS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "alias"}
+_VIEWS |= {"split", "split_with_sizes", str(operator.getitem)}
+
+
+def _op(node) -> str:
+    """aten.transpose.int -> transpose; etspec.linear_rows.default -> linear_rows."""
+    return getattr(node.target, "_opname", str(node.target)) if node.op == "call_function" else node.op
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma4_text"])
+def test_verify_attention_takes_the_projections_as_they_are(family):
+    """The split-K kernels rotate the queries themselves and write their output in o_proj's layout: in
+    target_verify only views lie between a query projection (or its qk-norm) and the attention op,
+    and between the op and o_proj (no RoPE kernel, no transposing copy)."""
+    ep = _exported(family, ALL_KERNELS)["target_verify"]
+    attn = [n for n in ep.graph.nodes if _op(n).startswith("sdpa_midm")]
+    assert attn
+    for node in attn:
+        q = node.args[0]
+        while _op(q) in _VIEWS:
+            q = q.args[0]
+        assert _op(q) not in {"add", "cat", "clone"}, f"{node}: q reaches the op through {q.target}"
+        if family == "llama":
+            assert _op(q) == "linear_rows"
+        out = node
+        while len(out.users) == 1 and _op(out) in _VIEWS | {_op(node)}:
+            (out,) = out.users
+        assert _op(out) == "linear_rows", f"{node}: o_proj reads it through {out.target}"

@@ -16,9 +16,9 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
 
 class CachedAttn(torch.nn.Module):
-    """q from a Linear, index_copy_ into k/v cache buffers, slice by kv_window length, call the op: the
-    smallest module that exports the op the way the models use it. `flat` returns [1, M, Hq*D] (the
-    transposed layout o_proj reads), else the op's own [1, Hq, M, D]."""
+    """q from a Linear, index_copy_ into k/v cache buffers, slice by kv_window length, call the op (which
+    rotates q): the smallest module that exports the op the way the models use it. `flat` returns
+    [1, M, Hq*D] (the transposed layout o_proj reads), else the op's own [1, Hq, M, D]."""
 
     def __init__(self, hq=8, hkv=2, d=64, max_seq=128, flat=False):
         super().__init__()
@@ -28,6 +28,7 @@ class CachedAttn(torch.nn.Module):
         self.wv = torch.nn.Linear(d, hkv * d, bias=False)
         self.register_buffer("k_cache", torch.zeros(1, hkv, max_seq, d))
         self.register_buffer("v_cache", torch.zeros(1, hkv, max_seq, d))
+        self.register_buffer("inv_freq", make_freq(d))
 
     def forward(self, x, input_pos, kv_window):
         m = x.shape[1]
@@ -37,14 +38,28 @@ class CachedAttn(torch.nn.Module):
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v)
         n = kv_window.shape[0]
-        o = torch.ops.etspec.sdpa_midm(
-            q, self.k_cache[:, :, :n], self.v_cache[:, :, :n], input_pos, 1.0 / math.sqrt(self.d)
-        )
+        k, v = self.k_cache[:, :, :n], self.v_cache[:, :, :n]
+        o = torch.ops.etspec.sdpa_midm(q, k, v, self.inv_freq, input_pos, 1.0 / math.sqrt(self.d))
         return o.transpose(1, 2).reshape(1, m, self.hq * self.d) if self.flat else o
 
 
-def ref64(q, k, v, input_pos, scale, window=0):
-    """Float64 attention written independently of the kernel module: per query head, per row."""
+def rope64(x, positions, inv_freq):
+    """Float64 RoPE of x [1, H, N, D] at `positions` [N], written independently of the kernel module:
+    the pair (d, d + D/2) as one complex number, turned by the angle position * inv_freq[d] (inv_freq
+    [R]: the first R pairs rotate, the others keep their values)."""
+    x = x[0].to(torch.float64)
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half], x[..., half:])
+    freq = torch.zeros(half, dtype=torch.float64, device=x.device)
+    freq[: inv_freq.shape[0]] = inv_freq.to(freq)
+    angle = positions.to(x.device, torch.float64)[:, None] * freq
+    z = z * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat((z.real, z.imag), dim=-1)[None]
+
+
+def ref64(q, k, v, input_pos, inv_freq, scale, window=0):
+    """Float64 attention of the queries q (rotated here at input_pos, :func:`rope64`) over keys k,
+    written independently of the kernel module: per query head, per row."""
     hq, m_rows, d = q.shape[1], q.shape[2], q.shape[3]
     hkv = k.shape[1]
     grp = hq // hkv
@@ -53,7 +68,7 @@ def ref64(q, k, v, input_pos, scale, window=0):
     out = torch.empty((1, hq, m_rows, d), dtype=torch.float64, device=q.device)
     kk = k[0, :, :L].to(torch.float64)
     vv = v[0, :, :L].to(torch.float64)
-    qq = q[0].to(torch.float64)
+    qq = rope64(q, input_pos, inv_freq)[0]
     for h in range(hq):
         kh = h // grp
         for i in range(m_rows):
@@ -66,25 +81,22 @@ def ref64(q, k, v, input_pos, scale, window=0):
 
 
 def shared_keys64(kv, k_weight, inv_freq):
-    """Float64 keys of a K = V layer, written independently of the kernel module: the pair (d, d + D/2) of
-    k_weight * value as one complex number, turned by the angle position * inv_freq[d] (inv_freq [R]: the
-    first R pairs rotate)."""
-    x = kv[0].to(torch.float64) * k_weight.to(torch.float64)
-    half = x.shape[-1] // 2
-    z = torch.complex(x[..., :half], x[..., half:])
-    freq = torch.zeros(half, dtype=torch.float64, device=x.device)
-    freq[: inv_freq.shape[0]] = inv_freq.to(freq)  # pairs past R do not rotate
-    angle = torch.arange(x.shape[1], dtype=torch.float64, device=x.device)[:, None] * freq
-    z = z * torch.polar(torch.ones_like(angle), angle)
-    return torch.cat((z.real, z.imag), dim=-1)[None]
+    """Float64 keys of a K = V layer: k_weight * value, key j rotated at position j."""
+    x = kv.to(torch.float64) * k_weight.to(device=kv.device, dtype=torch.float64)
+    return rope64(x, torch.arange(kv.shape[2], device=kv.device), inv_freq)
+
+
+def make_freq(d, rotated=1.0, theta=1e4):
+    """The RoPE frequencies [R] of the first R = `rotated` x D/2 pairs (the others do not rotate, as in
+    Gemma 4's proportional RoPE)."""
+    n = max(1, int(rotated * (d // 2)))
+    return theta ** -(torch.arange(n, dtype=torch.float32) * 2 / d)
 
 
 def make_shared(d, seed, rotated=0.25):
-    """k_weight [D] around 1 and the frequencies [R] of the first R = `rotated` x D/2 pairs, the others
-    not rotating, as Gemma 4's proportional RoPE does."""
+    """k_weight [D] around 1 and the frequencies of a K = V layer (`make_freq`, Gemma 4's share)."""
     g = torch.Generator().manual_seed(seed)
-    n = max(1, int(rotated * (d // 2)))
-    return 1 + 0.5 * torch.randn(d, generator=g), 1e4 ** -(torch.arange(n, dtype=torch.float32) * 2 / d)
+    return 1 + 0.5 * torch.randn(d, generator=g), make_freq(d, rotated)
 
 
 def make_case(hq, hkv, m, d, L, lb, dtype, device="cpu", seed=0, max_seq=None, q_strided=False):
@@ -141,11 +153,24 @@ INTERP_CASES = [
     (4, 1, 1, 128, 3, 300, 0, torch.float32, 4, {"block_n": 16}, "tiny L, big bucket"),
     (4, 2, 4, 64, 77, 128, 0, torch.float16, 4, {"block_n": 16}, "strided q (Linear layout)"),
     (8, 2, 5, 64, 70, 128, 0, torch.float32, 4, {"block_n": 16, "rows": 16}, "20 rows per head in 2 blocks"),
+    (
+        4,
+        2,
+        3,
+        128,
+        60,
+        64,
+        0,
+        torch.float32,
+        4,
+        {"block_n": 16, "rotated": 0.25},
+        "partial RoPE 16/64",
+    ),
 ]
 
 
-# K = V layers (one cached tensor, keys rebuilt in the kernel): the same fields; "rotated" (not a config
-# field) is the share of rotated pairs (default 0.25, Gemma 4's)
+# "rotated" (not a config field) is the share of rotated pairs: default 1.0 for these, 0.25 (Gemma 4's)
+# for the K = V layers below (one cached tensor, keys rebuilt in the kernel), which have the same fields
 SHARED_CASES = [
     (4, 1, 4, 512, 40, 64, 0, torch.bfloat16, 4, {"block_n": 16}, "K=V D=512 (Gemma 4 full layer)"),
     (4, 1, 3, 512, 70, 80, 0, torch.float32, 4, {"block_n": 16, "min_tiles": 1}, "K=V D=512 fp32, splits"),
@@ -166,13 +191,18 @@ def run_interp_cases() -> int:
     for i, ((hq, hkv, m, d, L, lb, win, dtype, n_sm, cfg, note), shared) in enumerate(cases):
         t0 = time.time()
         q, k, v, pos = make_case(hq, hkv, m, d, L, lb, dtype, seed=100 + i, q_strided="strided" in note)
-        out = torch.full((1, hq, m, d), float("nan"), dtype=dtype)
+        # the op's own output layout ([1, M, Hq, D] memory) on every other case, contiguous on the rest
+        out = torch.full((1, m, hq, d) if i % 2 else (1, hq, m, d), float("nan"), dtype=dtype)
+        out = out.transpose(1, 2) if i % 2 else out
         scale = 1.0 / math.sqrt(d)
         cfg = dict(cfg)
-        extra = {"shared": make_shared(d, seed=i, rotated=cfg.pop("rotated", 0.25))} if shared else {}
-        launch(q, k, v, pos, scale, win, out, n_sm=n_sm, config=replace(default_config(d), **cfg), **extra)
-        keys = shared_keys64(v, *extra["shared"]) if shared else k
-        ref = ref64(q, keys, v, pos, scale, win)
+        rotated = cfg.pop("rotated", 0.25 if shared else 1.0)
+        w, freq = make_shared(d, seed=i, rotated=rotated)
+        extra = {"k_weight": w} if shared else {}
+        cfg = replace(default_config(d), **cfg)
+        launch(q, k, v, freq, pos, scale, win, out, n_sm=n_sm, config=cfg, **extra)
+        keys = shared_keys64(v, w, freq) if shared else k
+        ref = ref64(q, keys, v, pos, freq, scale, win)
         err = rel_err(out, ref)
         ok = bool(torch.isfinite(out).all()) and err < TOL[dtype]
         fails += not ok

@@ -13,7 +13,16 @@ import triton
 from etspec.kernels import register_ops
 from etspec.kernels.sdpa_midm import MAX_M, plan_splits
 from tests.kernels.interpreter import run_interpreted
-from tests.kernels.midm_helpers import TOL, CachedAttn, make_case, make_shared, ref64, rel_err, shared_keys64
+from tests.kernels.midm_helpers import (
+    TOL,
+    CachedAttn,
+    make_case,
+    make_freq,
+    make_shared,
+    ref64,
+    rel_err,
+    shared_keys64,
+)
 
 register_ops()
 
@@ -33,22 +42,23 @@ def test_interpreted_kernels_match_float64():
 
 
 @pytest.mark.parametrize(
-    "hq,hkv,m,d,L,lb,window,dtype",
+    "hq,hkv,m,d,L,lb,window,dtype,rotated",
     [
-        (8, 2, 4, 64, 37, 64, 0, torch.float32),
-        (8, 8, 1, 128, 1, 16, 0, torch.float32),
-        (16, 2, 8, 64, 8, 8, 0, torch.bfloat16),
-        (4, 1, 3, 256, 100, 128, 0, torch.float16),
-        (4, 2, 4, 64, 300, 512, 32, torch.float32),
+        (8, 2, 4, 64, 37, 64, 0, torch.float32, 1.0),
+        (8, 8, 1, 128, 1, 16, 0, torch.float32, 1.0),
+        (16, 2, 8, 64, 8, 8, 0, torch.bfloat16, 1.0),
+        (4, 1, 3, 256, 100, 128, 0, torch.float16, 0.25),
+        (4, 2, 4, 64, 300, 512, 32, torch.float32, 1.0),
     ],
 )
-def test_cpu_impl_matches_float64(hq, hkv, m, d, L, lb, window, dtype):
+def test_cpu_impl_matches_float64(hq, hkv, m, d, L, lb, window, dtype, rotated):
     q, k, v, pos = make_case(hq, hkv, m, d, L, lb, dtype, seed=L + m)
-    scale = 1.0 / math.sqrt(d)
-    out = torch.ops.etspec.sdpa_midm(q, k, v, pos, scale, window)
-    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    freq, scale = make_freq(d, rotated), 1.0 / math.sqrt(d)
+    out = torch.ops.etspec.sdpa_midm(q, k, v, freq, pos, scale, window)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous(), "laid out as [1, M, Hq, D], the layout o_proj reads"
     assert torch.isfinite(out).all()
-    assert rel_err(out, ref64(q, k, v, pos, scale, window)) < TOL[dtype]
+    assert rel_err(out, ref64(q, k, v, pos, freq, scale, window)) < TOL[dtype]
 
 
 @pytest.mark.parametrize(
@@ -66,7 +76,8 @@ def test_shared_kv_cpu_impl_matches_float64(hq, hkv, m, d, L, lb, window, dtype)
     scale = 1.0 / math.sqrt(d)
     out = torch.ops.etspec.sdpa_midm_shared_kv(q, kv, w, freq, pos, scale, window)
     assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
-    assert rel_err(out, ref64(q, shared_keys64(kv, w, freq), kv, pos, scale, window)) < TOL[dtype]
+    assert out.transpose(1, 2).is_contiguous()
+    assert rel_err(out, ref64(q, shared_keys64(kv, w, freq), kv, pos, freq, scale, window)) < TOL[dtype]
 
 
 def test_plan_splits_depends_on_bound_only():

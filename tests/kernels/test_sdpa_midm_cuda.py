@@ -14,7 +14,15 @@ import torch
 from etspec.kernels import register_ops
 from etspec.kernels.sdpa_midm import MAX_M, default_config, launch
 from tests.kernels.aoti_helpers import AotiMethod, delegate_input_order, lower_for_cuda, named_blobs
-from tests.kernels.midm_helpers import CachedAttn, make_case, make_shared, ref64, rel_err, shared_keys64
+from tests.kernels.midm_helpers import (
+    CachedAttn,
+    make_case,
+    make_freq,
+    make_shared,
+    ref64,
+    rel_err,
+    shared_keys64,
+)
 
 register_ops()
 
@@ -67,12 +75,12 @@ def test_matches_float64(case):
     q, k, v, pos = make_case(
         hq, hkv, m, d, L, lb, dtype, device="cuda", seed=L * 7 + m, max_seq=lb + 64, q_strided=(m % 2 == 0)
     )
-    scale = 1.0 / math.sqrt(d)
-    out = torch.ops.etspec.sdpa_midm(q, k, v, pos, scale, window)
+    scale, freq = 1.0 / math.sqrt(d), make_freq(d, 0.25 if m == 3 else 1.0).cuda()
+    out = torch.ops.etspec.sdpa_midm(q, k, v, freq, pos, scale, window)
     torch.cuda.synchronize()
-    assert out.shape == q.shape and out.dtype == dtype
+    assert out.shape == q.shape and out.dtype == dtype and out.transpose(1, 2).is_contiguous()
     assert torch.isfinite(out).all(), "NaN/Inf in the output"
-    err = rel_err(out, ref64(q, k, v, pos, scale, window))
+    err = rel_err(out, ref64(q, k, v, pos, freq, scale, window))
     print(f"{_id(case)} rel_err={err:.2e}")
     assert err < TOL_GPU[dtype]
 
@@ -96,7 +104,7 @@ def test_shared_kv_matches_float64(case):
     out = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, pos, scale, window)
     torch.cuda.synchronize()
     assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
-    err = rel_err(out, ref64(q, shared_keys64(v, w, freq), v, pos, scale, window))
+    err = rel_err(out, ref64(q, shared_keys64(v, w, freq), v, pos, freq, scale, window))
     print(f"shared {_id(case)} rel_err={err:.2e}")
     assert err < TOL_GPU[dtype]
 
@@ -114,14 +122,15 @@ def test_row_blocks_match_float64(case):
     partials, and the reduce sees every row."""
     (hq, hkv, d), m, L, lb, shared = case
     q, k, v, pos = make_case(hq, hkv, m, d, L, lb, BF16, device="cuda", seed=L, max_seq=lb + 64)
-    extra = {"shared": tuple(t.cuda() for t in make_shared(d, seed=3))} if shared else {}
+    w, freq = (t.cuda() for t in make_shared(d, seed=3, rotated=0.25 if shared else 1.0))
+    extra = {"k_weight": w} if shared else {}
     out = torch.full(q.shape, float("nan"), dtype=BF16, device="cuda")
     scale = 1.0 / math.sqrt(d)
-    launch(q, k, v, pos, scale, 0, out, config=replace(default_config(d), rows=16), **extra)
+    launch(q, k, v, freq, pos, scale, 0, out, config=replace(default_config(d), rows=16), **extra)
     torch.cuda.synchronize()
-    keys = shared_keys64(v, *extra["shared"]) if shared else k
+    keys = shared_keys64(v, w, freq) if shared else k
     assert torch.isfinite(out).all()
-    assert rel_err(out, ref64(q, keys, v, pos, scale)) < TOL_GPU[BF16]
+    assert rel_err(out, ref64(q, keys, v, pos, freq, scale)) < TOL_GPU[BF16]
 
 
 def test_cuda_graph_replay_inside_bucket():
@@ -130,15 +139,16 @@ def test_cuda_graph_replay_inside_bucket():
     m, lb = 4, 8192
     scale = 1.0 / math.sqrt(d)
     q, k, v, pos = make_case(hq, hkv, m, d, 100, lb, BF16, device="cuda", seed=1, max_seq=lb + 64)
+    freq = make_freq(d).cuda()
     kc, vc = k, v  # views of the caches; refilled below
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        torch.ops.etspec.sdpa_midm(q, k, v, pos, scale)
+        torch.ops.etspec.sdpa_midm(q, k, v, freq, pos, scale)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = torch.ops.etspec.sdpa_midm(q, k, v, pos, scale)
+        out = torch.ops.etspec.sdpa_midm(q, k, v, freq, pos, scale)
     gen = torch.Generator(device="cuda").manual_seed(5)
     for L in (4, 100, 1023, 1025, 4000, 8191, 8192):
         q.copy_(torch.randn(q.shape, generator=gen, device="cuda"))
@@ -151,7 +161,7 @@ def test_cuda_graph_replay_inside_bucket():
         g.replay()
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), f"L={L}: NaN"
-        err = rel_err(out, ref64(q, kc, vc, pos, scale))
+        err = rel_err(out, ref64(q, kc, vc, pos, freq, scale))
         assert err < TOL_GPU[BF16], f"L={L}: rel_err {err}"
 
 
