@@ -166,6 +166,7 @@ INTERP_CASES = [
         {"block_n": 16, "rotated": 0.25},
         "partial RoPE 16/64",
     ),
+    (4, 1, 4, 64, 130000, 130016, 16, torch.bfloat16, 4, {"block_n": 16}, "positions ~130000, window 16"),
 ]
 
 
@@ -178,6 +179,7 @@ SHARED_CASES = [
     (8, 2, 2, 64, 33, 48, 0, torch.float32, 4, {"block_n": 16, "rotated": 1.0}, "K=V D=64 all rotate"),
     (4, 1, 4, 128, 150, 256, 16, torch.float16, 4, {"block_n": 16}, "K=V sliding window 16"),
     (4, 2, 3, 64, 30, 32, 0, torch.float32, 4, {"block_n": 16, "rotated": 0.1}, "K=V 3 of 32 pairs rotate"),
+    (4, 1, 3, 128, 130000, 130016, 16, torch.bfloat16, 4, {"block_n": 16, "rotated": 1.0}, "K=V pos ~130000"),
 ]
 
 
