@@ -268,7 +268,6 @@ def _midm_split_kernel(
     pos_r = tl.load(pos_ptr + mm, mask=rmask, other=0).to(tl.int32)
     qh = (kvh * G + g).to(tl.int64)
     q_rows = q_ptr + qh[:, None] * sq_h + mm[:, None] * sq_m
-    q = tl.load(q_rows + offs_d[None, :], mask=rmask[:, None], other=0.0)
     angle_r = pos_r.to(tl.float32)[:, None]  # the rows' positions: q is rotated here, not by the caller
     k_base = k_ptr + kvh.to(tl.int64) * sk_h
     v_base = v_ptr + kvh.to(tl.int64) * sv_h
@@ -286,6 +285,7 @@ def _midm_split_kernel(
         w = tl.load(w_ptr + offs_d)
         rotated = (offs_d % (D // 2)) < N_ROT // 2
         # the pass-through dims need no rotation: q times k_weight there, zero on the rotated dims
+        q = tl.load(q_rows + offs_d[None, :], mask=rmask[:, None], other=0.0)
         q = tl.where(rotated[None, :], 0.0, q.to(tl.float32) * w[None, :]).to(q_ptr.dtype.element_ty)
         q_rot = _rotate(q_rows, rot_d, part_d, sign_c, freq, angle_r, rmask[:, None] & cmask[None, :])
         w_rot = tl.load(w_ptr + rot_d, mask=cmask, other=0.0)
