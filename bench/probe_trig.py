@@ -28,6 +28,7 @@ def _cosines(x_ptr, tl_ptr, ld_ptr, n, BLOCK: tl.constexpr):
 
 
 def main() -> None:
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     compiled = torch.compile(torch.cos)
     for bound in BOUNDS:
         x = torch.rand(1 << 20, device="cuda") * bound
