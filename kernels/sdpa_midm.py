@@ -157,56 +157,57 @@ def _tile_update(
 
 
 @triton.jit
-def _rotate(q_rows, dims, partners, sign, freq, angle_r, mask):
-    """RoPE of query rows on `dims` [X]: q[d] cos(a) + sign q[partner] sin(a), a = position x freq, in
-    fp32 with the rows' positions `angle_r` [BR, 1]; rounded to q's dtype, as a rotated query would be."""
-    x = tl.load(q_rows + dims[None, :], mask=mask, other=0.0)
-    xp = tl.load(q_rows + partners[None, :], mask=mask, other=0.0)
-    angle = angle_r * freq[None, :]
-    out = x.to(tl.float32) * tl.cos(angle) + sign[None, :] * xp.to(tl.float32) * tl.sin(angle)
-    return out.to(x.dtype)
+def _rotate_pairs(a, b, angle):
+    """The rotated pairs (a, b) [X, PAIRS_W] (dims c and D/2 + c: two contiguous runs, each the other's
+    rotate_half partner) turned by `angle` in fp32, one cosine and one sine per pair."""
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    a = a.to(tl.float32)
+    b = b.to(tl.float32)
+    return a * cos - b * sin, b * cos + a * sin
 
 
 @triton.jit
 def _tile_scores(
     q,
-    q_rot,
+    q_a,
+    q_b,
     k_base,
     v_base,
     v,
     offs_key,
     kmask,
     offs_d,
-    rot_d,
-    part_d,
+    offs_c,
     cmask,
-    w_rot,
-    w_part,
+    w_a,
+    w_b,
     freq,
     sk_n,
     sv_n,
+    D: tl.constexpr,
     FP32_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
     SHARED_KV: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     """Scores [BR, BN] of one key tile (`MASKED`: only the keys of `kmask` are loaded). K = V
-    (`SHARED_KV`): the pass-through dims of each key are its value row times k_weight, already folded into
-    q (which is zero on the rotated dims); only the rotated dims are rebuilt, rope(k_weight * v) at the
-    key's own position in fp32, rounded to v's dtype as a stored key would be, and scored against q_rot
-    (q on those dims, compact: pair i's two dims at 2i, 2i + 1). Otherwise the tile's stored keys."""
+    (`SHARED_KV`): the dims that do not rotate score as the value row against q * k_weight (q is that,
+    zero on the rotated dims); the rotated pairs (dims c and D/2 + c, c < PAIRS: two contiguous runs,
+    each the other's rotate_half partner) are rebuilt, rope(k_weight * v) at the key's own position in
+    fp32 with one cosine and one sine per pair, rounded to v's dtype as a stored key would be, and
+    scored against the rotated query's dims there (q_a, q_b). Otherwise the tile's stored keys."""
     if SHARED_KV:
         if MASKED:
             rmask2 = kmask[:, None] & cmask[None, :]
         else:
             rmask2 = (offs_key[:, None] >= 0) & cmask[None, :]
-        v_rot = tl.load(v_base + offs_key[:, None] * sv_n + rot_d[None, :], mask=rmask2, other=0.0)
-        v_part = tl.load(v_base + offs_key[:, None] * sv_n + part_d[None, :], mask=rmask2, other=0.0)
-        angle = offs_key[:, None].to(tl.float32) * freq[None, :]
-        k_rot = v_rot.to(tl.float32) * w_rot[None, :] * tl.cos(angle) + v_part.to(tl.float32) * w_part[
-            None, :
-        ] * tl.sin(angle)
-        return _scores(q, v, FP32_DOT, UPCAST) + _scores(q_rot, k_rot.to(v.dtype), FP32_DOT, UPCAST)
+        pa = v_base + offs_key[:, None] * sv_n + offs_c[None, :]
+        xa = tl.load(pa, mask=rmask2, other=0.0).to(tl.float32) * w_a[None, :]
+        xb = tl.load(pa + D // 2, mask=rmask2, other=0.0).to(tl.float32) * w_b[None, :]
+        k_a, k_b = _rotate_pairs(xa, xb, offs_key[:, None].to(tl.float32) * freq[None, :])
+        qk = _scores(q, v, FP32_DOT, UPCAST) + _scores(q_a, k_a.to(v.dtype), FP32_DOT, UPCAST)
+        return qk + _scores(q_b, k_b.to(v.dtype), FP32_DOT, UPCAST)
     elif MASKED:
         k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
         return _scores(q, k, FP32_DOT, UPCAST)
@@ -245,8 +246,8 @@ def _midm_split_kernel(
     FP32_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
     SHARED_KV: tl.constexpr,
-    N_ROT: tl.constexpr,
-    ROT_W: tl.constexpr,
+    PAIRS: tl.constexpr,
+    PAIRS_W: tl.constexpr,
 ):
     rb = tl.program_id(0)  # block of BLOCK_R rows; the fastest grid axis, so the row blocks of one split
     kvh = tl.program_id(1)  # run side by side and share its KV tiles through L2
@@ -268,37 +269,41 @@ def _midm_split_kernel(
     pos_r = tl.load(pos_ptr + mm, mask=rmask, other=0).to(tl.int32)
     qh = (kvh * G + g).to(tl.int64)
     q_rows = q_ptr + qh[:, None] * sq_h + mm[:, None] * sq_m
+    q = tl.load(q_rows + offs_d[None, :], mask=rmask[:, None], other=0.0)
     angle_r = pos_r.to(tl.float32)[:, None]  # the rows' positions: q is rotated here, not by the caller
     k_base = k_ptr + kvh.to(tl.int64) * sk_h
     v_base = v_ptr + kvh.to(tl.int64) * sv_h
-    # K = V: the first N_ROT / 2 dims of each half rotate (pair i: dims i and i + D/2, frequency i); in
-    # the compact rotated layout pair i sits at 2i (first half) and 2i + 1, `part_d` is each one's
-    # rotate_half partner and `w_part` carries its sign
-    offs_c = tl.arange(0, ROT_W)
-    cmask = offs_c < N_ROT
-    half_c = offs_c % 2
-    rot_d = offs_c // 2 + half_c * (D // 2)
-    part_d = offs_c // 2 + (1 - half_c) * (D // 2)
-    sign_c = tl.where(half_c == 0, -1.0, 1.0)  # rotate_half: the first half takes minus its partner
-    freq = tl.load(f_ptr + offs_c // 2, mask=cmask, other=0.0)
+    # pair c < PAIRS (dims c and D/2 + c) rotates by frequency c; PAIRS_W >= PAIRS, a power of two >= 16
+    # (tl.dot's least K)
+    offs_c = tl.arange(0, PAIRS_W)
+    cmask = offs_c < PAIRS
+    freq = tl.load(f_ptr + offs_c, mask=cmask, other=0.0)
     if SHARED_KV:
         w = tl.load(w_ptr + offs_d)
-        rotated = (offs_d % (D // 2)) < N_ROT // 2
-        # the pass-through dims need no rotation: q times k_weight there, zero on the rotated dims
-        q = tl.load(q_rows + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        rotated = (offs_d % (D // 2)) < PAIRS
+        # the dims that do not rotate need no turning: q times k_weight there, zero on the rotated dims
         q = tl.where(rotated[None, :], 0.0, q.to(tl.float32) * w[None, :]).to(q_ptr.dtype.element_ty)
-        q_rot = _rotate(q_rows, rot_d, part_d, sign_c, freq, angle_r, rmask[:, None] & cmask[None, :])
-        w_rot = tl.load(w_ptr + rot_d, mask=cmask, other=0.0)
-        w_part = sign_c * tl.load(w_ptr + part_d, mask=cmask, other=0.0)
+        qmask = rmask[:, None] & cmask[None, :]
+        q_a = tl.load(q_rows + offs_c[None, :], mask=qmask, other=0.0)
+        q_b = tl.load(q_rows + D // 2 + offs_c[None, :], mask=qmask, other=0.0)
+        q_a, q_b = _rotate_pairs(q_a, q_b, angle_r * freq[None, :])
+        q_a = q_a.to(q_ptr.dtype.element_ty)
+        q_b = q_b.to(q_ptr.dtype.element_ty)
+        w_a = tl.load(w_ptr + offs_c, mask=cmask, other=0.0)
+        w_b = tl.load(w_ptr + D // 2 + offs_c, mask=cmask, other=0.0)
     else:
+        # the whole row at once (its dot is against stored keys of D dims): each dim with its partner
         half_d = offs_d % (D // 2)
-        partner = (offs_d + D // 2) % D
-        sign_d = tl.where(offs_d < D // 2, -1.0, 1.0)
-        f_d = tl.load(f_ptr + half_d, mask=half_d < N_ROT // 2, other=0.0)  # 0: the dim does not turn
-        q = _rotate(q_rows, offs_d, partner, sign_d, f_d, angle_r, rmask[:, None])
-        q_rot = q
-        w_rot = tl.zeros([ROT_W], tl.float32)
-        w_part = w_rot
+        partner = tl.load(q_rows + ((offs_d + D // 2) % D)[None, :], mask=rmask[:, None], other=0.0)
+        f_d = tl.load(f_ptr + half_d, mask=half_d < PAIRS, other=0.0)  # 0: the dim does not turn
+        angle = angle_r * f_d[None, :]
+        sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+        q = q.to(tl.float32) * tl.cos(angle) + sign[None, :] * partner.to(tl.float32) * tl.sin(angle)
+        q = q.to(q_ptr.dtype.element_ty)
+        q_a = q
+        q_b = q
+        w_a = tl.zeros([PAIRS_W], tl.float32)
+        w_b = w_a
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
@@ -308,8 +313,8 @@ def _midm_split_kernel(
         offs_key = s0 + t * BLOCK_N + offs_n
         v = tl.load(v_base + offs_key[:, None] * sv_n + offs_d[None, :])
         qk = _tile_scores(
-            q, q_rot, k_base, v_base, v, offs_key, offs_n, offs_d, rot_d, part_d, cmask, w_rot, w_part,
-            freq, sk_n, sv_n, FP32_DOT, UPCAST, SHARED_KV, False,
+            q, q_a, q_b, k_base, v_base, v, offs_key, offs_n, offs_d, offs_c, cmask, w_a, w_b, freq,
+            sk_n, sv_n, D, FP32_DOT, UPCAST, SHARED_KV, False,
         )  # fmt: skip
         m_i, l_i, acc = _tile_update(
             qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
@@ -320,8 +325,8 @@ def _midm_split_kernel(
         kmask = offs_key < s0 + n
         v = tl.load(v_base + offs_key[:, None] * sv_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
         qk = _tile_scores(
-            q, q_rot, k_base, v_base, v, offs_key, kmask, offs_d, rot_d, part_d, cmask, w_rot, w_part,
-            freq, sk_n, sv_n, FP32_DOT, UPCAST, SHARED_KV, True,
+            q, q_a, q_b, k_base, v_base, v, offs_key, kmask, offs_d, offs_c, cmask, w_a, w_b, freq,
+            sk_n, sv_n, D, FP32_DOT, UPCAST, SHARED_KV, True,
         )  # fmt: skip
         m_i, l_i, acc = _tile_update(
             qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
@@ -465,7 +470,7 @@ def launch(
     if c.rows:
         block_r = min(block_r, max(16, _next_pow2(c.rows)))
     r = g * m
-    n_rot = 2 * inv_freq.shape[0]
+    pairs = inv_freq.shape[0]
     span = lb if window <= 0 else torch.sym_min(lb, window + m - 1)
     nsplit, split_len, max_splits = plan_splits(
         span, hkv, n_sm or _num_sms(q.device), c.block_n, c.ppsm, c.min_tiles
@@ -511,8 +516,8 @@ def launch(
         FP32_DOT=fp32_dot,
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
         SHARED_KV=k_weight is not None,
-        N_ROT=n_rot,
-        ROT_W=max(16, _next_pow2(n_rot)),
+        PAIRS=pairs,
+        PAIRS_W=max(16, _next_pow2(pairs)),
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )
