@@ -156,12 +156,30 @@ def _tile_update(
     return m_new, l_i, acc
 
 
+# 2π in three fp32 parts (Cody-Waite): the first two have 8 and 9 significant bits, so k times each is exact
+# in fp32 for k < 2^16 turns (angles up to ~4e5 rad, past 128K positions at frequency 1)
+_TWO_PI_1 = tl.constexpr(6.28125)
+_TWO_PI_2 = tl.constexpr(0.001934051513671875)
+_TWO_PI_3 = tl.constexpr(1.2556658930407139e-06)
+_INV_TWO_PI = tl.constexpr(0.15915493667125702)
+
+
+@triton.jit
+def _cos_sin(angle):
+    """cos and sin of fp32 angles, reduced by whole turns first: CUDA's accurate cosf/sinf take a slow
+    path above 105615 rad, which the fastest RoPE pair passes at position 105616."""
+    k = tl.floor(angle * _INV_TWO_PI + 0.5)
+    r = angle - k * _TWO_PI_1
+    r = r - k * _TWO_PI_2
+    r = r - k * _TWO_PI_3
+    return tl.cos(r), tl.sin(r)
+
+
 @triton.jit
 def _rotate_pairs(a, b, angle):
     """The rotated pairs (a, b) [X, PAIRS_W] (dims c and D/2 + c: two contiguous runs, each the other's
     rotate_half partner) turned by `angle` in fp32, one cosine and one sine per pair."""
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
+    cos, sin = _cos_sin(angle)
     a = a.to(tl.float32)
     b = b.to(tl.float32)
     return a * cos - b * sin, b * cos + a * sin
@@ -298,7 +316,8 @@ def _midm_split_kernel(
         f_d = tl.load(f_ptr + half_d, mask=half_d < PAIRS, other=0.0)  # 0: the dim does not turn
         angle = angle_r * f_d[None, :]
         sign = tl.where(offs_d < D // 2, -1.0, 1.0)
-        q = q.to(tl.float32) * tl.cos(angle) + sign[None, :] * partner.to(tl.float32) * tl.sin(angle)
+        cos, sin = _cos_sin(angle)
+        q = q.to(tl.float32) * cos + sign[None, :] * partner.to(tl.float32) * sin
         q = q.to(q_ptr.dtype.element_ty)
         q_a = q
         q_b = q
