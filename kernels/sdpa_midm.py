@@ -194,6 +194,7 @@ def _tile_scores(
     v_base,
     v,
     offs_key,
+    slot,
     kmask,
     offs_d,
     offs_c,
@@ -214,23 +215,24 @@ def _tile_scores(
     zero on the rotated dims); the rotated pairs (dims c and D/2 + c, c < PAIRS: two contiguous runs,
     each the other's rotate_half partner) are rebuilt, rope(k_weight * v) at the key's own position in
     fp32 with one cosine and one sine per pair, rounded to v's dtype as a stored key would be, and
-    scored against the rotated query's dims there (q_a, q_b). Otherwise the tile's stored keys."""
+    scored against the rotated query's dims there (q_a, q_b). Otherwise the tile's stored keys,
+    at cache rows `slot` (the positions, or in a ring cache the positions modulo its rows)."""
     if SHARED_KV:
         if MASKED:
             rmask2 = kmask[:, None] & cmask[None, :]
         else:
             rmask2 = (offs_key[:, None] >= 0) & cmask[None, :]
-        pa = v_base + offs_key[:, None] * sv_n + offs_c[None, :]
+        pa = v_base + slot[:, None] * sv_n + offs_c[None, :]
         xa = tl.load(pa, mask=rmask2, other=0.0).to(tl.float32) * w_a[None, :]
         xb = tl.load(pa + D // 2, mask=rmask2, other=0.0).to(tl.float32) * w_b[None, :]
         k_a, k_b = _rotate_pairs(xa, xb, offs_key[:, None].to(tl.float32) * freq[None, :])
         qk = _scores(q, v, FP32_DOT, UPCAST) + _scores(q_a, k_a.to(v.dtype), FP32_DOT, UPCAST)
         return qk + _scores(q_b, k_b.to(v.dtype), FP32_DOT, UPCAST)
     elif MASKED:
-        k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        k = tl.load(k_base + slot[:, None] * sk_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
         return _scores(q, k, FP32_DOT, UPCAST)
     else:
-        k = tl.load(k_base + offs_key[:, None] * sk_n + offs_d[None, :])
+        k = tl.load(k_base + slot[:, None] * sk_n + offs_d[None, :])
         return _scores(q, k, FP32_DOT, UPCAST)
 
 
@@ -261,6 +263,7 @@ def _midm_split_kernel(
     BLOCK_N: tl.constexpr,
     QK_SCALE: tl.constexpr,
     WINDOW: tl.constexpr,
+    RING: tl.constexpr,
     FP32_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
     SHARED_KV: tl.constexpr,
@@ -330,10 +333,11 @@ def _midm_split_kernel(
     # full tiles: every key inside [s0, s0 + n), a subset of [0, L): unmasked (vectorised) loads
     for t in range(0, n_full):
         offs_key = s0 + t * BLOCK_N + offs_n
-        v = tl.load(v_base + offs_key[:, None] * sv_n + offs_d[None, :])
+        slot = offs_key % RING if RING > 0 else offs_key
+        v = tl.load(v_base + slot[:, None] * sv_n + offs_d[None, :])
         qk = _tile_scores(
-            q, q_a, q_b, k_base, v_base, v, offs_key, offs_n, offs_d, offs_c, cmask, w_a, w_b, freq,
-            sk_n, sv_n, D, FP32_DOT, UPCAST, SHARED_KV, False,
+            q, q_a, q_b, k_base, v_base, v, offs_key, slot, offs_n, offs_d, offs_c, cmask, w_a, w_b,
+            freq, sk_n, sv_n, D, FP32_DOT, UPCAST, SHARED_KV, False,
         )  # fmt: skip
         m_i, l_i, acc = _tile_update(
             qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
@@ -342,10 +346,11 @@ def _midm_split_kernel(
         # ragged last tile: keys past the split end (and so past L) are never loaded
         offs_key = s0 + n_full * BLOCK_N + offs_n
         kmask = offs_key < s0 + n
-        v = tl.load(v_base + offs_key[:, None] * sv_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        slot = offs_key % RING if RING > 0 else offs_key
+        v = tl.load(v_base + slot[:, None] * sv_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
         qk = _tile_scores(
-            q, q_a, q_b, k_base, v_base, v, offs_key, kmask, offs_d, offs_c, cmask, w_a, w_b, freq,
-            sk_n, sv_n, D, FP32_DOT, UPCAST, SHARED_KV, True,
+            q, q_a, q_b, k_base, v_base, v, offs_key, slot, kmask, offs_d, offs_c, cmask, w_a, w_b,
+            freq, sk_n, sv_n, D, FP32_DOT, UPCAST, SHARED_KV, True,
         )  # fmt: skip
         m_i, l_i, acc = _tile_update(
             qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
@@ -453,6 +458,7 @@ def launch(
     config: MidmConfig | None = None,
     n_sm: int | None = None,
     k_weight: torch.Tensor | None = None,
+    ring: int = 0,
 ) -> torch.Tensor:
     """Run the split + reduce kernels; writes ``out`` ([1, Hq, M, D], any strides with a unit stride on
     D) and returns it. ``q`` is not yet rotated: the kernel turns each row by its position with
@@ -462,7 +468,10 @@ def launch(
     ``config`` defaults to :func:`default_config` of the head dim; ``n_sm`` overrides the SM count that
     the split plan aims at (tests). ``k_weight`` [D]: a K = V layer, whose cache holds the values only
     (``v``; ``k`` is ignored): each key is rebuilt from its value row as ``rope(k_weight * v)`` at the
-    key's position (:func:`shared_kv_keys`), so the kernel reads one tensor.
+    key's position (:func:`shared_kv_keys`), so the kernel reads one tensor. ``ring`` > 0: k and v are
+    a sliding layer's ring cache of that many rows, position p in row p % ring (needs a window, and
+    ring >= window + M - 1 so that every key a row sees is still there: the models keep window + twice
+    the most rows of any call).
     """
     _, hq, m, d = q.shape
     hkv, lb = k.shape[1], k.shape[2]
@@ -532,6 +541,7 @@ def launch(
         BLOCK_N=c.block_n,
         QK_SCALE=qk_scale,
         WINDOW=int(window),
+        RING=int(ring),
         FP32_DOT=fp32_dot,
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
         SHARED_KV=k_weight is not None,
@@ -560,7 +570,7 @@ def launch(
     return out
 
 
-def _check(q, k, v, inv_freq, input_pos):
+def _check(q, k, v, inv_freq, input_pos, window=0, ring=0):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "sdpa_midm: 4-d q/k/v expected")
     torch._check(q.shape[0] == 1, lambda: "sdpa_midm: batch 1 only")
     torch._check(
@@ -574,6 +584,10 @@ def _check(q, k, v, inv_freq, input_pos):
     torch._check(
         inv_freq.dim() == 1 and inv_freq.shape[0] <= q.shape[3] // 2,
         lambda: "sdpa_midm: inv_freq must be [R], R <= D/2 rotated pairs",
+    )
+    torch._check(
+        ring == 0 or (window > 0 and ring > window),
+        lambda: "sdpa_midm: a ring cache needs a window narrower than the ring",
     )
 
 
@@ -610,41 +624,47 @@ def sdpa_midm(
     input_pos: torch.Tensor,
     scale: float,
     window: int = 0,
+    ring: int = 0,
 ) -> torch.Tensor:
-    _check(q, k, v, inv_freq, input_pos)
+    _check(q, k, v, inv_freq, input_pos, window, ring)
     out = output_like(q)
-    launch(q, k, v, inv_freq, input_pos, scale, window, out)
+    launch(q, k, v, inv_freq, input_pos, scale, window, out, ring=ring)
     return out
 
 
 @sdpa_midm.register_fake
-def _sdpa_midm_fake(q, k, v, inv_freq, input_pos, scale, window=0):
-    _check(q, k, v, inv_freq, input_pos)
+def _sdpa_midm_fake(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
+    _check(q, k, v, inv_freq, input_pos, window, ring)
     return output_like(q)
 
 
-def sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window=0, acc_dtype=torch.float32):
+def sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, acc_dtype=torch.float32):
     """Reference math (also the CPU implementation): q rotated at input_pos (:func:`rotate`), then
-    attention over keys [0, L) only, L = input_pos[-1] + 1."""
+    attention over keys [0, L) only, L = input_pos[-1] + 1 (a ring: the last `ring` of them, key j in
+    row j % ring)."""
     hq, hkv = q.shape[1], k.shape[1]
     L = int(input_pos[-1].item()) + 1
     q = rotate(q, input_pos, inv_freq)
-    kk = k[:, :, :L].to(acc_dtype).repeat_interleave(hq // hkv, dim=1)
-    vv = v[:, :, :L].to(acc_dtype).repeat_interleave(hq // hkv, dim=1)
-    s = (q.to(acc_dtype) @ kk.transpose(-1, -2)) * scale
     j = torch.arange(L, device=q.device)
+    rows = j % ring if ring else j
+    kk = k[:, :, rows].to(acc_dtype).repeat_interleave(hq // hkv, dim=1)
+    vv = v[:, :, rows].to(acc_dtype).repeat_interleave(hq // hkv, dim=1)
+    s = (q.to(acc_dtype) @ kk.transpose(-1, -2)) * scale
     pos = input_pos.to(q.device)[:, None]
     valid = j[None, :] <= pos
     if window > 0:
         valid = valid & (j[None, :] > pos - window)
+    if ring:
+        valid = valid & (j[None, :] >= L - ring)
     s = s.masked_fill(~valid, float("-inf"))
     return (torch.softmax(s, dim=-1) @ vv).to(q.dtype)
 
 
 @sdpa_midm.register_kernel("cpu")
-def _sdpa_midm_cpu(q, k, v, inv_freq, input_pos, scale, window=0):
-    _check(q, k, v, inv_freq, input_pos)
-    return output_like(q).copy_(sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window))
+def _sdpa_midm_cpu(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
+    _check(q, k, v, inv_freq, input_pos, window, ring)
+    ref = sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window, ring)
+    return output_like(q).copy_(ref)
 
 
 def shared_kv_keys(kv: torch.Tensor, k_weight: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -120,6 +120,15 @@ def make_case(hq, hkv, m, d, L, lb, dtype, device="cpu", seed=0, max_seq=None, q
     return q, kc[:, :, :lb], vc[:, :, :lb], pos
 
 
+def to_ring(cache, L, ring):
+    """A sliding layer's ring cache of `ring` rows holding positions [0, L) of `cache` [1, H, >=L, D]:
+    position p in row p % ring, the newest one kept; rows not yet written are NaN."""
+    out = torch.full_like(cache[:, :, :1], float("nan")).repeat(1, 1, ring, 1)
+    idx = torch.arange(max(0, L - ring), L, device=cache.device)
+    out[:, :, idx % ring] = cache[:, :, idx]
+    return out
+
+
 def rel_err(out, ref):
     return ((out.to(torch.float64) - ref).norm() / ref.norm()).item()
 
@@ -167,6 +176,9 @@ INTERP_CASES = [
         "partial RoPE 16/64",
     ),
     (4, 1, 4, 64, 130000, 130016, 16, torch.bfloat16, 4, {"block_n": 16}, "positions ~130000, window 16"),
+    (4, 1, 4, 64, 150, 256, 16, torch.float32, 4, {"block_n": 16, "ring": 40}, "ring 40, window 16, wrapped"),
+    (4, 2, 3, 64, 20, 64, 16, torch.bfloat16, 4, {"block_n": 16, "ring": 40}, "ring 40, not yet wrapped"),
+    (4, 1, 8, 64, 1000, 1024, 32, torch.bfloat16, 4, {"block_n": 16, "ring": 48, "min_tiles": 1}, "ring M=8"),
 ]
 
 
@@ -199,10 +211,16 @@ def run_interp_cases() -> int:
         scale = 1.0 / math.sqrt(d)
         cfg = dict(cfg)
         rotated = cfg.pop("rotated", 0.25 if shared else 1.0)
+        ring = cfg.pop("ring", 0)
         w, freq = make_shared(d, seed=i, rotated=rotated)
         extra = {"k_weight": w} if shared else {}
         cfg = replace(default_config(d), **cfg)
-        launch(q, k, v, freq, pos, scale, win, out, n_sm=n_sm, config=cfg, **extra)
+        if ring:  # the kernel reads a ring cache; the reference the full one
+            extra["ring"] = ring
+            kr, vr = (to_ring(c, L, ring)[:, :, : min(ring, lb)] for c in (k, v))
+            launch(q, kr, vr, freq, pos, scale, win, out, n_sm=n_sm, config=cfg, **extra)
+        else:
+            launch(q, k, v, freq, pos, scale, win, out, n_sm=n_sm, config=cfg, **extra)
         keys = shared_keys64(v, w, freq) if shared else k
         ref = ref64(q, keys, v, pos, freq, scale, win)
         err = rel_err(out, ref)

@@ -22,6 +22,7 @@ from tests.kernels.midm_helpers import (
     ref64,
     rel_err,
     shared_keys64,
+    to_ring,
 )
 
 register_ops()
@@ -109,6 +110,24 @@ def test_shared_kv_matches_float64(case):
     err = rel_err(out, ref64(q, shared_keys64(v, w, freq), v, pos, freq, scale, window))
     print(f"shared {_id(case)} rel_err={err:.2e}")
     assert err < TOL_GPU[dtype]
+
+
+# sliding layers over their ring caches (window + 2 x a 256-row chunk): Gemma-4-31B's sliding layer, a
+# Gemma-3-like one; wrapped many times, and not yet wrapped
+RING_CASES = [((32, 16, 256), 4, 70000 + 3, 1024, 1536), ((8, 4, 256), 1, 900, 1024, 1536)]
+
+
+@pytest.mark.parametrize("case", RING_CASES, ids=[f"h{c[0][0]}-M{c[1]}-L{c[2]}" for c in RING_CASES])
+def test_ring_matches_float64(case):
+    """A ring cache (key j in row j % ring, never-written rows NaN) against float64 over the full one."""
+    (hq, hkv, d), m, L, window, ring = case
+    q, k, v, pos = make_case(hq, hkv, m, d, L, L, BF16, device="cuda", seed=L, max_seq=L)
+    kr, vr = (to_ring(c, L, ring)[:, :, : min(ring, L)] for c in (k, v))
+    scale, freq = 1.0 / math.sqrt(d), make_freq(d).cuda()
+    out = torch.ops.etspec.sdpa_midm(q, kr, vr, freq, pos, scale, window, ring)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref64(q, k, v, pos, freq, scale, window)) < TOL_GPU[BF16]
 
 
 ROW_BLOCK_CASES = [(LLAMA, 8, 20000 + 9, 20480, False), (GEMMA4_FULL, 8, 9000 + 1, 9216, True)]
