@@ -1,6 +1,6 @@
 """Split-K "mid-M" attention (flash-decoding style) for the target's verify and the draft's queries.
 
-``torch.ops.etspec.sdpa_midm(q, k, v, inv_freq, input_pos, scale, window=0) -> Tensor``
+``torch.ops.etspec.sdpa_midm(q, k, v, inv_freq, input_pos, scale, window=0, ring=0) -> Tensor``
 
 - ``q`` ``[1, Hq, M, D]``: the M query rows (1 <= M <= MAX_M) of one verify call, before RoPE (any
   strides with a unit stride on D: the projection's output viewed as heads). The kernel rotates each
@@ -13,6 +13,7 @@
   captured graph stays correct while L grows inside its bucket. Keys at positions >= L are never read
   (they may hold NaN).
 - Row i sees keys ``j <= input_pos[i]``, and with ``window > 0`` only keys ``j > input_pos[i] - window``.
+  With ``ring > 0`` k/v are a sliding layer's ring cache of that many rows: key j sits in row j % ring.
 - GQA: ``Hq = G * Hkv``; the G query heads of one KV head are processed together (G*M rows), so each KV
   tile is read once per KV head.
 - Output ``[1, Hq, M, D]`` in q's dtype (fp32 accumulation), laid out as ``[1, M, Hq, D]``: its
