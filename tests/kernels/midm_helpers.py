@@ -215,12 +215,11 @@ def run_interp_cases() -> int:
         w, freq = make_shared(d, seed=i, rotated=rotated)
         extra = {"k_weight": w} if shared else {}
         cfg = replace(default_config(d), **cfg)
+        k_in, v_in = k, v
         if ring:  # the kernel reads a ring cache; the reference the full one
             extra["ring"] = ring
-            kr, vr = (to_ring(c, L, ring)[:, :, : min(ring, lb)] for c in (k, v))
-            launch(q, kr, vr, freq, pos, scale, win, out, n_sm=n_sm, config=cfg, **extra)
-        else:
-            launch(q, k, v, freq, pos, scale, win, out, n_sm=n_sm, config=cfg, **extra)
+            k_in, v_in = (to_ring(c, L, ring)[:, :, : min(ring, lb)] for c in (k, v))
+        launch(q, k_in, v_in, freq, pos, scale, win, out, n_sm=n_sm, config=cfg, **extra)
         keys = shared_keys64(v, w, freq) if shared else k
         ref = ref64(q, keys, v, pos, freq, scale, win)
         err = rel_err(out, ref)
