@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The 8B and 1B end-to-end measurements on one GPU box, in the order docs/PERFORMANCE.md asks for:
+#   export  both k = KS exports side by side (with --linear-chunk they tune only prefill's attention
+#           matmuls, so the GPU they share does not pick their kernels);
+#   run     each shape alone: target-only, simulated and own-draft speculative (--lossless), eager and
+#           with CUDA graphs, at 1K/16K/32K;
+#   profile each shape's target_verify kernel table (1 and KS+1 rows), the 8B draft's too.
+# Logs and results land in DIR (default out/e2e_rerun). STEPS picks some of export, run, profile.
+#   bash bench/bg.sh start rr bash bench/e2e_rerun.sh [DIR [STEPS...]]
+# Environment: KS (default 5), MAX_SEQ (65536), EXPORT_ARGS (e.g. --linear-chunk).
+set -u
+R=${1:-out/e2e_rerun}
+shift $(($# > 0 ? 1 : 0))
+steps=${*:-export run profile}
+mkdir -p "$R"
+unset OUT # a background job outlives the call whose $OUT it inherited; a later call copies $R
+KS=${KS:-5}
+common=(--ks "$KS" --max-seq "${MAX_SEQ:-65536}")
+step() {
+  local name=$1
+  shift
+  echo "== $name started $(date +%T)"
+  "$@" > "$R/$name.log" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc $(date +%T)"
+  return $rc
+}
+if [[ " $steps " == *" export "* ]]; then
+  for s in llama-3.1-8b llama-3.2-1b; do # the checkpoints first: each export reads its own
+    step "ckpt_$s" python bench/bench_e2e.py --shape "$s" --phase ckpt "${common[@]}"
+  done
+  step export_8b python bench/bench_e2e.py --shape llama-3.1-8b --phase export "${common[@]}" \
+    "--export-args=${EXPORT_ARGS:-}" &
+  step export_1b python bench/bench_e2e.py --shape llama-3.2-1b --phase export "${common[@]}" \
+    "--export-args=${EXPORT_ARGS:-}" &
+  wait
+fi
+if [[ " $steps " == *" run "* ]]; then
+  for s in llama-3.2-1b llama-3.1-8b; do
+    [ -e "out/e2e_$s/art_k$KS/manifest.json" ] || { echo "== run_$s skipped: no export"; continue; }
+    step "run_$s" python bench/bench_e2e.py --shape "$s" --phase run "${common[@]}" --peers none \
+      --lossless --out "$R"
+  done
+fi
+if [[ " $steps " == *" profile "* ]]; then
+  step profile_8b python bench/profile_method.py "out/e2e_llama-3.1-8b/art_k$KS" --ctx 1024,32768 \
+    --rows "1,$((KS + 1))" --json "$R/profile_target_verify_llama-3.1-8b.json"
+  step profile_1b python bench/profile_method.py "out/e2e_llama-3.2-1b/art_k$KS" --ctx 1024 \
+    --rows "1,$((KS + 1))" --json "$R/profile_target_verify_llama-3.2-1b.json"
+  step profile_8b_draft python bench/profile_method.py "out/e2e_llama-3.1-8b/art_k$KS" --method draft \
+    --ctx 1024 --rows 1 --json "$R/profile_draft_llama-3.1-8b.json"
+fi
