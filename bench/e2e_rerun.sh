@@ -7,7 +7,7 @@
 #   profile each shape's target_verify kernel table (1 and KS+1 rows), the 8B draft's too.
 # Logs and results land in DIR (default out/e2e_rerun). STEPS picks some of export, run, profile.
 #   bash bench/bg.sh start rr bash bench/e2e_rerun.sh [DIR [STEPS...]]
-# Environment: KS (default 5), MAX_SEQ (65536), EXPORT_ARGS (e.g. --linear-chunk).
+# Environment: KS (default 5), MAX_SEQ (65536), EXPORT_ARGS (e.g. --linear-chunk), CONTEXTS (1024,16384,32768).
 set -u
 R=${1:-out/e2e_rerun}
 shift $(($# > 0 ? 1 : 0))
@@ -39,7 +39,7 @@ if [[ " $steps " == *" run "* ]]; then
   for s in llama-3.2-1b llama-3.1-8b; do
     [ -e "out/e2e_$s/art_k$KS/manifest.json" ] || { echo "== run_$s skipped: no export"; continue; }
     step "run_$s" python bench/bench_e2e.py --shape "$s" --phase run "${common[@]}" --peers none \
-      --lossless --out "$R"
+      --lossless --contexts "${CONTEXTS:-1024,16384,32768}" --out "$R"
   done
 fi
 if [[ " $steps " == *" profile "* ]]; then
