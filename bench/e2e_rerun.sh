@@ -4,7 +4,8 @@
 #           matmuls, so the GPU they share does not pick their kernels);
 #   run     each shape alone: target-only, simulated and own-draft speculative (--lossless), eager and
 #           with CUDA graphs, at 1K/16K/32K;
-#   profile each shape's target_verify kernel table (1 and KS+1 rows), the 8B draft's too.
+#   profile each shape's target_verify kernel table (1 and KS+1 rows; the 8B shape at 1K and 32K).
+# After the exports, each shape is run then profiled, the 8B shape first.
 # Logs and results land in DIR (default out/e2e_rerun). STEPS picks some of export, run, profile.
 #   bash bench/bg.sh start rr bash bench/e2e_rerun.sh [DIR [STEPS...]]
 # Environment: KS (default 5), MAX_SEQ (65536), EXPORT_ARGS (e.g. --linear-chunk), CONTEXTS (1024,16384,32768).
@@ -35,18 +36,18 @@ if [[ " $steps " == *" export "* ]]; then
     "--export-args=${EXPORT_ARGS:-}" &
   wait
 fi
-if [[ " $steps " == *" run "* ]]; then
-  for s in llama-3.2-1b llama-3.1-8b; do
-    [ -e "out/e2e_$s/art_k$KS/manifest.json" ] || { echo "== run_$s skipped: no export"; continue; }
+# the 8B shape first: its run, then its profile, then the 1B shape's
+for s in llama-3.1-8b llama-3.2-1b; do
+  art="out/e2e_$s/art_k$KS"
+  [ -e "$art/manifest.json" ] || { echo "== $s skipped: no export in $art"; continue; }
+  if [[ " $steps " == *" run "* ]]; then
     step "run_$s" python bench/bench_e2e.py --shape "$s" --phase run "${common[@]}" --peers none \
       --lossless --contexts "${CONTEXTS:-1024,16384,32768}" --out "$R"
-  done
-fi
-if [[ " $steps " == *" profile "* ]]; then
-  step profile_8b python bench/profile_method.py "out/e2e_llama-3.1-8b/art_k$KS" --ctx 1024,32768 \
-    --rows "1,$((KS + 1))" --json "$R/profile_target_verify_llama-3.1-8b.json"
-  step profile_1b python bench/profile_method.py "out/e2e_llama-3.2-1b/art_k$KS" --ctx 1024 \
-    --rows "1,$((KS + 1))" --json "$R/profile_target_verify_llama-3.2-1b.json"
-  step profile_8b_draft python bench/profile_method.py "out/e2e_llama-3.1-8b/art_k$KS" --method draft \
-    --ctx 1024 --rows 1 --json "$R/profile_draft_llama-3.1-8b.json"
-fi
+  fi
+  if [[ " $steps " == *" profile "* ]]; then
+    ctx=1024,32768
+    [ "$s" = llama-3.2-1b ] && ctx=1024
+    step "profile_$s" python bench/profile_method.py "$art" --ctx "$ctx" --rows "1,$((KS + 1))" \
+      --json "$R/profile_target_verify_$s.json"
+  fi
+done
