@@ -38,7 +38,8 @@ if [[ " $steps " == *" export "* ]]; then
 fi
 # the 8B shape first: its run, then its profile, then the 1B shape's
 for s in llama-3.1-8b llama-3.2-1b; do
-  art="out/e2e_$s/art_k$KS"
+  art="out/e2e_$s/art_k$KS" # bench_e2e.py's --work for this max_seq_len
+  [ "${MAX_SEQ:-65536}" = 65536 ] || art="out/e2e_${s}_$MAX_SEQ/art_k$KS"
   [ -e "$art/manifest.json" ] || { echo "== $s skipped: no export in $art"; continue; }
   if [[ " $steps " == *" run "* ]]; then
     step "run_$s" python bench/bench_e2e.py --shape "$s" --phase run "${common[@]}" --peers none \
