@@ -394,12 +394,12 @@ class Attention(nn.Module):
             raise ValueError("a K = V layer needs its key and value norms together, with one eps, or neither")
         self.rotary = Rotary(rope, head_dim)
         self.scale, self.softcap, self.window = scale, softcap, window
-        # The split-K kernel covers full causal attention without a logit softcap (docs/design.md §5: a
-        # sliding-window layer's attention takes the plain windowed path); the few-rows linear kernel
-        # serves every projection of a verify/draft call, sliding layers' too.
+        # The split-K kernel covers causal attention without a logit softcap, full or over a sliding
+        # window (its own cache or a ring, docs/design.md §5); the few-rows linear kernel serves every
+        # projection of a verify/draft call.
         widest = MIDM_MAX_SHARED_HEAD_DIM if k_eq_v else MIDM_MAX_HEAD_DIM
         self.ring = cache_rows is not None and cache_rows < max_seq_len
-        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest and window is None
+        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest
         self.rows_kernel = kernels.linear_rows
         self.chunk_kernel = kernels.linear_chunk
         self.delegate_forms = False  # see use_delegate_forms
@@ -485,7 +485,8 @@ class Attention(nn.Module):
             w = self._key_multiplier(v)
             o = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, input_pos, self.scale, window)
         elif few_rows and self.use_sdpa_midm:
-            o = torch.ops.etspec.sdpa_midm(q, self._keys(kv_len), v, freq, input_pos, self.scale, window)
+            ring = self.v_cache.shape[2] if self.ring else 0
+            o = torch.ops.etspec.sdpa_midm(q, self._keys(kv_len), v, freq, input_pos, self.scale, window, ring)
         else:
             q = self._rope(q, cos, sin)
             ring = self.v_cache.shape[2] if self.ring else None

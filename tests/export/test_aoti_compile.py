@@ -58,12 +58,20 @@ def test_only_methods_with_a_matmul_are_tuned(family, kernels, tuned):
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text"])
-def test_sliding_layers_take_the_linear_kernels(family):
-    """A sliding layer's verify attention stays on SDPA (never sdpa_midm), but its projections, like
-    every other layer's, are etspec::linear_rows: no aten matmul is left in target_verify."""
-    verify = _exported(family, ALL_KERNELS)["target_verify"]
-    assert not matmul_ops(verify) & {"linear", "matmul", "mm", "bmm", "addmm"}, matmul_ops(verify)
-    assert any("scaled_dot_product" in op for op in matmul_ops(verify))
+def test_sliding_layers_take_the_kernels(family):
+    """Sliding layers' verify attention is etspec::sdpa_midm over their window and their projections
+    etspec::linear_rows, like the full layers': target_verify holds no aten matmul or SDPA and compiles
+    untuned."""
+    eps = _exported(family, ALL_KERNELS)
+    verify = eps["target_verify"]
+    assert not matmul_ops(verify), matmul_ops(verify)
+    assert not methods_to_tune(eps)["target_verify"]
+    windows = [
+        n.args[6] if len(n.args) > 6 else n.kwargs.get("window", 0)
+        for n in verify.graph.nodes
+        if n.op == "call_function" and "sdpa_midm" in str(n.target)
+    ]
+    assert 0 in windows and any(w > 0 for w in windows), windows  # full and sliding layers
 
 
 def test_matmul_ops_sees_matmuls_inside_nested_graphs():

@@ -9,21 +9,35 @@ import pytest
 import torch
 
 from etspec.fixtures.tiny import random_target, tiny_target_config
-from etspec.models.layers import Attention, attention_mask, ring_positions
+from etspec.kernels import register_ops
+from etspec.models.layers import ALL_KERNELS, PLAIN_OPS, Attention, attention_mask, ring_positions
 
 MAX_SEQ, MAX_ROWS = 96, 6
 
 
-def _call(model, tokens, start):
+def _call(model, tokens, start, few_rows=False):
     n = tokens.shape[1]
     with torch.no_grad():
-        return model(tokens, torch.arange(start, start + n), torch.empty(start + n, dtype=torch.int8))
+        h, _ = model.hidden(tokens, torch.arange(start, start + n), start + n, few_rows)
+        return model.logits(h, few_rows)
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["plain", "kernels"])
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gemma4_text"])
-def test_ring_equals_full_caches_through_rejected_drafts(family):
+def test_ring_equals_full_caches_through_rejected_drafts(family, kernels, monkeypatch):
+    """With the kernels on, the verify blocks' sliding layers read the ring through etspec::sdpa_midm
+    (its CPU implementation, the reference math) where they have no logit softcap."""
     full = random_target(family, MAX_SEQ, seed=3)
-    ring = random_target(family, MAX_SEQ, seed=3, max_rows=MAX_ROWS)
+    ring = random_target(family, MAX_SEQ, seed=3, max_rows=MAX_ROWS, kernels=ALL_KERNELS if kernels else PLAIN_OPS)
+    register_ops()
+    rings_seen = []
+    op = torch.ops.etspec.sdpa_midm
+
+    def counting(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
+        rings_seen.append(ring)
+        return op(q, k, v, inv_freq, input_pos, scale, window, ring)
+
+    monkeypatch.setattr(torch.ops.etspec, "sdpa_midm", counting)
     window = full.cfg.sliding_window
     for model in (full, ring):  # ExecuTorch leaves caches uninitialised: unwritten rows must never be read
         for buf in model.buffers():
@@ -42,9 +56,14 @@ def test_ring_equals_full_caches_through_rejected_drafts(family):
         plan = [(6, 1), (1, 1), (6, 4), (6, 0), (2, 1), (6, 6), (6, 2), (1, 0), (6, 5), (3, 3), (6, 1)]
         for rows, kept in plan[: 11 - 5 * sequence] * 2:
             block = torch.randint(0, 256, (1, rows), generator=gen)
-            torch.testing.assert_close(_call(ring, block, pos), _call(full, block, pos), atol=2e-5, rtol=1e-4)
+            got = _call(ring, block, pos, few_rows=kernels)
+            torch.testing.assert_close(got, _call(full, block, pos), atol=2e-5, rtol=1e-4)
             pos += max(kept, 1)
         assert pos > window + 2 * MAX_ROWS  # the ring has wrapped
+    # the ring layers without a softcap took the kernel, given their ring's rows (full layers: 0)
+    ringed = [a for a in (x.self_attn for x in ring.layers) if a.ring and a.softcap is None]
+    assert set(rings_seen) - {0} == ({a.v_cache.shape[2] for a in ringed} if kernels else set())
+    assert bool(ringed) == (family != "gemma2")
 
 
 def test_more_rows_than_the_bound_are_refused():
