@@ -165,8 +165,10 @@ def test_out_of_vocab_ids_refused_before_any_launch(cuda_art, monkeypatch):
 
 def test_gemma4_k_eq_v_rounds_match_eager(tiny_checkpoints, tmp_path):
     """The tiny Gemma 4 pair exported for CUDA with the few-rows kernels: its K = V full layers cache one
-    tensor and verify through etspec::sdpa_midm_shared_kv inside the AOTInductor program; every call of
-    a speculative and a target-only run equals eager, and the runner with graphs equals target-only."""
+    tensor and verify through etspec::sdpa_midm_shared_kv, its sliding layers through etspec::sdpa_midm
+    over ring caches (window + 2 x 16 rows, wrapped by the 57 positions of a run), inside the
+    AOTInductor program; every call of a speculative and a target-only run equals eager (full-length
+    caches), and the runner with graphs equals target-only."""
     target, draft = tiny_checkpoints("gemma4_text")
     out = tmp_path / "gemma4"
     argv = ["--target", str(target), "--draft", str(draft), "--out", str(out), "--backend", "cuda"]
@@ -177,6 +179,8 @@ def test_gemma4_k_eq_v_rounds_match_eager(tiny_checkpoints, tmp_path):
     eager = load_speculator(target, draft, TINY_MAX_SEQ, TINY_K, kernels=both, device="cuda")
     full = eager.target.layers[2].self_attn
     assert full.k_cache is None and full.shared_kv and full.use_sdpa_midm
+    sliding = eager.target.layers[0].self_attn
+    assert sliding.window and sliding.use_sdpa_midm
     with Program.load(out) as program:
         rec = Recorder(program, eager, atol=2e-3)
         prompt = random_prompt(37, 3)  # a three-chunk prefill
