@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The 8B and 1B end-to-end measurements on one GPU box, in the order docs/PERFORMANCE.md asks for:
-#   export  both k = KS exports side by side (with --linear-chunk they tune only prefill's attention
-#           matmuls, so the GPU they share does not pick their kernels);
+#   export  both k = KS exports, side by side on a GPU with room for both (with --linear-chunk they
+#           tune only prefill's attention matmuls, so sharing the GPU picks none of the other kernels);
 #   run     each shape alone: target-only, simulated and own-draft speculative (--lossless), eager and
 #           with CUDA graphs, at 1K/16K/32K;
 #   profile each shape's target_verify kernel table (1 and KS+1 rows; the 8B shape at 1K and 32K).
 # After the exports, each shape is run then profiled, the 8B shape first.
 # Logs and results land in DIR (default out/e2e_rerun). STEPS picks some of export, run, profile.
 #   bash bench/bg.sh start rr bash bench/e2e_rerun.sh [DIR [STEPS...]]
-# Environment: KS (default 5), MAX_SEQ (65536), EXPORT_ARGS (e.g. --linear-chunk), CONTEXTS (1024,16384,32768).
+# Environment: KS (default 5), MAX_SEQ (65536; 40960 on a GPU under 100 GB), EXPORT_ARGS (e.g.
+# --linear-chunk), CONTEXTS (1024,16384,32768).
 set -u
 R=${1:-out/e2e_rerun}
 shift $(($# > 0 ? 1 : 0))
@@ -16,7 +17,11 @@ steps=${*:-export run profile}
 mkdir -p "$R"
 unset OUT # a background job outlives the call whose $OUT it inherited; a later call copies $R
 KS=${KS:-5}
-common=(--ks "$KS" --max-seq "${MAX_SEQ:-65536}")
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+# an 80 GB card exports the 8B shape at 40960 positions (peak 74.5 GiB), not at 65536
+[ "$mib" -ge 100000 ] || MAX_SEQ=${MAX_SEQ:-40960}
+MAX_SEQ=${MAX_SEQ:-65536}
+common=(--ks "$KS" --max-seq "$MAX_SEQ")
 step() {
   local name=$1
   shift
@@ -30,8 +35,11 @@ if [[ " $steps " == *" export "* ]]; then
   for s in llama-3.1-8b llama-3.2-1b; do # the checkpoints first: each export reads its own
     step "ckpt_$s" python bench/bench_e2e.py --shape "$s" --phase ckpt "${common[@]}"
   done
+  # side by side only where both fit: on an 80 GB H100 the 8B export (max_seq_len 40960) peaks at
+  # 74.5 GiB, and a 1B export beside it ran out of memory (docs/PERFORMANCE.md)
   step export_8b python bench/bench_e2e.py --shape llama-3.1-8b --phase export "${common[@]}" \
     "--export-args=${EXPORT_ARGS:-}" &
+  [ "$mib" -ge 100000 ] || wait
   step export_1b python bench/bench_e2e.py --shape llama-3.2-1b --phase export "${common[@]}" \
     "--export-args=${EXPORT_ARGS:-}" &
   wait
@@ -39,7 +47,7 @@ fi
 # the 8B shape first: its run, then its profile, then the 1B shape's
 for s in llama-3.1-8b llama-3.2-1b; do
   art="out/e2e_$s/art_k$KS" # bench_e2e.py's --work for this max_seq_len
-  [ "${MAX_SEQ:-65536}" = 65536 ] || art="out/e2e_${s}_$MAX_SEQ/art_k$KS"
+  [ "$MAX_SEQ" = 65536 ] || art="out/e2e_${s}_$MAX_SEQ/art_k$KS"
   [ -e "$art/manifest.json" ] || { echo "== $s skipped: no export in $art"; continue; }
   if [[ " $steps " == *" run "* ]]; then
     step "run_$s" python bench/bench_e2e.py --shape "$s" --phase run "${common[@]}" --peers none \
