@@ -219,11 +219,36 @@ def export_shaped(
             str(draft_len),
         ]
         t0 = time.perf_counter()
-        subprocess.run(cmd + list(extra_args), check=True)
+        info["steps"] = run_export(cmd + list(extra_args))
         info["export_s"] = time.perf_counter() - t0
+        info["export_args"] = list(extra_args)
         info_file.write_text(json.dumps(info))
     info["files_mib"] = {f.name: f.stat().st_size / 2**20 for f in sorted(art.iterdir())}
     return art, info
+
+
+def export_steps(lines) -> list[str]:
+    """The export's own timing lines (each stage's `done in`, each CUDA method's AOTInductor split and
+    peak GPU memory, `compiled in`), without their clock prefix: where an export's time goes."""
+    keep = (" done in ", "AOTInductor", " compiled in ")
+    return [
+        line.split("] ", 1)[1].strip()
+        for line in lines
+        if line.startswith("[etspec-export") and "] " in line and any(k in line for k in keep)
+    ]
+
+
+def run_export(cmd: list[str]) -> list[str]:
+    """Run an export command, its output passed through; returns `export_steps` of that output."""
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+    sys.stdout.flush()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return export_steps(lines)
 
 
 class Floors:
