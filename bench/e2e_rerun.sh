@@ -9,7 +9,8 @@
 # Logs and results land in DIR (default out/e2e_rerun). STEPS picks some of export, run, profile.
 #   bash bench/bg.sh start rr bash bench/e2e_rerun.sh [DIR [STEPS...]]
 # Environment: KS (default 5), MAX_SEQ (65536; 40960 on a GPU under 100 GB), EXPORT_ARGS (e.g.
-# --linear-chunk), CONTEXTS (1024,16384,32768).
+# --linear-chunk), CONTEXTS (1024,16384,32768), SHAPES ("llama-3.1-8b llama-3.2-1b": one of them alone
+# where the GPU time is short; on an H100 the two exports run one after the other).
 set -u
 R=${1:-out/e2e_rerun}
 shift $(($# > 0 ? 1 : 0))
@@ -22,6 +23,7 @@ mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -
 [ "$mib" -ge 100000 ] || MAX_SEQ=${MAX_SEQ:-40960}
 MAX_SEQ=${MAX_SEQ:-65536}
 common=(--ks "$KS" --max-seq "$MAX_SEQ")
+SHAPES=${SHAPES:-llama-3.1-8b llama-3.2-1b}
 step() {
   local name=$1
   shift
@@ -32,20 +34,20 @@ step() {
   return $rc
 }
 if [[ " $steps " == *" export "* ]]; then
-  for s in llama-3.1-8b llama-3.2-1b; do # the checkpoints first: each export reads its own
+  for s in $SHAPES; do # the checkpoints first: each export reads its own
     step "ckpt_$s" python bench/bench_e2e.py --shape "$s" --phase ckpt "${common[@]}"
   done
   # side by side only where both fit: on an 80 GB H100 the 8B export (max_seq_len 40960) peaks at
   # 74.5 GiB, and a 1B export beside it ran out of memory (docs/PERFORMANCE.md)
-  step export_8b python bench/bench_e2e.py --shape llama-3.1-8b --phase export "${common[@]}" \
-    "--export-args=${EXPORT_ARGS:-}" &
-  [ "$mib" -ge 100000 ] || wait
-  step export_1b python bench/bench_e2e.py --shape llama-3.2-1b --phase export "${common[@]}" \
-    "--export-args=${EXPORT_ARGS:-}" &
+  for s in $SHAPES; do
+    step "export_$s" python bench/bench_e2e.py --shape "$s" --phase export "${common[@]}" \
+      "--export-args=${EXPORT_ARGS:-}" &
+    [ "$mib" -ge 100000 ] || wait
+  done
   wait
 fi
-# the 8B shape first: its run, then its profile, then the 1B shape's
-for s in llama-3.1-8b llama-3.2-1b; do
+# each shape's run, then its profile, in SHAPES' order
+for s in $SHAPES; do
   art="out/e2e_$s/art_k$KS" # bench_e2e.py's --work for this max_seq_len
   [ "$MAX_SEQ" = 65536 ] || art="out/e2e_${s}_$MAX_SEQ/art_k$KS"
   [ -e "$art/manifest.json" ] || { echo "== $s skipped: no export in $art"; continue; }
