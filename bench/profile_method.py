@@ -91,7 +91,14 @@ def profile_point(p: Program, method: str, ctx: int, rows: int, calls: int) -> d
     print(summary)
     for cat, c in sorted(cats.items(), key=lambda kv: -kv[1]["us"]):
         print(f"  {cat:<22} {c['launches']:5.0f} launches {c['us']:9.1f} us")
-    return {"method": method, "ctx": ctx, "rows": rows, "summary": summary, "categories": cats, "kernels": rows_out}
+    return {
+        "method": method,
+        "ctx": ctx,
+        "rows": rows,
+        "summary": summary,
+        "categories": cats,
+        "kernels": rows_out,
+    }
 
 
 def main() -> int:

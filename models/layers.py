@@ -486,7 +486,9 @@ class Attention(nn.Module):
             o = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, input_pos, self.scale, window)
         elif few_rows and self.use_sdpa_midm:
             ring = self.v_cache.shape[2] if self.ring else 0
-            o = torch.ops.etspec.sdpa_midm(q, self._keys(kv_len), v, freq, input_pos, self.scale, window, ring)
+            o = torch.ops.etspec.sdpa_midm(
+                q, self._keys(kv_len), v, freq, input_pos, self.scale, window, ring
+            )
         else:
             q = self._rope(q, cos, sin)
             ring = self.v_cache.shape[2] if self.ring else None

@@ -28,7 +28,9 @@ def test_ring_equals_full_caches_through_rejected_drafts(family, kernels, monkey
     """With the kernels on, the verify blocks' sliding layers read the ring through etspec::sdpa_midm
     (its CPU implementation, the reference math) where they have no logit softcap."""
     full = random_target(family, MAX_SEQ, seed=3)
-    ring = random_target(family, MAX_SEQ, seed=3, max_rows=MAX_ROWS, kernels=ALL_KERNELS if kernels else PLAIN_OPS)
+    ring = random_target(
+        family, MAX_SEQ, seed=3, max_rows=MAX_ROWS, kernels=ALL_KERNELS if kernels else PLAIN_OPS
+    )
     register_ops()
     rings_seen = []
     op = torch.ops.etspec.sdpa_midm
