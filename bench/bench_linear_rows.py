@@ -8,12 +8,16 @@ the kernel without K splits, for cuBLAS (`F.linear`) and for the Triton mm templ
 is). Every call is timed over enough copies of its weights to exceed the L2 cache three times, as in a
 model, where no layer's weights are in L2 when it runs.
 `--sweep` times column blocks x K splits instead and prints the best per shape.
+`--prefetch` times each model's four layer projections back to back (q/k/v, o, gate+up, down, over
+enough layers' weights to exceed L2 three times), each call asking L2 for the first lines of the next
+call's weight as its programs finish (`launch(prefetch=...)`), at several prefetch sizes against none:
+µs per layer and the fraction of the read bandwidth.
 `--chunk` times etspec::linear_chunk (the kernel in 64-row blocks) on prefill chunks instead (64 and 256
 rows, plus the Gemma-4-31B shape's projections) against the same peers: these calls are bound by
 compute as much as by the weight stream, so each row also gives its rate against the dense bf16 matmul
 rate measured in the same run, and `--chunk --sweep` times a grid of chunk tiles.
 
-    python bench/bench_linear_rows.py [--sweep] [--chunk] [--no-inductor]
+    python bench/bench_linear_rows.py [--sweep] [--chunk] [--prefetch] [--no-inductor]
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ CHUNK_SHAPES = {  # prefill's projections (lm_head runs on one row there)
     "g4 down": (21504, [5376], ""),
 }
 CHUNK_ROWS = (64, 256)
+LAYERS = {m: [f"{m} qkv", f"{m} o", f"{m} gate+up", f"{m} down"] for m in ("1b", "8b")}
+PREFETCH_MIB = (0, 2, 8, 24)
 
 
 def weights(k: int, ns: list[int], gated: str) -> list[list[torch.Tensor]]:
@@ -203,11 +209,57 @@ def measure_shapes(shapes: dict, row_counts, chunk: bool, inductor: bool, ceilin
     return rows
 
 
+def _layer_call(launches: list[tuple], mib: int):
+    """One layer's projections as one callable: each launch prefetches the next one's first weight."""
+
+    def run():
+        for x, ws, gated, out, nxt in launches:
+            w1, w2, w3 = (ws + [None, None])[:3]
+            launch(x, w1, w2, w3, gated, out, prefetch=nxt if mib else None, prefetch_bytes=mib << 20)
+
+    return run
+
+
+def layer_streams(read: float, rows=(1, 6)) -> list[dict]:
+    """µs per layer of the four projections back to back, without and with each call prefetching the
+    next call's first weight (q's for q/k/v, the gate's for gate+up) into L2, per prefetch size."""
+    out = []
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    for model, names in LAYERS.items():
+        specs = [SHAPES[n] for n in names]
+        per_layer = sum(2 * k * sum([ns[0], ns[0]] if g else ns) for k, ns, g in specs)
+        n_layers = max(2, -(-3 * l2 // per_layer))
+        chain = [(i, weights(k, ns, g)[0]) for _ in range(n_layers) for i, (k, ns, g) in enumerate(specs)]
+        for m in rows:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k, _, _ in specs]
+            ys = [
+                torch.empty(m, ns[0] if g else sum(ns), device="cuda", dtype=torch.bfloat16)
+                for _, ns, g in specs
+            ]
+            launches = [
+                (xs[i], ws, specs[i][2], ys[i], chain[(j + 1) % len(chain)][1][0])
+                for j, (i, ws) in enumerate(chain)
+            ]
+            for mib in PREFETCH_MIB:
+                calls = [_layer_call(launches[4 * j : 4 * j + 4], mib) for j in range(n_layers)]
+                us = time_calls_in_graph(calls, target_ms=3.0)
+                row = {"model": model, "rows": m, "prefetch_mib": mib, "us_per_layer": us, "layers": n_layers}
+                row["read_frac"] = per_layer / (us / 1e6) / read
+                out.append(row)
+                log(
+                    f"{model} M={m} prefetch {mib:2d} MiB: {us:7.1f} us/layer, {row['read_frac']:.1%} of read"
+                )
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="time the tuning grid instead")
     ap.add_argument("--no-inductor", action="store_true", help="skip the Triton mm template peer")
     ap.add_argument("--chunk", action="store_true", help="etspec::linear_chunk on prefill chunks instead")
+    ap.add_argument(
+        "--prefetch", action="store_true", help="a layer's projections back to back, with L2 prefetch"
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -223,7 +275,9 @@ def main() -> int:
     if args.chunk:
         res["matmul_tflops"] = tflops = matmul_tflops()
         log(f"dense bf16 matmul {tflops:.0f} TFLOP/s")
-    if args.chunk and args.sweep:
+    if args.prefetch:
+        res["layers"] = layer_streams(read)
+    elif args.chunk and args.sweep:
         res["sweep"] = chunk_sweep(read, tflops)
     elif args.sweep:
         res["sweep"] = sweep(read)
@@ -232,7 +286,9 @@ def main() -> int:
         shapes, counts = (CHUNK_SHAPES, CHUNK_ROWS) if args.chunk else (SHAPES, (1, 5, 8))
         res["rows"] = measure_shapes(shapes, counts, args.chunk, not args.no_inductor, ceilings)
     args.out.mkdir(parents=True, exist_ok=True)
-    kind = ("_chunk" if args.chunk else "") + ("_sweep" if args.sweep else "")
+    kind = (
+        "_prefetch" if args.prefetch else ("_chunk" if args.chunk else "") + ("_sweep" if args.sweep else "")
+    )
     path = args.out / f"linear_rows{kind}_{gpu.replace(' ', '_')}.json"
     path.write_text(json.dumps(res, indent=1))
     if os.environ.get("OUT"):

@@ -146,6 +146,22 @@ def _dot(x, w, acc, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(pf_ptr, PF_N, PF_K, PF_LINES: tl.constexpr, PF_STEP: tl.constexpr, PF_ROWS: tl.constexpr):
+    # this program's share of the next weight's rows, each row's first PF_LINES 128-byte lines (PF_STEP
+    # elements apart): fire-and-forget L2 prefetches, so nothing waits for them
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    me = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    share = tl.cdiv(PF_N, nprog)
+    lines = tl.arange(0, PF_LINES)
+    for r0 in range(me * share, tl.minimum(PF_N, (me + 1) * share), PF_ROWS):
+        rows = tl.minimum(r0 + tl.arange(0, PF_ROWS), PF_N - 1)  # a repeated row is a repeated hint
+        ptrs = pf_ptr + rows.to(tl.int64)[:, None] * PF_K + (lines * PF_STEP)[None, :]
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
+@triton.jit
 def _linear_rows_kernel(
     x_ptr,
     w1_ptr,
@@ -161,6 +177,9 @@ def _linear_rows_kernel(
     N3,
     stride_xm,
     stride_om,
+    pf_ptr,  # the weight the next call will stream (PF_LINES > 0): its first lines go to L2 at the end
+    PF_N,
+    PF_K,
     SPLIT: tl.constexpr,  # K splits: 1 stores the result, more store fp32 partials
     GATES: tl.constexpr,  # partials per split: 1, or 2 for gated calls (gate and up)
     BLOCK_M: tl.constexpr,
@@ -170,6 +189,9 @@ def _linear_rows_kernel(
     EVEN_K: tl.constexpr,
     FP32_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
+    PF_LINES: tl.constexpr = 0,  # 128-byte lines of each next-weight row to prefetch; 0: none
+    PF_STEP: tl.constexpr = 64,  # elements per 128-byte line
+    PF_ROWS: tl.constexpr = 16,  # next-weight rows per prefetch step
 ):
     # axis 0 walks the row blocks of one column block before the next column block, so the programs
     # that read one weight slab run together and all but the first find it in L2
@@ -227,6 +249,8 @@ def _linear_rows_kernel(
         tl.store(part, acc, mask=ok)
         if ACT != 0:
             tl.store(part + M * width, acc2, mask=ok)
+    if PF_LINES > 0:
+        _prefetch_l2(pf_ptr, PF_N, PF_K, PF_LINES, PF_STEP, PF_ROWS)
 
 
 @triton.jit
@@ -266,9 +290,17 @@ def launch(
     out: torch.Tensor,
     *,
     config: RowsConfig | None = None,
+    prefetch: torch.Tensor | None = None,
+    prefetch_bytes: int = 8 << 20,
 ) -> torch.Tensor:
     """Run the kernel on x [rows, K] (unit stride on K) into out [rows, N] and return out; the op calls
-    it with ``config=None`` (:func:`default_config`), tests and benches with the tiles they try."""
+    it with ``config=None`` (:func:`default_config`), tests and benches with the tiles they try.
+
+    ``prefetch``: the weight ``[N', K']`` (contiguous) that the next call will stream. Each program, once
+    its own stream is done, asks L2 for its share of the first lines of every row of it, about
+    ``prefetch_bytes`` in all, so that DRAM keeps streaming through this call's tail and the launch gap
+    and the next call's first tiles are in L2 (CUDA only; the interpreter skips it). Not used by the op
+    yet: ``bench/bench_linear_rows.py --prefetch`` measures it."""
     rows, kdim = x.shape
     act = 0 if not gated else ACTS.index(gated) + 1
     ns = [w1.shape[0], 0 if w2 is None else w2.shape[0], 0 if w3 is None else w3.shape[0]]
@@ -286,6 +318,11 @@ def launch(
     if split > 1:
         part = torch.empty((split, 2 if act else 1, rows, width), dtype=torch.float32, device=x.device)
     m_blocks = (rows + c.block_m - 1) // c.block_m  # rows may be symbolic under export
+    pf_lines, pf_step = 0, 128 // x.element_size()
+    if prefetch is not None and not INTERPRET:
+        pf_n, pf_k = prefetch.shape
+        lines = max(1, min(prefetch_bytes // max(1, pf_n * 128), triton.cdiv(pf_k, pf_step)))
+        pf_lines = 1 << (lines.bit_length() - 1)  # a power of two (tl.arange), within each row
     launchable(_linear_rows_kernel)[(blocks * m_blocks, split)](
         x,
         w1,
@@ -301,6 +338,9 @@ def launch(
         ns[2],
         x.stride(0),
         out.stride(0),
+        w1 if prefetch is None else prefetch,
+        0 if prefetch is None else prefetch.shape[0],
+        0 if prefetch is None else prefetch.shape[1],
         SPLIT=split,
         GATES=2 if act else 1,
         BLOCK_M=c.block_m,
@@ -310,6 +350,8 @@ def launch(
         EVEN_K=kdim % block_k == 0,
         FP32_DOT=x.dtype == torch.float32,
         UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+        PF_LINES=pf_lines,
+        PF_STEP=pf_step,
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import triton
 
 from etspec.kernels import register_ops
 from etspec.kernels.linear_rows import MAX_ROWS, default_config, plan_split_k
@@ -211,3 +212,41 @@ def test_k_splits_only_where_they_paid():
     }
     assert plan_split_k(16, 64, 132) == 8  # capped
     assert plan_split_k(10, 40, 132) == 4  # 10 tiles per split; 8 splits would leave 5
+
+
+@pytest.mark.parametrize("gated, lines", [("", 8), ("silu", 2)])
+def test_prefetching_kernel_compiles_for_hopper(gated, lines):
+    """The kernel with its L2 prefetch of the next weight (`launch(prefetch=...)`: inline PTX, which the
+    interpreter cannot run) compiles through ptxas to an sm_90 cubin, and the prefetches survive into
+    its PTX, once per (row, line) step of each thread."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from etspec.kernels.linear_rows import _linear_rows_kernel
+
+    cfg = default_config(gated)
+    ptrs = ("x_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "out_ptr", "part_ptr", "pf_ptr")
+    ints = ("M", "K", "K_SPLIT", "N1", "N2", "N3", "stride_xm", "stride_om", "PF_N", "PF_K")
+    consts = {
+        "SPLIT": 1,
+        "GATES": 2 if gated else 1,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+        "ACT": 1 if gated else 0,
+        "EVEN_K": True,
+        "FP32_DOT": False,
+        "UPCAST": False,
+        "PF_LINES": lines,
+        "PF_STEP": 64,
+        "PF_ROWS": 16,
+    }
+    sig = {p: "*bf16" for p in ptrs} | {i: "i32" for i in ints} | {c: "constexpr" for c in consts}
+    src = ASTSource(
+        fn=_linear_rows_kernel,
+        signature=sig,
+        constexprs={(list(sig).index(c),): v for c, v in consts.items()},
+    )
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    assert compiled.asm["cubin"]
+    assert "prefetch.global.L2" in compiled.asm["ptx"]

@@ -145,6 +145,30 @@ def test_cuda_graph_replay():
         assert rel_err(out, ref64(x, ws)) < TOL_GPU[BF16]
 
 
+@pytest.mark.parametrize(
+    "k,ns,gated,nxt", [(4096, [4096, 1024, 1024], "", (4096, 4096)), (2048, [8192], "silu", (2048, 8192))]
+)
+@pytest.mark.parametrize("mib", [1, 8, 64])
+def test_prefetch_changes_no_result(k, ns, gated, nxt, mib):
+    """With the next weight's L2 prefetch (sizes from a few lines per row to the whole next weight), the
+    result is the one without it, bit for bit, eager and replayed from a CUDA graph."""
+    x, ws = make(6, k, ns, BF16, seed=3, gated=gated)
+    x, ws = x.cuda(), [w.cuda() for w in ws]
+    w1, w2, w3 = (ws + [None, None])[:3]
+    nxt_w = torch.randn(nxt, dtype=BF16, device="cuda")
+    n = ns[0] if gated else sum(ns)
+    want = launch(x, w1, w2, w3, gated, torch.empty(6, n, dtype=BF16, device="cuda"))
+    out = torch.full((6, n), float("nan"), dtype=BF16, device="cuda")
+    assert torch.equal(launch(x, w1, w2, w3, gated, out, prefetch=nxt_w, prefetch_bytes=mib << 20), want)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        launch(x, w1, w2, w3, gated, out, prefetch=nxt_w, prefetch_bytes=mib << 20)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
 class _Rows(torch.nn.Module):
     """A 1B down projection (planned with K splits under linear_rows) and an MLP's gate+up, as the models
     call the op `op`."""
