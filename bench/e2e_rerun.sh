@@ -24,15 +24,7 @@ mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -
 MAX_SEQ=${MAX_SEQ:-65536}
 common=(--ks "$KS" --max-seq "$MAX_SEQ")
 SHAPES=${SHAPES:-llama-3.1-8b llama-3.2-1b}
-step() {
-  local name=$1
-  shift
-  echo "== $name started $(date +%T)"
-  "$@" > "$R/$name.log" 2>&1
-  local rc=$?
-  echo "== $name rc=$rc $(date +%T)"
-  return $rc
-}
+source "$(dirname "$0")/steps.sh"
 if [[ " $steps " == *" export "* ]]; then
   for s in $SHAPES; do # the checkpoints first: each export reads its own
     step "ckpt_$s" python bench/bench_e2e.py --shape "$s" --phase ckpt "${common[@]}"

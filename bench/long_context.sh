@@ -15,15 +15,7 @@ shift $(($# > 0 ? 1 : 0))
 steps=${*:-gemma4 sdpa 1b}
 mkdir -p "$R"
 unset OUT # a background job outlives the call whose $OUT it inherited; a later call copies $R
-step() {
-  local name=$1
-  shift
-  echo "== $name started $(date +%T)"
-  "$@" > "$R/$name.log" 2>&1
-  local rc=$?
-  echo "== $name rc=$rc $(date +%T)"
-  return $rc
-}
+source "$(dirname "$0")/steps.sh"
 g4=(--shape gemma-4-31b-12l --max-seq 131072 --ks 5 --work out/lc_gemma4)
 l1=(--shape llama-3.2-1b --max-seq 131072 --ks 5 --work out/lc_1b)
 run=(--peers none --lossless --tag 128k --out "$R")
