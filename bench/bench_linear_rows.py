@@ -64,11 +64,12 @@ LAYERS = {m: [f"{m} qkv", f"{m} o", f"{m} gate+up", f"{m} down"] for m in ("1b",
 PREFETCH_MIB = (0, 2, 8, 24)
 
 
-def weights(k: int, ns: list[int], gated: str) -> list[list[torch.Tensor]]:
-    """Copies of one call's weights, enough that they exceed the L2 cache three times (at least two)."""
+def weights(k: int, ns: list[int], gated: str, copies: int = 0) -> list[list[torch.Tensor]]:
+    """`copies` copies of one call's weights; 0: enough that they exceed the L2 cache three times (at
+    least two)."""
     ns = [ns[0], ns[0]] if gated else ns
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    copies = max(2, min(16, -(-3 * l2 // (2 * k * sum(ns)))))
+    copies = copies or max(2, min(16, -(-3 * l2 // (2 * k * sum(ns)))))
     return [
         [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n in ns] for _ in range(copies)
     ]
@@ -229,7 +230,9 @@ def layer_streams(read: float, rows=(1, 6)) -> list[dict]:
         specs = [SHAPES[n] for n in names]
         per_layer = sum(2 * k * sum([ns[0], ns[0]] if g else ns) for k, ns, g in specs)
         n_layers = max(2, -(-3 * l2 // per_layer))
-        chain = [(i, weights(k, ns, g)[0]) for _ in range(n_layers) for i, (k, ns, g) in enumerate(specs)]
+        chain = [
+            (i, weights(k, ns, g, copies=1)[0]) for _ in range(n_layers) for i, (k, ns, g) in enumerate(specs)
+        ]
         for m in rows:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k, _, _ in specs]
             ys = [

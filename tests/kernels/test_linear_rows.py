@@ -218,7 +218,7 @@ def test_k_splits_only_where_they_paid():
 def test_prefetching_kernel_compiles_for_hopper(gated, lines):
     """The kernel with its L2 prefetch of the next weight (`launch(prefetch=...)`: inline PTX, which the
     interpreter cannot run) compiles through ptxas to an sm_90 cubin, and the prefetches survive into
-    its PTX, once per (row, line) step of each thread."""
+    its PTX."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
