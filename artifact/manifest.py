@@ -22,11 +22,12 @@ import torch
 
 from .files import MANIFEST_NAME
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: Formats this etspec reads. Format 1 had one switch for both few-rows kernels (`midm_sdpa`); format 2
 #: records `linear_rows` apart, so a format-1 manifest reads with `linear_rows = midm_sdpa`; format 3
-#: adds `reduction_kernels`, format 4 `linear_chunk` (earlier programs had neither: False).
-READABLE_FORMATS = (1, 2, 3, 4)
+#: adds `reduction_kernels`, format 4 `linear_chunk`, format 5 `sdpa_chunk` (earlier programs had none
+#: of the later ones: False).
+READABLE_FORMATS = (1, 2, 3, 4, 5)
 
 #: Constant method returning the manifest JSON as a string (EValue String in the program).
 MANIFEST_METHOD = "get_manifest"
@@ -141,6 +142,7 @@ class Manifest:
     linear_rows: bool = False  # ... and the few-rows linear etspec::linear_rows
     reduction_kernels: bool = False  # ... and the norm and argmax kernels (etspec::*_rows)
     linear_chunk: bool = False  # prefill and the draft's catch-up rows use etspec::linear_chunk
+    sdpa_chunk: bool = False  # prefill attention uses etspec::sdpa_chunk
     kv_bucket: int | None = None  # kv_window rounding for CUDA graphs; None = exact
     checkpoints: dict[str, str] = field(default_factory=dict)  # role -> "sha256:<hex>"
     versions: dict[str, str] = field(default_factory=dict)  # package -> version

@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                 # the runner leaves room for the exported k's verify rows, the reference for its own k:
                 # a cache shorter by the difference gives both the same budget near the context limit
                 seq = m.max_seq_len - (m.draft_len - k)
-                kernels = FewRowsKernels(m.midm_sdpa, m.linear_rows, m.reduction_kernels, m.linear_chunk)
+                kernels = FewRowsKernels(
+                    m.midm_sdpa, m.linear_rows, m.reduction_kernels, m.linear_chunk, m.sdpa_chunk
+                )
                 ref_spec = references[k] = load_speculator(
                     args.target, args.draft, seq, k, dtype, kernels=kernels, device=device
                 )

@@ -361,7 +361,7 @@ def main() -> int:
         with Program.load(arts[k]) as program:
             vocab = program.manifest.vocab_size
             # which kernels this export compiled in, from the artifact itself
-            switches = ("midm_sdpa", "linear_rows", "reduction_kernels", "linear_chunk")
+            switches = ("midm_sdpa", "linear_rows", "reduction_kernels", "linear_chunk", "sdpa_chunk")
             infos[k]["kernels"] = {f: getattr(program.manifest, f) for f in switches}
             for ctx in contexts:
                 prompt = prompt_ids(ctx, vocab)

@@ -189,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         "autotunes by timing; a method left without a matmul then compiles untuned (XNNPACK never uses it)",
     )
     p.add_argument(
+        "--sdpa-chunk",
+        action="store_true",
+        help="CUDA: run prefill's attention through etspec::sdpa_chunk, a fixed-config flash-style kernel "
+        "that reads each row's keys once and never materialises the scores, instead of AOTInductor's "
+        "SDPA (its math path, autotuned); with --linear-chunk, prefill then compiles untuned (XNNPACK "
+        "never uses it)",
+    )
+    p.add_argument(
         "--sampling",
         action="store_true",
         help="also export target_verify_sample and draft_sample, the methods etspec-run --temperature > 0 "
@@ -246,6 +254,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--cuda-triton-sdpa needs --backend cuda and --dtype bf16")
     if args.linear_chunk and args.backend != "cuda":
         raise UsageError("--linear-chunk needs --backend cuda (XNNPACK runs its own linear layers)")
+    if args.sdpa_chunk and args.backend != "cuda":
+        raise UsageError("--sdpa-chunk needs --backend cuda (XNNPACK runs its own attention)")
     if args.autotune_every_method and args.backend != "cuda":
         raise UsageError("--autotune-every-method needs --backend cuda (XNNPACK does not autotune)")
 
@@ -400,6 +410,7 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Man
         linear_rows=cuda and not args.no_linear_rows,
         reductions=cuda and not args.no_reduction_kernels,
         linear_chunk=cuda and args.linear_chunk,
+        sdpa_chunk=cuda and args.sdpa_chunk,
     )
     device = "cuda" if cuda else "cpu"
     eos_ids = list(eos_token_ids(args.target))
@@ -439,6 +450,7 @@ def _write_artifact(args: argparse.Namespace, stage: Path, say: Progress) -> Man
         linear_rows=kernels.linear_rows,
         reduction_kernels=kernels.reductions,
         linear_chunk=kernels.linear_chunk,
+        sdpa_chunk=kernels.sdpa_chunk,
         kv_bucket=CUDA_KV_BUCKET if args.backend == "cuda" else None,
         checkpoints={"target": checkpoint_hash(args.target), "draft": checkpoint_hash(args.draft)},
         versions=toolchain_versions(),

@@ -9,6 +9,6 @@ from __future__ import annotations
 
 
 def register_ops() -> None:
-    """Register the ``etspec::`` ops (sdpa_midm, linear_rows, rms_norm_rows, argmax_rows); calling it
-    again does nothing (Python imports a module once)."""
-    from . import argmax_rows, linear_rows, rms_norm_rows, sdpa_midm  # noqa: F401  (importing registers)
+    """Register the ``etspec::`` ops (sdpa_midm, sdpa_chunk, linear_rows, rms_norm_rows, argmax_rows);
+    calling it again does nothing (Python imports a module once)."""
+    from . import argmax_rows, linear_rows, rms_norm_rows, sdpa_chunk, sdpa_midm  # noqa: F401  (registers)

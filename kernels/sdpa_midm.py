@@ -46,11 +46,15 @@ from .launching import INTERPRET, launchable
 __all__ = [
     "MAX_M",
     "MidmConfig",
+    "SplitPlan",
+    "check_args",
     "default_config",
     "launch",
+    "num_sms",
     "output_like",
     "plan_splits",
     "rotate",
+    "run_split_reduce",
     "sdpa_midm",
     "sdpa_midm_reference",
     "sdpa_midm_shared_kv",
@@ -270,6 +274,7 @@ def _midm_split_kernel(
     SHARED_KV: tl.constexpr,
     PAIRS: tl.constexpr,
     PAIRS_W: tl.constexpr,
+    ROW_BOUNDS: tl.constexpr,
 ):
     rb = tl.program_id(0)  # block of BLOCK_R rows; the fastest grid axis, so the row blocks of one split
     kvh = tl.program_id(1)  # run side by side and share its KV tiles through L2
@@ -289,6 +294,16 @@ def _midm_split_kernel(
     g = offs_r // M
     mm = offs_r % M
     pos_r = tl.load(pos_ptr + mm, mask=rmask, other=0).to(tl.int32)
+    first = s0  # the block's keys: [first, first + n_blk), whole tiles from the split's start
+    n_blk = n
+    if ROW_BOUNDS:
+        # many rows (a prefill chunk): a block reads only the keys its own rows can see, none past its
+        # last row's position (nor, with a window, before its first row's window)
+        hi_b = tl.max(tl.where(rmask, pos_r, -1), 0) + 1
+        if WINDOW > 0:
+            lo_b = tl.min(tl.where(rmask, pos_r, L), 0) - WINDOW + 1
+            first = s0 + tl.maximum(lo_b - s0, 0) // BLOCK_N * BLOCK_N
+        n_blk = tl.maximum(tl.minimum(s0 + n, hi_b) - first, 0)
     qh = (kvh * G + g).to(tl.int64)
     q_rows = q_ptr + qh[:, None] * sq_h + mm[:, None] * sq_m
     q = tl.load(q_rows + offs_d[None, :], mask=rmask[:, None], other=0.0)
@@ -330,10 +345,10 @@ def _midm_split_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
-    n_full = n // BLOCK_N
-    # full tiles: every key inside [s0, s0 + n), a subset of [0, L): unmasked (vectorised) loads
+    n_full = n_blk // BLOCK_N
+    # full tiles: every key inside [first, first + n_blk), a subset of [0, L): unmasked (vectorised) loads
     for t in range(0, n_full):
-        offs_key = s0 + t * BLOCK_N + offs_n
+        offs_key = first + t * BLOCK_N + offs_n
         slot = offs_key % RING if RING > 0 else offs_key
         v = tl.load(v_base + slot[:, None] * sv_n + offs_d[None, :])
         qk = _tile_scores(
@@ -343,10 +358,10 @@ def _midm_split_kernel(
         m_i, l_i, acc = _tile_update(
             qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
         )
-    if n_full * BLOCK_N < n:
+    if n_full * BLOCK_N < n_blk:
         # ragged last tile: keys past the split end (and so past L) are never loaded
-        offs_key = s0 + n_full * BLOCK_N + offs_n
-        kmask = offs_key < s0 + n
+        offs_key = first + n_full * BLOCK_N + offs_n
+        kmask = offs_key < first + n_blk
         slot = offs_key % RING if RING > 0 else offs_key
         v = tl.load(v_base + slot[:, None] * sv_n + offs_d[None, :], mask=kmask[:, None], other=0.0)
         qk = _tile_scores(
@@ -356,7 +371,8 @@ def _midm_split_kernel(
         m_i, l_i, acc = _tile_update(
             qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
         )
-    # partials of rows (kvh*R + r) for split sid; empty splits store nothing (the reduce skips them)
+    # partials of rows (kvh*R + r) for split sid; empty splits store nothing (the reduce skips them). A
+    # block that saw none of a split's keys stores m = -inf, l = 0, acc = 0: weight 0 in the reduce
     smask = offs_r < tl.where(n > 0, R, 0)
     prow = (kvh * R + offs_r).to(tl.int64) * MAX_SPLITS + sid
     tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=smask[:, None])
@@ -399,8 +415,8 @@ def _midm_reduce_kernel(
     )  # splits that hold keys (the others stored nothing)
     valid = offs_s < nvalid
     m_c = tl.where(valid, m_c, float("-inf"))
-    m_run = tl.max(m_c, 0)  # finite: split 0 holds every row's own key
-    w = tl.where(valid, tl.math.exp2(m_c - m_run), 0.0)
+    m_run = tl.max(m_c, 0)  # -inf only when none of these splits holds a key of the row (row blocks)
+    w = tl.where(valid, tl.math.exp2(m_c - tl.where(m_run == float("-inf"), 0.0, m_run)), 0.0)
     l_run = tl.sum(tl.where(valid, w * l_c, 0.0), 0)
     acc = tl.sum(tl.where(valid[:, None], w[:, None] * o_c, 0.0), 0)
     # further chunks (only when the grid has more than BLOCK_S splits per KV head)
@@ -411,8 +427,9 @@ def _midm_reduce_kernel(
         l_c = tl.load(pl_ptr + base + sidx, mask=valid, other=0.0)
         o_c = tl.load(po_ptr + (base + sidx)[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
         m_new = tl.maximum(m_run, tl.max(m_c, 0))
-        w = tl.where(valid, tl.math.exp2(m_c - m_new), 0.0)
-        alpha = tl.math.exp2(m_run - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.where(valid, tl.math.exp2(m_c - m_safe), 0.0)
+        alpha = tl.math.exp2(m_run - m_safe)
         l_run = l_run * alpha + tl.sum(tl.where(valid, w * l_c, 0.0), 0)
         acc = acc * alpha + tl.sum(tl.where(valid[:, None], w[:, None] * o_c, 0.0), 0)
         m_run = m_new
@@ -426,7 +443,7 @@ def _midm_reduce_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a few splits so the tests cover the cross-split reduce
@@ -477,16 +494,6 @@ def launch(
     _, hq, m, d = q.shape
     hkv, lb = k.shape[1], k.shape[2]
     g = hq // hkv
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    inv_freq = inv_freq.float().contiguous()
-    if k_weight is not None:
-        k = v
-        k_weight = k_weight.float().contiguous()
-    elif k.stride(-1) != 1:
-        k = k.contiguous()
     c = config or default_config(d)
     if config is None and d >= 512 and q.element_size() == 4:
         # fp32 tiles of 512 are twice the bf16 ones: on an H100 the 32-key tile needed 320 KiB of shared
@@ -498,17 +505,64 @@ def launch(
     block_r = max(16, _next_pow2(g * m_static))
     if c.rows:
         block_r = min(block_r, max(16, _next_pow2(c.rows)))
-    r = g * m
-    pairs = inv_freq.shape[0]
     span = lb if window <= 0 else torch.sym_min(lb, window + m - 1)
     nsplit, split_len, max_splits = plan_splits(
-        span, hkv, n_sm or _num_sms(q.device), c.block_n, c.ppsm, c.min_tiles
+        span, hkv, n_sm or num_sms(q.device), c.block_n, c.ppsm, c.min_tiles
     )
     # Partials are flat, with room for the static bound `max_splits` per row (the kernels index rows with
     # stride max_splits). A [rows, nsplit, D] buffer with a symbolic nsplit gets a Max(1, nsplit) stride
     # under AOTInductor, whose mutation bookkeeping then copies the buffer onto itself and its scheduler
     # fails (torch 2.11: "KeyError: 'op14'" in compute_ancestors, pytorch#189271) on 1B-sized shapes.
-    rows = hkv * r * max_splits
+    plan = SplitPlan(block_r, nsplit, split_len, max_splits, max_splits, row_bounds=False)
+    return run_split_reduce(q, k, v, inv_freq, input_pos, scale, window, out, c, plan, k_weight, ring)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How one call runs: ``block_r`` rows per program, ``nsplit`` splits of ``split_len`` keys (ints or
+    SymInts), partials indexed with ``stride`` splits per row, ``bound`` a static upper bound of nsplit
+    (sizes the reduce kernel's step), ``row_bounds`` each row block reading only its own rows' keys."""
+
+    block_r: int
+    nsplit: int | torch.SymInt
+    split_len: int | torch.SymInt
+    stride: int | torch.SymInt
+    bound: int
+    row_bounds: bool
+
+
+def run_split_reduce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inv_freq: torch.Tensor,
+    input_pos: torch.Tensor,
+    scale: float,
+    window: int,
+    out: torch.Tensor,
+    c: MidmConfig,
+    plan: SplitPlan,
+    k_weight: torch.Tensor | None = None,
+    ring: int = 0,
+) -> torch.Tensor:
+    """Launch the split kernel on `plan`'s grid and the reduce kernel over its partials; writes `out`."""
+    _, hq, m, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    inv_freq = inv_freq.float().contiguous()
+    if k_weight is not None:
+        k = v
+        k_weight = k_weight.float().contiguous()
+    elif k.stride(-1) != 1:
+        k = k.contiguous()
+    r = g * m
+    pairs = inv_freq.shape[0]
+    block_r = plan.block_r
+    rows = hkv * r * plan.stride
     po = torch.empty((rows * d,), dtype=torch.float32, device=q.device)
     pm = torch.empty((rows,), dtype=torch.float32, device=q.device)
     pl = torch.empty((rows,), dtype=torch.float32, device=q.device)
@@ -516,7 +570,7 @@ def launch(
     qk_scale = float(scale) * _LOG2E
     split_k = launchable(_midm_split_kernel)
     reduce_k = launchable(_midm_reduce_kernel)
-    split_k[((r + block_r - 1) // block_r, hkv, nsplit)](
+    split_k[((r + block_r - 1) // block_r, hkv, plan.nsplit)](
         q,
         k,
         v,
@@ -527,8 +581,8 @@ def launch(
         m,
         r,
         g,
-        split_len,
-        max_splits,
+        plan.split_len,
+        plan.stride,
         q.stride(1),
         q.stride(2),
         k.stride(1),
@@ -548,6 +602,7 @@ def launch(
         SHARED_KV=k_weight is not None,
         PAIRS=pairs,
         PAIRS_W=max(16, _next_pow2(pairs)),
+        ROW_BOUNDS=plan.row_bounds,
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )
@@ -560,10 +615,10 @@ def launch(
         out.stride(1),
         out.stride(2),
         m,
-        split_len,
-        max_splits,
+        plan.split_len,
+        plan.stride,
         D=d,
-        BLOCK_S=max(2, min(_REDUCE_BLOCK_S, _next_pow2(max_splits))),
+        BLOCK_S=max(2, min(_REDUCE_BLOCK_S, _next_pow2(plan.bound))),
         WINDOW=int(window),
         num_warps=4 if d >= 128 else 2,
         num_stages=2,
@@ -571,7 +626,8 @@ def launch(
     return out
 
 
-def _check(q, k, v, inv_freq, input_pos, window=0, ring=0):
+def check_args(q, k, v, inv_freq, input_pos, window=0, ring=0):
+    """The op's argument checks (shared by etspec::sdpa_chunk)."""
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "sdpa_midm: 4-d q/k/v expected")
     torch._check(q.shape[0] == 1, lambda: "sdpa_midm: batch 1 only")
     torch._check(
@@ -627,7 +683,7 @@ def sdpa_midm(
     window: int = 0,
     ring: int = 0,
 ) -> torch.Tensor:
-    _check(q, k, v, inv_freq, input_pos, window, ring)
+    check_args(q, k, v, inv_freq, input_pos, window, ring)
     out = output_like(q)
     launch(q, k, v, inv_freq, input_pos, scale, window, out, ring=ring)
     return out
@@ -635,7 +691,7 @@ def sdpa_midm(
 
 @sdpa_midm.register_fake
 def _sdpa_midm_fake(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
-    _check(q, k, v, inv_freq, input_pos, window, ring)
+    check_args(q, k, v, inv_freq, input_pos, window, ring)
     return output_like(q)
 
 
@@ -663,7 +719,7 @@ def sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, a
 
 @sdpa_midm.register_kernel("cpu")
 def _sdpa_midm_cpu(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
-    _check(q, k, v, inv_freq, input_pos, window, ring)
+    check_args(q, k, v, inv_freq, input_pos, window, ring)
     ref = sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window, ring)
     return output_like(q).copy_(ref)
 
@@ -676,7 +732,7 @@ def shared_kv_keys(kv: torch.Tensor, k_weight: torch.Tensor, inv_freq: torch.Ten
 
 
 def _check_shared(q, kv, k_weight, inv_freq, input_pos):
-    _check(q, kv, kv, inv_freq, input_pos)
+    check_args(q, kv, kv, inv_freq, input_pos)
     torch._check(k_weight.shape == (kv.shape[3],), lambda: "sdpa_midm_shared_kv: k_weight must be [D]")
 
 

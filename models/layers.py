@@ -25,19 +25,21 @@ class FewRowsKernels:
     attention etspec::sdpa_midm (full-attention layers without a logit softcap); `linear_rows`, the
     weight-streaming linear etspec::linear_rows (projections, MLPs, heads); `reductions`, fixed-config
     kernels in place of Inductor's reductions: etspec::(add_)rms_norm_rows for the hidden-state norms
-    (with the residual add before them) and etspec::argmax_rows for the greedy ids. One switch is for
-    the calls of many rows instead: `linear_chunk`, the linear layers that linear_rows does not serve
-    (prefill chunks, the draft's catch-up rows) through etspec::linear_chunk, fixed tiles in place of
-    AOTInductor's autotuned mm templates (off in an export unless asked for)."""
+    (with the residual add before them) and etspec::argmax_rows for the greedy ids. Two switches are
+    for the calls of many rows instead, fixed-config kernels in place of what AOTInductor autotunes (off
+    in an export unless asked for): `linear_chunk`, the linear layers that linear_rows does not serve
+    (prefill chunks, the draft's catch-up rows) through etspec::linear_chunk; `sdpa_chunk`, prefill's
+    attention (the layers sdpa_midm serves, but for K = V ones) through etspec::sdpa_chunk."""
 
     sdpa_midm: bool = False
     linear_rows: bool = False
     reductions: bool = False
     linear_chunk: bool = False
+    sdpa_chunk: bool = False
 
     @property
     def any(self) -> bool:
-        return self.sdpa_midm or self.linear_rows or self.reductions or self.linear_chunk
+        return self.sdpa_midm or self.linear_rows or self.reductions or self.linear_chunk or self.sdpa_chunk
 
 
 ALL_KERNELS = FewRowsKernels(sdpa_midm=True, linear_rows=True, reductions=True)
@@ -400,6 +402,7 @@ class Attention(nn.Module):
         widest = MIDM_MAX_SHARED_HEAD_DIM if k_eq_v else MIDM_MAX_HEAD_DIM
         self.ring = cache_rows is not None and cache_rows < max_seq_len
         self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest
+        self.use_sdpa_chunk = kernels.sdpa_chunk and softcap is None and head_dim <= widest and not k_eq_v
         self.rows_kernel = kernels.linear_rows
         self.chunk_kernel = kernels.linear_chunk
         self.delegate_forms = False  # see use_delegate_forms
@@ -484,11 +487,10 @@ class Attention(nn.Module):
         if few_rows and self.use_sdpa_midm and self.shared_kv:
             w = self._key_multiplier(v)
             o = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, input_pos, self.scale, window)
-        elif few_rows and self.use_sdpa_midm:
+        elif self.use_sdpa_midm if few_rows else self.use_sdpa_chunk:
             ring = self.v_cache.shape[2] if self.ring else 0
-            o = torch.ops.etspec.sdpa_midm(
-                q, self._keys(kv_len), v, freq, input_pos, self.scale, window, ring
-            )
+            op = torch.ops.etspec.sdpa_midm if few_rows else torch.ops.etspec.sdpa_chunk
+            o = op(q, self._keys(kv_len), v, freq, input_pos, self.scale, window, ring)
         else:
             q = self._rope(q, cos, sin)
             ring = self.v_cache.shape[2] if self.ring else None

@@ -44,8 +44,17 @@ def _exported(family: str, kernels: FewRowsKernels):
         # the many-row linear kernel takes prefill's and the draft's catch-up projections: prefill keeps
         # only its SDPA, the draft nothing
         ("llama", replace(ALL_KERNELS, linear_chunk=True), {"prefill"}),
+        # ... and with the many-row attention kernel, no method has a matmul left
+        ("llama", replace(ALL_KERNELS, linear_chunk=True, sdpa_chunk=True), set()),
     ],
-    ids=["llama-all-kernels", "gemma2-softcap", "llama-no-linear-rows", "llama-plain", "llama-chunk"],
+    ids=[
+        "llama-all-kernels",
+        "gemma2-softcap",
+        "llama-no-linear-rows",
+        "llama-plain",
+        "llama-chunk",
+        "llama-chunk-attention",
+    ],
 )
 def test_only_methods_with_a_matmul_are_tuned(family, kernels, tuned):
     eps = _exported(family, kernels)
@@ -55,6 +64,8 @@ def test_only_methods_with_a_matmul_are_tuned(family, kernels, tuned):
         assert bool(matmul_ops(eps[m])) == (m in tuned), (m, matmul_ops(eps[m]))
     projections = matmul_ops(eps["prefill"]) & {"linear", "matmul"}
     assert bool(projections) != kernels.linear_chunk
+    chunk_attention = [n for n in eps["prefill"].graph.nodes if "sdpa_chunk" in str(n.target)]
+    assert len(chunk_attention) == (random_target(family, 8, 0).cfg.num_layers if kernels.sdpa_chunk else 0)
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text"])
@@ -72,6 +83,20 @@ def test_sliding_layers_take_the_kernels(family):
         if n.op == "call_function" and "sdpa_midm" in str(n.target)
     ]
     assert 0 in windows and any(w > 0 for w in windows), windows  # full and sliding layers
+
+
+def test_sliding_prefill_takes_the_chunk_kernel():
+    """Gemma 3 with both many-row kernels: prefill's full and sliding layers attend through
+    etspec::sdpa_chunk (the sliding ones over their window) and it compiles untuned."""
+    eps = _exported("gemma3_text", replace(ALL_KERNELS, linear_chunk=True, sdpa_chunk=True))
+    prefill = eps["prefill"]
+    assert not matmul_ops(prefill), matmul_ops(prefill)
+    windows = [
+        n.args[6] if len(n.args) > 6 else n.kwargs.get("window", 0)
+        for n in prefill.graph.nodes
+        if n.op == "call_function" and "sdpa_chunk" in str(n.target)
+    ]
+    assert 0 in windows and any(w > 0 for w in windows), windows
 
 
 def test_matmul_ops_sees_matmuls_inside_nested_graphs():

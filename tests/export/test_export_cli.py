@@ -107,6 +107,7 @@ def test_no_softmax_over_the_vocabulary(tmp_path):
         ),
         (lambda a: a.extend(["--max-prefill-chunk", "0"]), "--max-prefill-chunk must be between"),
         (lambda a: a.append("--linear-chunk"), "--linear-chunk needs --backend cuda"),
+        (lambda a: a.append("--sdpa-chunk"), "--sdpa-chunk needs --backend cuda"),
     ],
 )
 def test_cli_errors(tmp_path, capsys, tiny_checkpoints, change, message):

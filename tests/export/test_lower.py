@@ -386,9 +386,13 @@ def test_manifest_roundtrip_and_validation(artifact, tmp_path):
     for used in (False, True):
         v1 = Manifest.from_dict({**old, "format_version": 1, "midm_sdpa": used})
         assert v1.linear_rows is used and v1.midm_sdpa is used
-    # formats 1-3 had no many-row kernel switch
-    v3 = Manifest.from_dict({k: v for k, v in {**d, "format_version": 3}.items() if k != "linear_chunk"})
-    assert v3.linear_chunk is False and v3.reduction_kernels == m.reduction_kernels
+    # formats 1-3 had no many-row kernel switch, format 4 only linear_chunk
+    chunks = ("linear_chunk", "sdpa_chunk")
+    v3 = Manifest.from_dict({k: v for k, v in {**d, "format_version": 3}.items() if k not in chunks})
+    assert v3.linear_chunk is False and v3.sdpa_chunk is False
+    assert v3.reduction_kernels == m.reduction_kernels
+    v4 = Manifest.from_dict({k: v for k, v in {**d, "format_version": 4}.items() if k != "sdpa_chunk"})
+    assert v4.sdpa_chunk is False and v4.linear_chunk == m.linear_chunk
     with pytest.raises(ValueError, match="unknown manifest fields"):
         Manifest.from_dict({**d, "surprise": 1})
 

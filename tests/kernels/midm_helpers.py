@@ -18,11 +18,12 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 class CachedAttn(torch.nn.Module):
     """q from a Linear, index_copy_ into k/v cache buffers, slice by kv_window length, call the op (which
     rotates q): the smallest module that exports the op the way the models use it. `flat` returns
-    [1, M, Hq*D] (the transposed layout o_proj reads), else the op's own [1, Hq, M, D]."""
+    [1, M, Hq*D] (the transposed layout o_proj reads), else the op's own [1, Hq, M, D]. `op`: the
+    etspec op it calls (sdpa_midm, or sdpa_chunk for prefill-sized calls)."""
 
-    def __init__(self, hq=8, hkv=2, d=64, max_seq=128, flat=False):
+    def __init__(self, hq=8, hkv=2, d=64, max_seq=128, flat=False, op="sdpa_midm"):
         super().__init__()
-        self.hq, self.hkv, self.d, self.flat = hq, hkv, d, flat
+        self.hq, self.hkv, self.d, self.flat, self.op = hq, hkv, d, flat, op
         self.wq = torch.nn.Linear(d, hq * d, bias=False)
         self.wk = torch.nn.Linear(d, hkv * d, bias=False)
         self.wv = torch.nn.Linear(d, hkv * d, bias=False)
@@ -39,7 +40,7 @@ class CachedAttn(torch.nn.Module):
         self.v_cache.index_copy_(2, input_pos, v)
         n = kv_window.shape[0]
         k, v = self.k_cache[:, :, :n], self.v_cache[:, :, :n]
-        o = torch.ops.etspec.sdpa_midm(q, k, v, self.inv_freq, input_pos, 1.0 / math.sqrt(self.d))
+        o = getattr(torch.ops.etspec, self.op)(q, k, v, self.inv_freq, input_pos, 1.0 / math.sqrt(self.d))
         return o.transpose(1, 2).reshape(1, m, self.hq * self.d) if self.flat else o
 
 
@@ -195,13 +196,64 @@ SHARED_CASES = [
 ]
 
 
+# etspec::sdpa_chunk (many rows in row blocks of `rows`, each reading only its own rows' keys), same fields
+CHUNK_CASES = [
+    (4, 1, 48, 64, 48, 64, 0, torch.float32, 4, {"block_n": 16, "rows": 16}, "chunk: first chunk, 12 blocks"),
+    (8, 2, 37, 64, 200, 256, 0, torch.bfloat16, 64, {"block_n": 16, "rows": 32}, "chunk: ragged, 6 splits"),
+    (4, 2, 40, 64, 300, 320, 32, torch.float32, 32, {"block_n": 16, "rows": 16}, "chunk: window 32, splits"),
+    (
+        4,
+        1,
+        24,
+        64,
+        150,
+        256,
+        16,
+        torch.float32,
+        16,
+        {"block_n": 16, "rows": 16, "ring": 48},
+        "chunk: ring 48",
+    ),
+    (4, 2, 64, 128, 333, 400, 0, torch.float16, 4, {}, "chunk: D=128, default config"),
+    (2, 1, 20, 256, 90, 96, 0, torch.bfloat16, 8, {}, "chunk: D=256, default config"),
+    (
+        4,
+        1,
+        30,
+        64,
+        130000,
+        130016,
+        64,
+        torch.bfloat16,
+        132,
+        {"block_n": 16},
+        "chunk: positions ~130000, window",
+    ),
+    (
+        1,
+        1,
+        520,
+        64,
+        600,
+        640,
+        8,
+        torch.float32,
+        1320,
+        {"block_n": 16, "rows": 16, "min_tiles": 1},
+        "chunk: a row's keys past 32 splits",
+    ),
+]
+
+
 def run_interp_cases() -> int:
     from etspec.kernels.launching import INTERPRET
+    from etspec.kernels.sdpa_chunk import chunk_config, launch_chunk
     from etspec.kernels.sdpa_midm import default_config, launch
 
     assert INTERPRET, "set TRITON_INTERPRET=1 before importing triton"
     fails = 0
     cases = [(c, False) for c in INTERP_CASES] + [(c, True) for c in SHARED_CASES]
+    cases += [(c, "chunk") for c in CHUNK_CASES]
     for i, ((hq, hkv, m, d, L, lb, win, dtype, n_sm, cfg, note), shared) in enumerate(cases):
         t0 = time.time()
         q, k, v, pos = make_case(hq, hkv, m, d, L, lb, dtype, seed=100 + i, q_strided="strided" in note)
@@ -212,14 +264,16 @@ def run_interp_cases() -> int:
         cfg = dict(cfg)
         rotated = cfg.pop("rotated", 0.25 if shared else 1.0)
         ring = cfg.pop("ring", 0)
+        chunk, shared = shared == "chunk", shared is True
         w, freq = make_shared(d, seed=i, rotated=rotated)
         extra = {"k_weight": w} if shared else {}
-        cfg = replace(default_config(d), **cfg)
+        cfg = replace(chunk_config(d) if chunk else default_config(d), **cfg)
         k_in, v_in = k, v
         if ring:  # the kernel reads a ring cache; the reference the full one
             extra["ring"] = ring
             k_in, v_in = (to_ring(c, L, ring)[:, :, : min(ring, lb)] for c in (k, v))
-        launch(q, k_in, v_in, freq, pos, scale, win, out, n_sm=n_sm, config=cfg, **extra)
+        run = launch_chunk if chunk else launch
+        run(q, k_in, v_in, freq, pos, scale, win, out, n_sm=n_sm, config=cfg, **extra)
         keys = shared_keys64(v, w, freq) if shared else k
         ref = ref64(q, keys, v, pos, freq, scale, win)
         err = rel_err(out, ref)

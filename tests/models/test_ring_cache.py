@@ -5,6 +5,8 @@ written (NaN here); and a call with more rows than the bound is refused."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -22,24 +24,30 @@ def _call(model, tokens, start, few_rows=False):
         return model.logits(h, few_rows)
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["plain", "kernels"])
+SWITCHES = {"plain": PLAIN_OPS, "kernels": ALL_KERNELS, "chunk": replace(ALL_KERNELS, sdpa_chunk=True)}
+
+
+@pytest.mark.parametrize("switches", list(SWITCHES))
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gemma4_text"])
-def test_ring_equals_full_caches_through_rejected_drafts(family, kernels, monkeypatch):
+def test_ring_equals_full_caches_through_rejected_drafts(family, switches, monkeypatch):
     """With the kernels on, the verify blocks' sliding layers read the ring through etspec::sdpa_midm
-    (its CPU implementation, the reference math) where they have no logit softcap."""
+    (its CPU implementation, the reference math) where they have no logit softcap; with `chunk`, the
+    prefill chunks through etspec::sdpa_chunk too."""
+    kernels = switches != "plain"
     full = random_target(family, MAX_SEQ, seed=3)
-    ring = random_target(
-        family, MAX_SEQ, seed=3, max_rows=MAX_ROWS, kernels=ALL_KERNELS if kernels else PLAIN_OPS
-    )
+    ring = random_target(family, MAX_SEQ, seed=3, max_rows=MAX_ROWS, kernels=SWITCHES[switches])
     register_ops()
-    rings_seen = []
-    op = torch.ops.etspec.sdpa_midm
+    rings_seen, chunk_rings = [], []
 
-    def counting(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
-        rings_seen.append(ring)
-        return op(q, k, v, inv_freq, input_pos, scale, window, ring)
+    def counting(op, seen):
+        def call(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
+            seen.append(ring)
+            return op(q, k, v, inv_freq, input_pos, scale, window, ring)
 
-    monkeypatch.setattr(torch.ops.etspec, "sdpa_midm", counting)
+        return call
+
+    monkeypatch.setattr(torch.ops.etspec, "sdpa_midm", counting(torch.ops.etspec.sdpa_midm, rings_seen))
+    monkeypatch.setattr(torch.ops.etspec, "sdpa_chunk", counting(torch.ops.etspec.sdpa_chunk, chunk_rings))
     window = full.cfg.sliding_window
     for model in (full, ring):  # ExecuTorch leaves caches uninitialised: unwritten rows must never be read
         for buf in model.buffers():
@@ -65,6 +73,7 @@ def test_ring_equals_full_caches_through_rejected_drafts(family, kernels, monkey
     # the ring layers without a softcap took the kernel, given their ring's rows (full layers: 0)
     ringed = [a for a in (x.self_attn for x in ring.layers) if a.ring and a.softcap is None]
     assert set(rings_seen) - {0} == ({a.v_cache.shape[2] for a in ringed} if kernels else set())
+    assert set(chunk_rings) - {0} == ({a.v_cache.shape[2] for a in ringed} if switches == "chunk" else set())
     assert bool(ringed) == (family != "gemma2")
 
 

@@ -189,3 +189,30 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
     # K = V layers (Gemma 4's full layers) verify through the one-tensor kernel
     assert set(shared_rows) == ({5} if any(a.shared_kv for a in uncapped) else set())
     assert (family == "gemma4_text") == bool(shared_rows)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma4_text"])
+def test_chunk_attention_is_lossless(monkeypatch, family):
+    """Prefill chunks through etspec::sdpa_chunk (its CPU kernel) give target-only's tokens; the layers
+    it cannot serve (a logit softcap, K = V) keep SDPA, and verify and draft never call it."""
+    from etspec.kernels import register_ops
+
+    register_ops()
+    pair = tiny_pair(family, max_seq_len=160, draft_len=4, seed=0, train_steps=30)
+    prompt = random_prompt(21, 5)
+    ref = target_greedy(pair, prompt, 24, chunk=8)
+    rows, op = [], torch.ops.etspec.sdpa_chunk
+
+    def counting(q, *args):
+        rows.append(q.shape[2])
+        return op(q, *args)
+
+    monkeypatch.setattr(torch.ops.etspec, "sdpa_chunk", counting)
+    layers = [x.self_attn for x in pair.target.layers]
+    served = [a.softcap is None and not a.shared_kv for a in layers]
+    for a, on in zip(layers, served, strict=True):
+        monkeypatch.setattr(a, "use_sdpa_chunk", on)
+    out = speculative_greedy(pair, prompt, 24, chunk=8)
+    assert out.tokens == ref.tokens
+    assert set(rows) == ({8, 5} if any(served) else set())  # the 21-token prompt's chunks: 8, 8, 5
+    assert any(served) == (family != "gemma2")

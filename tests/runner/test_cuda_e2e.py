@@ -1,9 +1,9 @@
 """GPU: `etspec-export --backend cuda` of the tiny pair, run by the CUDA executor and the runner.
 
-Each artifact (etspec's kernels on, off, and on with linear_chunk for the many-row calls) is exported
-once per session (set ETSPEC_CUDA_ART_CACHE to keep them
-between runs). fp32 so that the compiled program and the eager model agree on every argmax; the bf16
-path is exercised by the benchmarks and tests/kernels.
+Each artifact (etspec's kernels on, off, and on with linear_chunk and sdpa_chunk for the many-row
+calls) is exported once per session (set ETSPEC_CUDA_ART_CACHE to keep them between runs). fp32 so
+that the compiled program and the eager model agree on every argmax; the bf16 path is exercised by the
+benchmarks and tests/kernels.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ NO_KERNELS = ["--no-midm-sdpa", "--no-linear-rows", "--no-reduction-kernels"]
 ARTS = {
     "midm": ([], ALL_KERNELS),
     "no-midm": (NO_KERNELS, FewRowsKernels()),
-    "chunk": (["--linear-chunk"], replace(ALL_KERNELS, linear_chunk=True)),
+    "chunk": (["--linear-chunk", "--sdpa-chunk"], replace(ALL_KERNELS, linear_chunk=True, sdpa_chunk=True)),
 }
 
 
@@ -64,7 +64,7 @@ def test_artifact_files_and_delegates(cuda_art):
     with Program.load(out) as p:
         m = p.manifest
         assert m.backend == "cuda"
-        got = FewRowsKernels(m.midm_sdpa, m.linear_rows, m.reduction_kernels, m.linear_chunk)
+        got = FewRowsKernels(m.midm_sdpa, m.linear_rows, m.reduction_kernels, m.linear_chunk, m.sdpa_chunk)
         assert got == kernels
 
 
