@@ -9,7 +9,7 @@
 # Logs and results land in DIR (default out/e2e_rerun). STEPS picks some of export, run, profile.
 #   bash bench/bg.sh start rr bash bench/e2e_rerun.sh [DIR [STEPS...]]
 # Environment: KS (default 5), MAX_SEQ (65536; 40960 on a GPU under 100 GB), EXPORT_ARGS (e.g.
-# --linear-chunk), CONTEXTS (1024,16384,32768), SHAPES ("llama-3.1-8b llama-3.2-1b": one of them alone
+# "--linear-chunk --sdpa-chunk": then no method tunes), CONTEXTS (1024,16384,32768), SHAPES ("llama-3.1-8b llama-3.2-1b": one of them alone
 # where the GPU time is short; on an H100 the two exports run one after the other).
 set -u
 R=${1:-out/e2e_rerun}

@@ -2,7 +2,8 @@
 # One device command: install the carried wheels, run every `cuda` test file and the 1B runtime bench,
 # each in its own process (AOTInductor compiles are CPU-bound; 16 cores run them side by side), logs
 # under $OUT/logs, a summary last. Artifacts are cached under out/ (git-ignored) for the next call.
-#   run: source .whl/setup.sh && bash bench/gpu_suite.sh [groups...]   (groups: kernels runtime e2e bench1b sdpa linear chunk)
+#   run: source .whl/setup.sh && bash bench/gpu_suite.sh [groups...]
+#   (groups: kernels runtime e2e bench1b sdpa sdpa_chunk linear chunk)
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT/logs" out
@@ -14,6 +15,7 @@ declare -A cmd=(
   [e2e]="python -m pytest -m cuda -q -rA -s tests/runner/test_cuda_e2e.py"
   [bench1b]="python bench/bench_runtime_1b.py"
   [sdpa]="python bench/bench_sdpa_midm.py"
+  [sdpa_chunk]="python bench/bench_sdpa_chunk.py --sweep"
   [linear]="python bench/bench_linear_rows.py"
   [chunk]="python bench/bench_linear_rows.py --chunk"
 )
