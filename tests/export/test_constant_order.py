@@ -24,11 +24,13 @@ TARGET = ("prefill", "target_verify")
 
 # Llama's layers plus q/k/v biases; sandwich norms; K = V layers (no v_proj) beside plain ones
 @pytest.mark.parametrize(
-    "family,chunk", [("qwen2", False), ("gemma2", False), ("gemma4_text", False), ("gemma4_text", True)]
+    "family,chunk",
+    [("qwen2", False), ("gemma2", False), ("gemma4_text", False), ("gemma4_text", True), ("qwen2", True)],
 )
 def test_prefill_and_verify_read_constants_in_one_order(family, chunk):
-    # untrained weights: only the graph matters; max_seq_len as test_speculative's few-rows pairs
-    both = replace(ALL_KERNELS, linear_chunk=chunk)
+    # untrained weights: only the graph matters; max_seq_len as test_speculative's few-rows pairs; `chunk`:
+    # prefill through both many-row kernels
+    both = replace(ALL_KERNELS, linear_chunk=chunk, sdpa_chunk=chunk)
     target = random_target(family, 160, seed=0, kernels=both)
     dcfg = parse_draft_config(tiny_draft_config(tiny_target_config(family)))
     draft = Eagle3Draft(dcfg, 160, own_embedding=False, kernels=both).eval().requires_grad_(False)

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import triton
 
 from etspec.kernels import register_ops
 from etspec.kernels.sdpa_chunk import plan_chunk_splits
@@ -84,3 +85,51 @@ def test_export_strict_fake_shapes():
         assert got.shape == (1, 8, m, 64)
         torch.testing.assert_close(got, eager(x, pos, kvw), rtol=1e-5, atol=1e-5)
         pos0 += m
+
+
+@pytest.mark.parametrize("d,window,ring", [(128, 0, 0), (64, 0, 0), (256, 1024, 1536)])
+def test_chunk_kernels_compile_for_hopper(d, window, ring):
+    """The split kernel with its row bounds (which the interpreter runs without Triton's type checks)
+    and the reduce kernel compile through ptxas to sm_90 cubins at the op's configs."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from etspec.kernels.sdpa_chunk import chunk_config
+    from etspec.kernels.sdpa_midm import _midm_reduce_kernel, _midm_split_kernel
+
+    cfg = chunk_config(d)
+    ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64"}
+    ptrs |= {p: "*fp32" for p in ("po_ptr", "pm_ptr", "pl_ptr")}
+    ints = ("M", "R", "G", "S", "MAX_SPLITS", "sq_h", "sq_m", "sk_h", "sk_n", "sv_h", "sv_n")
+    consts = {
+        "D": d,
+        "BLOCK_R": cfg.rows,
+        "BLOCK_N": cfg.block_n,
+        "QK_SCALE": 0.18,
+        "WINDOW": window,
+        "RING": ring,
+        "FP32_DOT": False,
+        "UPCAST": False,
+        "SHARED_KV": False,
+        "PAIRS": d // 2,
+        "PAIRS_W": d // 2,
+        "ROW_BOUNDS": True,
+    }
+    sig = ptrs | {i: "i32" for i in ints} | {"w_ptr": "*fp32", "f_ptr": "*fp32"}
+    sig |= {c: "constexpr" for c in consts}
+    src = ASTSource(
+        fn=_midm_split_kernel, signature=sig, constexprs={(list(sig).index(c),): v for c, v in consts.items()}
+    )
+    target = GPUTarget("cuda", 90, 32)
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    assert triton.compile(src, target=target, options=opts).asm["cubin"]
+    sig = {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32", "pos_ptr": "*i64", "o_ptr": "*bf16"}
+    sig |= {i: "i32" for i in ("so_h", "so_m", "M", "S", "MAX_SPLITS")}
+    consts = {"D": d, "BLOCK_S": 32, "WINDOW": window}
+    sig |= {c: "constexpr" for c in consts}
+    src = ASTSource(
+        fn=_midm_reduce_kernel,
+        signature=sig,
+        constexprs={(list(sig).index(c),): v for c, v in consts.items()},
+    )
+    assert triton.compile(src, target=target, options={"num_warps": 4}).asm["cubin"]
