@@ -3,7 +3,8 @@ PyTorch's fused SDPA kernels (GPU box).
 
 One prefill chunk of M = 256 rows at the end of a context of L keys (positions L-256 .. L-1), bf16, on
 the Llama-3.1-8B layer (Hq=32, Hkv=8, D=128), the Llama-3.2-1B layer (32, 8, 64) and a Gemma-3 sliding
-layer (8, 4, 256, window 1024). Implementations:
+layer (8, 4, 256, window 1024) and a Gemma-4-31B full layer (32, 4, 512; keys as its prefill passes
+them, rebuilt from the values). Implementations:
 - chunk: torch.ops.etspec.sdpa_chunk on the slice cache[:, :, :L] (it rotates q itself);
 - plain_math: the models' plain path (`models.layers.attend`: K/V repeated per query head, a boolean
   mask) with SDPA forced to the math backend, as AOTInductor compiles it in an export without the kernel;
@@ -51,6 +52,7 @@ SHAPES = {
     "llama3.1-8b": (32, 8, 128, 0),
     "llama3.2-1b": (32, 8, 64, 0),
     "gemma3-sliding": (8, 4, 256, 1024),
+    "gemma4-31b-full": (32, 4, 512, 0),  # K = V: the caller passes keys rebuilt from the values
 }
 M = 256
 LS = (256, 1024, 4096, 16384, 65536, 131072)
@@ -156,8 +158,9 @@ def sweep(shapes: dict, results: list) -> dict:
         lens = (4096, 16384) if window else (16384, 131072)
         sets = Sets(hq, hkv, d, window, max(lens))
         best, best_t = None, float("inf")
-        rows_opts = (32, 64) if d >= 256 else (32, 64, 128)
-        for rows, bn, nw, ns in itertools.product(rows_opts, (32, 64, 128), (4, 8), (2, 3, 4)):
+        rows_opts = (16, 32) if d >= 512 else (32, 64) if d >= 256 else (32, 64, 128)
+        tiles = (16, 32, 64) if d >= 512 else (32, 64, 128)
+        for rows, bn, nw, ns in itertools.product(rows_opts, tiles, (4, 8), (2, 3, 4)):
             cfg = replace(sc.chunk_config(d), rows=rows, block_n=bn, num_warps=nw, num_stages=ns)
             ts = [measure(sets, "chunk", L, cfg)[0] for L in lens]
             if None in ts:

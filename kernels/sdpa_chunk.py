@@ -5,7 +5,9 @@
 Takes what etspec::sdpa_midm takes (its docstring: q before RoPE, k/v views of the cache with a bucket
 bound, L read on the device, windows, ring caches, GQA, the output in o_proj's layout) for any number M
 of consecutive rows, as a prefill chunk has, up to the export's largest chunk; head dims up to
-:data:`MAX_HEAD_DIM`, keys of their own (no K = V layers).
+:data:`MAX_HEAD_DIM`. A K = V layer passes its keys rebuilt from the values (one elementwise pass per
+chunk): rebuilding them in the kernel, as sdpa_midm_shared_kv does for a few rows, would repeat the
+rotation for every row block.
 
 Why: prefill attention was AOTInductor's SDPA, which ExecuTorch's CUDA backend compiles through the
 math path: each chunk repeats K/V per query head and materialises its scores over the whole prefix
@@ -20,6 +22,8 @@ splits by log-sum-exp. Both are planned from M (symbolic under export) and the k
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch.library import triton_op
@@ -36,21 +40,24 @@ from .sdpa_midm import (
 
 __all__ = ["MAX_HEAD_DIM", "chunk_config", "launch_chunk", "plan_chunk_splits", "sdpa_chunk"]
 
-MAX_HEAD_DIM = 256
-"""Widest head the op takes (the row block's fp32 accumulator lives in registers)."""
+MAX_HEAD_DIM = 512
+"""Widest head the op takes (Gemma 4's full layers; the row block's fp32 accumulator lives in registers)."""
 
-# Per head dim: 64-row blocks (32 for D = 256, whose accumulator is twice as wide), the verify kernel's
-# key tile and pipeline otherwise. Not yet swept on a GPU (bench/bench_sdpa_midm.py --chunk).
+# Per head dim: 64-row blocks, fewer for the wider heads (the accumulator [rows, D] in fp32), the verify
+# kernel's key tile and pipeline otherwise. Not yet swept on a GPU (bench/bench_sdpa_chunk.py --sweep).
 CHUNK_CONFIGS: dict[int, MidmConfig] = {
     64: MidmConfig(rows=64),
     128: MidmConfig(rows=64),
     256: MidmConfig(block_n=32, num_stages=2, rows=32),
+    512: MidmConfig(block_n=32, num_warps=8, num_stages=2, rows=16),
 }
 
 
-def chunk_config(d: int) -> MidmConfig:
-    """The config the op uses for head dim `d` (the nearest of :data:`CHUNK_CONFIGS` above it)."""
-    return CHUNK_CONFIGS[64 if d <= 64 else 128 if d <= 128 else 256]
+def chunk_config(d: int, element_size: int = 2) -> MidmConfig:
+    """The config the op uses for head dim `d` (the nearest of :data:`CHUNK_CONFIGS` above it); fp32
+    tiles of 512 take 16 keys, as sdpa_midm's do (Hopper's shared memory)."""
+    c = CHUNK_CONFIGS[64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else 512]
+    return replace(c, block_n=16) if d > 256 and element_size == 4 else c
 
 
 def plan_chunk_splits(span, hkv: int, row_blocks, n_sm: int, block_n: int, ppsm: int, min_tiles: int):
@@ -86,7 +93,7 @@ def launch_chunk(
     the plan aims at (tests)."""
     _, hq, m, d = q.shape
     hkv, lb = k.shape[1], k.shape[2]
-    c = config or chunk_config(d)
+    c = config or chunk_config(d, q.element_size())
     block_r = c.rows
     r = (hq // hkv) * m
     span = lb if window <= 0 else torch.sym_min(lb, window + m - 1)

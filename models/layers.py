@@ -402,7 +402,7 @@ class Attention(nn.Module):
         widest = MIDM_MAX_SHARED_HEAD_DIM if k_eq_v else MIDM_MAX_HEAD_DIM
         self.ring = cache_rows is not None and cache_rows < max_seq_len
         self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest
-        self.use_sdpa_chunk = kernels.sdpa_chunk and softcap is None and head_dim <= widest and not k_eq_v
+        self.use_sdpa_chunk = kernels.sdpa_chunk and softcap is None and head_dim <= widest
         self.rows_kernel = kernels.linear_rows
         self.chunk_kernel = kernels.linear_chunk
         self.delegate_forms = False  # see use_delegate_forms
@@ -488,6 +488,7 @@ class Attention(nn.Module):
             w = self._key_multiplier(v)
             o = torch.ops.etspec.sdpa_midm_shared_kv(q, v, w, freq, input_pos, self.scale, window)
         elif self.use_sdpa_midm if few_rows else self.use_sdpa_chunk:
+            # (a K = V layer's prefill gets its keys rebuilt from the values: `_keys`)
             ring = self.v_cache.shape[2] if self.ring else 0
             op = torch.ops.etspec.sdpa_midm if few_rows else torch.ops.etspec.sdpa_chunk
             o = op(q, self._keys(kv_len), v, freq, input_pos, self.scale, window, ring)

@@ -85,10 +85,12 @@ def test_sliding_layers_take_the_kernels(family):
     assert 0 in windows and any(w > 0 for w in windows), windows  # full and sliding layers
 
 
-def test_sliding_prefill_takes_the_chunk_kernel():
-    """Gemma 3 with both many-row kernels: prefill's full and sliding layers attend through
-    etspec::sdpa_chunk (the sliding ones over their window) and it compiles untuned."""
-    eps = _exported("gemma3_text", replace(ALL_KERNELS, linear_chunk=True, sdpa_chunk=True))
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text"])
+def test_sliding_prefill_takes_the_chunk_kernel(family):
+    """Gemma 3/4 with both many-row kernels: prefill's full layers (Gemma 4's K = V ones with keys rebuilt
+    from the values) and sliding layers (over their window) attend through etspec::sdpa_chunk, and it
+    compiles untuned."""
+    eps = _exported(family, replace(ALL_KERNELS, linear_chunk=True, sdpa_chunk=True))
     prefill = eps["prefill"]
     assert not matmul_ops(prefill), matmul_ops(prefill)
     windows = [

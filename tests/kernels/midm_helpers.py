@@ -216,6 +216,8 @@ CHUNK_CASES = [
     ),
     (4, 2, 64, 128, 333, 400, 0, torch.float16, 4, {}, "chunk: D=128, default config"),
     (2, 1, 20, 256, 90, 96, 0, torch.bfloat16, 8, {}, "chunk: D=256, default config"),
+    (8, 1, 20, 512, 60, 64, 0, torch.bfloat16, 4, {"rotated": 0.25}, "chunk: D=512, partial RoPE"),
+    (4, 2, 9, 512, 40, 48, 0, torch.float32, 4, {"block_n": 16}, "chunk: D=512 fp32"),
     (
         4,
         1,

@@ -26,6 +26,7 @@ register_ops()
         (4, 1, 100, 256, 150, 160, 0, 0, torch.float16),
         (4, 2, 40, 64, 300, 320, 32, 0, torch.float32),
         (4, 1, 24, 64, 150, 256, 16, 48, torch.float32),
+        (8, 1, 12, 512, 40, 48, 0, 0, torch.bfloat16),
     ],
 )
 def test_cpu_impl_matches_float64(hq, hkv, m, d, L, lb, window, ring, dtype):
@@ -53,9 +54,9 @@ def test_plan_fills_the_sms_the_row_blocks_leave():
 
 
 def test_refuses_what_it_cannot_run():
-    q, k, v, pos = make_case(2, 1, 4, 512, 8, 8, torch.float32)
-    with pytest.raises(RuntimeError, match="head dim above 256"):
-        torch.ops.etspec.sdpa_chunk(q, k, v, make_freq(512), pos, 0.1)
+    q, k, v, pos = make_case(2, 1, 4, 1024, 8, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="head dim above 512"):
+        torch.ops.etspec.sdpa_chunk(q, k, v, make_freq(1024), pos, 0.1)
     q, k, v, pos = make_case(2, 1, 24, 64, 100, 100, torch.float32)
     with pytest.raises(RuntimeError, match="must hold the window and the chunk"):
         torch.ops.etspec.sdpa_chunk(q, k[:, :, :30], v[:, :, :30], make_freq(64), pos, 0.1, 16, 30)
@@ -87,7 +88,7 @@ def test_export_strict_fake_shapes():
         pos0 += m
 
 
-@pytest.mark.parametrize("d,window,ring", [(128, 0, 0), (64, 0, 0), (256, 1024, 1536)])
+@pytest.mark.parametrize("d,window,ring", [(128, 0, 0), (64, 0, 0), (256, 1024, 1536), (512, 0, 0)])
 def test_chunk_kernels_compile_for_hopper(d, window, ring):
     """The split kernel with its row bounds (which the interpreter runs without Triton's type checks)
     and the reduce kernel compile through ptxas to sm_90 cubins at the op's configs."""
@@ -111,8 +112,8 @@ def test_chunk_kernels_compile_for_hopper(d, window, ring):
         "FP32_DOT": False,
         "UPCAST": False,
         "SHARED_KV": False,
-        "PAIRS": d // 2,
-        "PAIRS_W": d // 2,
+        "PAIRS": d // 8 if d == 512 else d // 2,  # Gemma 4's full layers rotate a quarter of the pairs
+        "PAIRS_W": d // 8 if d == 512 else d // 2,
         "ROW_BOUNDS": True,
     }
     sig = ptrs | {i: "i32" for i in ints} | {"w_ptr": "*fp32", "f_ptr": "*fp32"}

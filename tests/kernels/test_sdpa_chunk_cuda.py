@@ -27,6 +27,7 @@ TOL_GPU = {BF16: 1e-2, F16: 2e-3, F32: 1e-4}
 LLAMA8B = (32, 8, 128)
 LLAMA1B = (32, 8, 64)
 GEMMA3 = (8, 4, 256)  # Gemma-3-like sliding layer (window 1024)
+GEMMA4_FULL = (32, 4, 512)  # Gemma-4-31B full layer (its keys rebuilt from the values by the caller)
 
 # (Hq, Hkv, D), M, L, Lb, window, dtype
 CASES = [
@@ -41,6 +42,9 @@ CASES = [
     (GEMMA3, 256, 5000, 6144, 1024, BF16),
     (GEMMA3, 256, 700, 1024, 1024, BF16),  # the window not yet full
     (GEMMA3, 19, 3000, 4096, 1024, F32),
+    (GEMMA4_FULL, 256, 8192 + 256, 9216, 0, BF16),
+    (GEMMA4_FULL, 100, 65536 + 100, 66560, 0, BF16),
+    (GEMMA4_FULL, 33, 2000, 2048, 0, F32),
 ]
 
 
@@ -55,7 +59,7 @@ def test_matches_float64(case):
     q, k, v, pos = make_case(
         hq, hkv, m, d, L, lb, dtype, device="cuda", seed=L + m, max_seq=lb + 64, q_strided=True
     )
-    scale, freq = 1.0 / math.sqrt(d), make_freq(d).cuda()
+    scale, freq = 1.0 / math.sqrt(d), make_freq(d, 0.25 if d == 512 else 1.0).cuda()
     out = torch.ops.etspec.sdpa_chunk(q, k, v, freq, pos, scale, window)
     torch.cuda.synchronize()
     assert out.shape == q.shape and out.dtype == dtype and out.transpose(1, 2).is_contiguous()

@@ -193,8 +193,9 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma4_text"])
 def test_chunk_attention_is_lossless(monkeypatch, family):
-    """Prefill chunks through etspec::sdpa_chunk (its CPU kernel) give target-only's tokens; the layers
-    it cannot serve (a logit softcap, K = V) keep SDPA, and verify and draft never call it."""
+    """Prefill chunks through etspec::sdpa_chunk (its CPU kernel) give target-only's tokens (Gemma 4's
+    K = V full layers with keys rebuilt from the values); layers with a logit softcap keep SDPA, and
+    verify and draft never call it."""
     from etspec.kernels import register_ops
 
     register_ops()
@@ -209,7 +210,7 @@ def test_chunk_attention_is_lossless(monkeypatch, family):
 
     monkeypatch.setattr(torch.ops.etspec, "sdpa_chunk", counting)
     layers = [x.self_attn for x in pair.target.layers]
-    served = [a.softcap is None and not a.shared_kv for a in layers]
+    served = [a.softcap is None for a in layers]
     for a, on in zip(layers, served, strict=True):
         monkeypatch.setattr(a, "use_sdpa_chunk", on)
     out = speculative_greedy(pair, prompt, 24, chunk=8)
