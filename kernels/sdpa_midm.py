@@ -25,6 +25,8 @@ them) over a contiguous run of ``S`` keys (a multiple of the key tile) of the de
 ``[lo, L)`` and writes an unnormalised partial (acc, running max, running sum);
 programs whose run starts past L exit at once. The reduce kernel combines the valid splits (their number
 is again computed on the device from L) by log-sum-exp. CPU: the reference math in fp32 (eager CPU runs).
+etspec::sdpa_chunk (kernels/sdpa_chunk.py) runs the same kernels on prefill chunks, with ``ROW_BOUNDS``:
+each row block then reads only the keys its own rows can see.
 
 ``launch(q, k, v, inv_freq, input_pos, scale, window, out, config=...)`` is the plain launcher used by
 the op on CUDA (with :func:`default_config`); the CPU tests call it directly under
