@@ -80,6 +80,8 @@ examples:
   # NVIDIA GPU (AOTInductor, bf16 by default), run on the GPU machine:
   etspec-export --target models/Llama-3.1-8B-Instruct --draft models/EAGLE3-LLaMA3.1-Instruct-8B \\
       --out art/llama8b-cuda --backend cuda --max-seq-len 8192 --draft-len 5
+  # long prompts: prefill's linear layers and attention through fixed-config kernels, nothing autotuned:
+  etspec-export --target ... --draft ... --out art/llama8b-cuda --backend cuda --linear-chunk --sdpa-chunk
   # then: etspec-run --model art/llama1b-cpu --prompt "Hello" --max-new-tokens 64
   # with the sampled methods too, for etspec-run --temperature 0.7 --top-p 0.9:
   etspec-export --target ... --draft ... --out art/llama1b-cpu --sampling
