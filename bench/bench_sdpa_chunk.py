@@ -148,36 +148,49 @@ def check_chunk(sets: Sets, L: int, config=None) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def sweep_shape(name: str, shape: tuple, results: list):
+    """One shape's configs in two stages: row block x key tile x warps at the default pipeline depth,
+    then stages x programs per SM (the split count's aim) around the best; each scored by the summed
+    time at 16K and 128K (4K and 16K for a sliding layer, whose work stops growing at its window).
+    Returns the fastest config."""
+    hq, hkv, d, window = shape
+    lens = (4096, 16384) if window else (16384, 131072)
+    sets = Sets(hq, hkv, d, window, max(lens))
+    base = sc.chunk_config(d)
+    best, best_t = base, float("inf")
+
+    def trial(cfg):
+        nonlocal best, best_t
+        ts = [measure(sets, "chunk", L, cfg)[0] for L in lens]
+        what = f"rows={cfg.rows} bn={cfg.block_n} nw={cfg.num_warps} ns={cfg.num_stages} ppsm={cfg.ppsm}"
+        if None in ts:
+            log(f"  sweep {name} {what}: fails")
+            return
+        log(f"  sweep {name} {what}: " + ", ".join(f"{t:.0f} us" for t in ts))
+        results.append(dict(model=name, D=d, **asdict(cfg), times_us=ts))
+        if sum(ts) < best_t:
+            best, best_t = cfg, sum(ts)
+
+    rows_opts = (16, 32) if d >= 512 else (32, 64) if d >= 256 else (32, 64, 128)
+    tiles = (16, 32, 64) if d >= 512 else (32, 64, 128)
+    for rows, bn, nw in itertools.product(rows_opts, tiles, (4, 8)):
+        trial(replace(base, rows=rows, block_n=bn, num_warps=nw))
+    tiled = best
+    for ns, ppsm in itertools.product((2, 3, 4), (1, 2)):
+        if (ns, ppsm) != (tiled.num_stages, tiled.ppsm):
+            trial(replace(tiled, num_stages=ns, ppsm=ppsm))
+    log(f"  sweep {name}: chosen D={d}: {best}")
+    sets.free()
+    torch.cuda.empty_cache()
+    return best
+
+
 def sweep(shapes: dict, results: list) -> dict:
-    """Row block, key tile, warps and stages per head dim, scored by the summed time at 16K and 128K
-    (4K and 16K for a sliding layer, whose work stops growing at its window); returns {D: config}."""
+    """{D: the config `sweep_shape` chose on the first shape of that head dim}."""
     chosen = {}
-    for name, (hq, hkv, d, window) in shapes.items():
-        if d in chosen:
-            continue
-        lens = (4096, 16384) if window else (16384, 131072)
-        sets = Sets(hq, hkv, d, window, max(lens))
-        best, best_t = None, float("inf")
-        rows_opts = (16, 32) if d >= 512 else (32, 64) if d >= 256 else (32, 64, 128)
-        tiles = (16, 32, 64) if d >= 512 else (32, 64, 128)
-        for rows, bn, nw, ns in itertools.product(rows_opts, tiles, (4, 8), (2, 3, 4)):
-            cfg = replace(sc.chunk_config(d), rows=rows, block_n=bn, num_warps=nw, num_stages=ns)
-            ts = [measure(sets, "chunk", L, cfg)[0] for L in lens]
-            if None in ts:
-                log(f"  sweep {name} rows={rows} bn={bn} nw={nw} ns={ns}: fails")
-                continue
-            log(
-                f"  sweep {name} rows={rows} bn={bn} nw={nw} ns={ns}: " + ", ".join(f"{t:.0f} us" for t in ts)
-            )
-            results.append(
-                dict(model=name, D=d, rows=rows, block_n=bn, num_warps=nw, num_stages=ns, times_us=ts)
-            )
-            if sum(ts) < best_t:
-                best, best_t = cfg, sum(ts)
-        chosen[d] = best
-        log(f"  sweep {name}: chosen D={d}: {best}")
-        sets.free()
-        torch.cuda.empty_cache()
+    for name, shape in shapes.items():
+        if shape[2] not in chosen:
+            chosen[shape[2]] = sweep_shape(name, shape, results)
     return chosen
 
 
