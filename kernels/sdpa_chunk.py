@@ -1,13 +1,13 @@
 """Attention of many rows (prefill chunks): etspec::sdpa_midm's split kernel in row blocks.
 
-``torch.ops.etspec.sdpa_chunk(q, k, v, inv_freq, input_pos, scale, window=0, ring=0) -> Tensor``
+``torch.ops.etspec.sdpa_chunk(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, softcap=0.0) -> Tensor``
 
 Takes what etspec::sdpa_midm takes (its docstring: q before RoPE, k/v views of the cache with a bucket
-bound, L read on the device, windows, ring caches, GQA, the output in o_proj's layout) for any number M
-of consecutive rows, as a prefill chunk has, up to the export's largest chunk; head dims up to
-:data:`MAX_HEAD_DIM`. A K = V layer passes its keys rebuilt from the values (one elementwise pass per
-chunk): rebuilding them in the kernel, as sdpa_midm_shared_kv does for a few rows, would repeat the
-rotation for every row block.
+bound, L read on the device, windows, ring caches, a logit softcap, GQA, the output in o_proj's layout)
+for any number M of consecutive rows, as a prefill chunk has, up to the export's largest chunk; head
+dims up to :data:`MAX_HEAD_DIM`. A K = V layer passes its keys rebuilt from the values (one elementwise
+pass per chunk): rebuilding them in the kernel, as sdpa_midm_shared_kv does for a few rows, would repeat
+the rotation for every row block.
 
 Why: prefill attention was AOTInductor's SDPA, which ExecuTorch's CUDA backend compiles through the
 math path: each chunk repeats K/V per query head and materialises its scores over the whole prefix
@@ -87,6 +87,7 @@ def launch_chunk(
     config: MidmConfig | None = None,
     n_sm: int | None = None,
     ring: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Run the kernels on a chunk of M rows; writes ``out`` ([1, Hq, M, D], unit stride on D) and
     returns it. ``config.rows`` is the row block (a power of two >= 16); ``n_sm`` overrides the SM count
@@ -103,11 +104,13 @@ def launch_chunk(
     # the partials are flat and sized by the symbolic split count itself (their row stride), so a full
     # chunk that runs one split holds one partial per row, not room for the bound
     plan = SplitPlan(block_r, nsplit, split_len, nsplit, bound, row_bounds=True)
-    return run_split_reduce(q, k, v, inv_freq, input_pos, scale, window, out, c, plan, ring=ring)
+    return run_split_reduce(
+        q, k, v, inv_freq, input_pos, scale, window, out, c, plan, ring=ring, softcap=softcap
+    )
 
 
-def _check_chunk(q, k, v, inv_freq, input_pos, window, ring):
-    check_args(q, k, v, inv_freq, input_pos, window, ring)
+def _check_chunk(q, k, v, inv_freq, input_pos, window, ring, softcap):
+    check_args(q, k, v, inv_freq, input_pos, window, ring, softcap)
     torch._check(q.shape[3] <= MAX_HEAD_DIM, lambda: f"sdpa_chunk: head dim above {MAX_HEAD_DIM}")
     torch._check(
         ring == 0 or ring >= window + q.shape[2] - 1,
@@ -125,21 +128,22 @@ def sdpa_chunk(
     scale: float,
     window: int = 0,
     ring: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    _check_chunk(q, k, v, inv_freq, input_pos, window, ring)
+    _check_chunk(q, k, v, inv_freq, input_pos, window, ring, softcap)
     out = output_like(q)
-    launch_chunk(q, k, v, inv_freq, input_pos, scale, window, out, ring=ring)
+    launch_chunk(q, k, v, inv_freq, input_pos, scale, window, out, ring=ring, softcap=softcap)
     return out
 
 
 @sdpa_chunk.register_fake
-def _sdpa_chunk_fake(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
-    _check_chunk(q, k, v, inv_freq, input_pos, window, ring)
+def _sdpa_chunk_fake(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, softcap=0.0):
+    _check_chunk(q, k, v, inv_freq, input_pos, window, ring, softcap)
     return output_like(q)
 
 
 @sdpa_chunk.register_kernel("cpu")
-def _sdpa_chunk_cpu(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
-    _check_chunk(q, k, v, inv_freq, input_pos, window, ring)
-    ref = sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window, ring)
+def _sdpa_chunk_cpu(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, softcap=0.0):
+    _check_chunk(q, k, v, inv_freq, input_pos, window, ring, softcap)
+    ref = sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window, ring, softcap)
     return output_like(q).copy_(ref)

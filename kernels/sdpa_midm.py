@@ -1,6 +1,6 @@
 """Split-K "mid-M" attention (flash-decoding style) for the target's verify and the draft's queries.
 
-``torch.ops.etspec.sdpa_midm(q, k, v, inv_freq, input_pos, scale, window=0, ring=0) -> Tensor``
+``torch.ops.etspec.sdpa_midm(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, softcap=0.0) -> Tensor``
 
 - ``q`` ``[1, Hq, M, D]``: the M query rows (1 <= M <= MAX_M) of one verify call, before RoPE (any
   strides with a unit stride on D: the projection's output viewed as heads). The kernel rotates each
@@ -14,6 +14,8 @@
   (they may hold NaN).
 - Row i sees keys ``j <= input_pos[i]``, and with ``window > 0`` only keys ``j > input_pos[i] - window``.
   With ``ring > 0`` k/v are a sliding layer's ring cache of that many rows: key j sits in row j % ring.
+- ``softcap > 0``: each score s (scale included) becomes softcap * tanh(s / softcap), Gemma 2's logit
+  softcap, inside the kernel.
 - GQA: ``Hq = G * Hkv``; the G query heads of one KV head are processed together (G*M rows), so each KV
   tile is read once per KV head.
 - Output ``[1, Hq, M, D]`` in q's dtype (fp32 accumulation), laid out as ``[1, M, Hq, D]``: its
@@ -139,9 +141,16 @@ def _tile_update(
     WINDOW: tl.constexpr,
     FP32_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
+    CAP_IN: tl.constexpr,
+    CAP_OUT: tl.constexpr,
 ):
     # qk [BR, BN] unscaled scores, v [BN, D]; offs_key [BN] absolute key positions; pos_r [BR] row positions.
-    qk = qk * QK_SCALE  # log2 domain: scale * log2(e)
+    if CAP_IN > 0:
+        # logit softcap (Gemma 2): cap * tanh(scale * qk / cap), with CAP_IN = scale / cap and CAP_OUT =
+        # cap * log2(e); tanh(x) = 1 - 2 / (e^2x + 1) saturates to +-1 where e^2x over- or underflows
+        qk = (1.0 - 2.0 / (tl.exp(2.0 * CAP_IN * qk) + 1.0)) * CAP_OUT
+    else:
+        qk = qk * QK_SCALE  # log2 domain: scale * log2(e)
     valid = offs_key[None, :] <= pos_r[:, None]
     if WINDOW > 0:
         valid = valid & (offs_key[None, :] > pos_r[:, None] - WINDOW)
@@ -269,6 +278,8 @@ def _midm_split_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     QK_SCALE: tl.constexpr,
+    CAP_IN: tl.constexpr,
+    CAP_OUT: tl.constexpr,
     WINDOW: tl.constexpr,
     RING: tl.constexpr,
     FP32_DOT: tl.constexpr,
@@ -358,7 +369,7 @@ def _midm_split_kernel(
             freq, sk_n, sv_n, D, FP32_DOT, UPCAST, SHARED_KV, False,
         )  # fmt: skip
         m_i, l_i, acc = _tile_update(
-            qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
+            qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST, CAP_IN, CAP_OUT
         )
     if n_full * BLOCK_N < n_blk:
         # ragged last tile: keys past the split end (and so past L) are never loaded
@@ -371,7 +382,7 @@ def _midm_split_kernel(
             freq, sk_n, sv_n, D, FP32_DOT, UPCAST, SHARED_KV, True,
         )  # fmt: skip
         m_i, l_i, acc = _tile_update(
-            qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST
+            qk, v, offs_key, pos_r, m_i, l_i, acc, QK_SCALE, WINDOW, FP32_DOT, UPCAST, CAP_IN, CAP_OUT
         )
     # partials of rows (kvh*R + r) for split sid; empty splits store nothing (the reduce skips them). A
     # block that saw none of a split's keys stores m = -inf, l = 0, acc = 0: weight 0 in the reduce
@@ -479,6 +490,7 @@ def launch(
     n_sm: int | None = None,
     k_weight: torch.Tensor | None = None,
     ring: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Run the split + reduce kernels; writes ``out`` ([1, Hq, M, D], any strides with a unit stride on
     D) and returns it. ``q`` is not yet rotated: the kernel turns each row by its position with
@@ -491,7 +503,7 @@ def launch(
     key's position (:func:`shared_kv_keys`), so the kernel reads one tensor. ``ring`` > 0: k and v are
     a sliding layer's ring cache of that many rows, position p in row p % ring (needs a window, and
     ring >= window + M - 1 so that every key a row sees is still there: the models keep window + twice
-    the most rows of any call).
+    the most rows of any call). ``softcap`` > 0: the scores pass through softcap * tanh(s / softcap).
     """
     _, hq, m, d = q.shape
     hkv, lb = k.shape[1], k.shape[2]
@@ -516,7 +528,9 @@ def launch(
     # under AOTInductor, whose mutation bookkeeping then copies the buffer onto itself and its scheduler
     # fails (torch 2.11: "KeyError: 'op14'" in compute_ancestors, pytorch#189271) on 1B-sized shapes.
     plan = SplitPlan(block_r, nsplit, split_len, max_splits, max_splits, row_bounds=False)
-    return run_split_reduce(q, k, v, inv_freq, input_pos, scale, window, out, c, plan, k_weight, ring)
+    return run_split_reduce(
+        q, k, v, inv_freq, input_pos, scale, window, out, c, plan, k_weight, ring, softcap
+    )
 
 
 @dataclass(frozen=True)
@@ -546,8 +560,10 @@ def run_split_reduce(
     plan: SplitPlan,
     k_weight: torch.Tensor | None = None,
     ring: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Launch the split kernel on `plan`'s grid and the reduce kernel over its partials; writes `out`."""
+    """Launch the split kernel on `plan`'s grid and the reduce kernel over its partials; writes `out`.
+    ``softcap`` > 0: each score s becomes softcap * tanh(s / softcap) (Gemma 2's attention logits)."""
     _, hq, m, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -597,6 +613,8 @@ def run_split_reduce(
         BLOCK_R=block_r,
         BLOCK_N=c.block_n,
         QK_SCALE=qk_scale,
+        CAP_IN=float(scale) / softcap if softcap else 0.0,
+        CAP_OUT=softcap * _LOG2E,
         WINDOW=int(window),
         RING=int(ring),
         FP32_DOT=fp32_dot,
@@ -628,8 +646,9 @@ def run_split_reduce(
     return out
 
 
-def check_args(q, k, v, inv_freq, input_pos, window=0, ring=0):
+def check_args(q, k, v, inv_freq, input_pos, window=0, ring=0, softcap=0.0):
     """The op's argument checks (shared by etspec::sdpa_chunk)."""
+    torch._check(softcap >= 0, lambda: "sdpa_midm: softcap must be >= 0 (0: none)")
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "sdpa_midm: 4-d q/k/v expected")
     torch._check(q.shape[0] == 1, lambda: "sdpa_midm: batch 1 only")
     torch._check(
@@ -684,23 +703,26 @@ def sdpa_midm(
     scale: float,
     window: int = 0,
     ring: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    check_args(q, k, v, inv_freq, input_pos, window, ring)
+    check_args(q, k, v, inv_freq, input_pos, window, ring, softcap)
     out = output_like(q)
-    launch(q, k, v, inv_freq, input_pos, scale, window, out, ring=ring)
+    launch(q, k, v, inv_freq, input_pos, scale, window, out, ring=ring, softcap=softcap)
     return out
 
 
 @sdpa_midm.register_fake
-def _sdpa_midm_fake(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
-    check_args(q, k, v, inv_freq, input_pos, window, ring)
+def _sdpa_midm_fake(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, softcap=0.0):
+    check_args(q, k, v, inv_freq, input_pos, window, ring, softcap)
     return output_like(q)
 
 
-def sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, acc_dtype=torch.float32):
+def sdpa_midm_reference(
+    q, k, v, inv_freq, input_pos, scale, window=0, ring=0, softcap=0.0, acc_dtype=torch.float32
+):
     """Reference math (also the CPU implementation): q rotated at input_pos (:func:`rotate`), then
     attention over keys [0, L) only, L = input_pos[-1] + 1 (a ring: the last `ring` of them, key j in
-    row j % ring)."""
+    row j % ring), the scores through softcap * tanh(s / softcap) when softcap > 0."""
     hq, hkv = q.shape[1], k.shape[1]
     L = int(input_pos[-1].item()) + 1
     q = rotate(q, input_pos, inv_freq)
@@ -709,6 +731,8 @@ def sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, a
     kk = k[:, :, rows].to(acc_dtype).repeat_interleave(hq // hkv, dim=1)
     vv = v[:, :, rows].to(acc_dtype).repeat_interleave(hq // hkv, dim=1)
     s = (q.to(acc_dtype) @ kk.transpose(-1, -2)) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     pos = input_pos.to(q.device)[:, None]
     valid = j[None, :] <= pos
     if window > 0:
@@ -720,9 +744,9 @@ def sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, a
 
 
 @sdpa_midm.register_kernel("cpu")
-def _sdpa_midm_cpu(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
-    check_args(q, k, v, inv_freq, input_pos, window, ring)
-    ref = sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window, ring)
+def _sdpa_midm_cpu(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, softcap=0.0):
+    check_args(q, k, v, inv_freq, input_pos, window, ring, softcap)
+    ref = sdpa_midm_reference(q, k, v, inv_freq, input_pos, scale, window, ring, softcap)
     return output_like(q).copy_(ref)
 
 

@@ -22,14 +22,15 @@ from .config import RopeConfig
 class FewRowsKernels:
     """Which of etspec's kernels serve the calls of a few rows (target_verify: k + 1 rows; the draft's
     single-row queries). Prefill never uses them. Each is switched on its own: `sdpa_midm`, the split-K
-    attention etspec::sdpa_midm (full-attention layers without a logit softcap); `linear_rows`, the
-    weight-streaming linear etspec::linear_rows (projections, MLPs, heads); `reductions`, fixed-config
-    kernels in place of Inductor's reductions: etspec::(add_)rms_norm_rows for the hidden-state norms
-    (with the residual add before them) and etspec::argmax_rows for the greedy ids. Two switches are
+    attention etspec::sdpa_midm (every layer with head_dim up to 256, K = V ones up to 512);
+    `linear_rows`, the weight-streaming linear etspec::linear_rows (projections, MLPs, heads);
+    `reductions`, fixed-config kernels in place of Inductor's reductions: etspec::(add_)rms_norm_rows
+    for the hidden-state norms (with the residual add before them) and etspec::argmax_rows for the
+    greedy ids. Two switches are
     for the calls of many rows instead, fixed-config kernels in place of what AOTInductor autotunes (off
     in an export unless asked for): `linear_chunk`, the linear layers that linear_rows does not serve
     (prefill chunks, the draft's catch-up rows) through etspec::linear_chunk; `sdpa_chunk`, prefill's
-    attention (the layers sdpa_midm serves, but for K = V ones) through etspec::sdpa_chunk."""
+    attention (the layers sdpa_midm serves) through etspec::sdpa_chunk."""
 
     sdpa_midm: bool = False
     linear_rows: bool = False
@@ -396,13 +397,14 @@ class Attention(nn.Module):
             raise ValueError("a K = V layer needs its key and value norms together, with one eps, or neither")
         self.rotary = Rotary(rope, head_dim)
         self.scale, self.softcap, self.window = scale, softcap, window
-        # The split-K kernel covers causal attention without a logit softcap, full or over a sliding
-        # window (its own cache or a ring, docs/design.md §5); the few-rows linear kernel serves every
-        # projection of a verify/draft call.
+        # The split-K kernel covers causal attention, full or over a sliding window (its own cache or a
+        # ring, docs/design.md §5), with or without a logit softcap (but for K = V layers' one-tensor
+        # kernel, which has none); the few-rows linear kernel serves every projection of a verify/draft call.
         widest = MIDM_MAX_SHARED_HEAD_DIM if k_eq_v else MIDM_MAX_HEAD_DIM
         self.ring = cache_rows is not None and cache_rows < max_seq_len
-        self.use_sdpa_midm = kernels.sdpa_midm and softcap is None and head_dim <= widest
-        self.use_sdpa_chunk = kernels.sdpa_chunk and softcap is None and head_dim <= widest
+        served = head_dim <= widest and not (k_eq_v and softcap)
+        self.use_sdpa_midm = kernels.sdpa_midm and served
+        self.use_sdpa_chunk = kernels.sdpa_chunk and served
         self.rows_kernel = kernels.linear_rows
         self.chunk_kernel = kernels.linear_chunk
         self.delegate_forms = False  # see use_delegate_forms
@@ -491,7 +493,7 @@ class Attention(nn.Module):
             # (a K = V layer's prefill gets its keys rebuilt from the values: `_keys`)
             ring = self.v_cache.shape[2] if self.ring else 0
             op = torch.ops.etspec.sdpa_midm if few_rows else torch.ops.etspec.sdpa_chunk
-            o = op(q, self._keys(kv_len), v, freq, input_pos, self.scale, window, ring)
+            o = op(q, self._keys(kv_len), v, freq, input_pos, self.scale, window, ring, self.softcap or 0.0)
         else:
             q = self._rope(q, cos, sin)
             ring = self.v_cache.shape[2] if self.ring else None

@@ -36,8 +36,8 @@ def _exported(family: str, kernels: FewRowsKernels):
     [
         # every verify op is one of etspec's kernels; draft keeps its catch-up K/V projections
         ("llama", ALL_KERNELS, {"prefill", "draft"}),
-        # Gemma 2's attention logit softcap keeps verify and draft attention on SDPA
-        ("gemma2", ALL_KERNELS, set(METHODS)),
+        # Gemma 2's layers verify through the kernel with their attention logit softcap
+        ("gemma2", ALL_KERNELS, {"prefill", "draft"}),
         # without the linear kernel every method has matmuls
         ("llama", FewRowsKernels(sdpa_midm=True, reductions=True), set(METHODS)),
         ("llama", PLAIN_OPS, set(METHODS)),

@@ -58,9 +58,10 @@ def rope64(x, positions, inv_freq):
     return torch.cat((z.real, z.imag), dim=-1)[None]
 
 
-def ref64(q, k, v, input_pos, inv_freq, scale, window=0):
+def ref64(q, k, v, input_pos, inv_freq, scale, window=0, softcap=0.0):
     """Float64 attention of the queries q (rotated here at input_pos, :func:`rope64`) over keys k,
-    written independently of the kernel module: per query head, per row."""
+    written independently of the kernel module: per query head, per row; `softcap` > 0 caps the scores
+    as Gemma 2 does (cap * tanh(s / cap))."""
     hq, m_rows, d = q.shape[1], q.shape[2], q.shape[3]
     hkv = k.shape[1]
     grp = hq // hkv
@@ -76,6 +77,8 @@ def ref64(q, k, v, input_pos, inv_freq, scale, window=0):
             lo = max(0, pos[i] - window + 1) if window > 0 else 0
             hi = pos[i] + 1
             s = (kk[kh, lo:hi] @ qq[h, i]) * scale
+            if softcap:
+                s = softcap * torch.tanh(s / softcap)
             p = torch.softmax(s, dim=0)
             out[0, h, i] = p @ vv[kh, lo:hi]
     return out
@@ -180,6 +183,9 @@ INTERP_CASES = [
     (4, 1, 4, 64, 150, 256, 16, torch.float32, 4, {"block_n": 16, "ring": 40}, "ring 40, window 16, wrapped"),
     (4, 2, 3, 64, 20, 64, 16, torch.bfloat16, 4, {"block_n": 16, "ring": 40}, "ring 40, not yet wrapped"),
     (4, 1, 8, 64, 1000, 1024, 32, torch.bfloat16, 4, {"block_n": 16, "ring": 48, "min_tiles": 1}, "ring M=8"),
+    # logit softcaps: Gemma 2's 50 (scores of random q, k barely reach it) and 0.5 (every score saturates)
+    (8, 2, 4, 256, 300, 320, 0, torch.bfloat16, 4, {"block_n": 16, "softcap": 50.0}, "softcap 50, D=256"),
+    (4, 2, 3, 64, 90, 128, 16, torch.float32, 8, {"block_n": 16, "softcap": 0.5}, "softcap 0.5, window"),
 ]
 
 
@@ -213,6 +219,19 @@ CHUNK_CASES = [
         16,
         {"block_n": 16, "rows": 16, "ring": 48},
         "chunk: ring 48",
+    ),
+    (
+        4,
+        2,
+        40,
+        64,
+        200,
+        256,
+        32,
+        torch.float32,
+        8,
+        {"block_n": 16, "rows": 16, "softcap": 0.5},
+        "chunk: softcap",
     ),
     (4, 2, 64, 128, 333, 400, 0, torch.float16, 4, {}, "chunk: D=128, default config"),
     (2, 1, 20, 256, 90, 96, 0, torch.bfloat16, 8, {}, "chunk: D=256, default config"),
@@ -266,6 +285,7 @@ def run_interp_cases() -> int:
         cfg = dict(cfg)
         rotated = cfg.pop("rotated", 0.25 if shared else 1.0)
         ring = cfg.pop("ring", 0)
+        softcap = cfg.pop("softcap", 0.0)
         chunk, shared = shared == "chunk", shared is True
         w, freq = make_shared(d, seed=i, rotated=rotated)
         extra = {"k_weight": w} if shared else {}
@@ -274,10 +294,12 @@ def run_interp_cases() -> int:
         if ring:  # the kernel reads a ring cache; the reference the full one
             extra["ring"] = ring
             k_in, v_in = (to_ring(c, L, ring)[:, :, : min(ring, lb)] for c in (k, v))
+        if softcap:
+            extra["softcap"] = softcap
         run = launch_chunk if chunk else launch
         run(q, k_in, v_in, freq, pos, scale, win, out, n_sm=n_sm, config=cfg, **extra)
         keys = shared_keys64(v, w, freq) if shared else k
-        ref = ref64(q, keys, v, pos, freq, scale, win)
+        ref = ref64(q, keys, v, pos, freq, scale, win, softcap)
         err = rel_err(out, ref)
         ok = bool(torch.isfinite(out).all()) and err < TOL[dtype]
         fails += not ok

@@ -90,8 +90,9 @@ def test_export_strict_fake_shapes():
 
 @pytest.mark.parametrize("d,window,ring", [(128, 0, 0), (64, 0, 0), (256, 1024, 1536), (512, 0, 0)])
 def test_chunk_kernels_compile_for_hopper(d, window, ring):
-    """The split kernel with its row bounds (which the interpreter runs without Triton's type checks)
-    and the reduce kernel compile through ptxas to sm_90 cubins at the op's configs."""
+    """The split kernel with its row bounds (which the interpreter runs without Triton's type checks;
+    with a softcap at D = 256) and the reduce kernel compile through ptxas to sm_90 cubins at the op's
+    configs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -107,6 +108,8 @@ def test_chunk_kernels_compile_for_hopper(d, window, ring):
         "BLOCK_R": cfg.rows,
         "BLOCK_N": cfg.block_n,
         "QK_SCALE": 0.18,
+        "CAP_IN": 0.0025 if d == 256 else 0.0,  # Gemma 2's softcap 50 at head dim 256
+        "CAP_OUT": 72.13 if d == 256 else 0.0,
         "WINDOW": window,
         "RING": ring,
         "FP32_DOT": False,

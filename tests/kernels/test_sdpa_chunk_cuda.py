@@ -69,6 +69,18 @@ def test_matches_float64(case):
     assert err < TOL_GPU[dtype]
 
 
+@pytest.mark.parametrize("cap", [50.0, 0.5])
+def test_softcap_matches_float64(cap):
+    """Gemma 2's logit softcap on a 256-row chunk of its (16, 8, 256) layer over a 4096 window."""
+    (hq, hkv, d), m, L, window = (16, 8, 256), 256, 6000, 4096
+    q, k, v, pos = make_case(hq, hkv, m, d, L, L, BF16, device="cuda", seed=L, max_seq=L + 64)
+    scale, freq = 1.0 / math.sqrt(d), make_freq(d).cuda()
+    out = torch.ops.etspec.sdpa_chunk(q, k, v, freq, pos, scale, window, 0, cap)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref64(q, k, v, pos, freq, scale, window, cap)) < TOL_GPU[BF16]
+
+
 @pytest.mark.parametrize("m,L", [(256, 70000 + 3), (256, 900), (7, 5000)])
 def test_ring_matches_float64(m, L):
     """A sliding layer's ring cache (window + 2 x a 256-row chunk rows; never-written rows NaN), wrapped

@@ -51,14 +51,15 @@ def test_interpreted_kernels_match_float64():
         (4, 2, 4, 64, 300, 512, 32, torch.float32, 1.0),
     ],
 )
-def test_cpu_impl_matches_float64(hq, hkv, m, d, L, lb, window, dtype, rotated):
+@pytest.mark.parametrize("softcap", [0.0, 0.7])
+def test_cpu_impl_matches_float64(hq, hkv, m, d, L, lb, window, dtype, rotated, softcap):
     q, k, v, pos = make_case(hq, hkv, m, d, L, lb, dtype, seed=L + m)
     freq, scale = make_freq(d, rotated), 1.0 / math.sqrt(d)
-    out = torch.ops.etspec.sdpa_midm(q, k, v, freq, pos, scale, window)
+    out = torch.ops.etspec.sdpa_midm(q, k, v, freq, pos, scale, window, 0, softcap)
     assert out.shape == q.shape and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous(), "laid out as [1, M, Hq, D], the layout o_proj reads"
     assert torch.isfinite(out).all()
-    assert rel_err(out, ref64(q, k, v, pos, freq, scale, window)) < TOL[dtype]
+    assert rel_err(out, ref64(q, k, v, pos, freq, scale, window, softcap)) < TOL[dtype]
 
 
 @pytest.mark.parametrize(

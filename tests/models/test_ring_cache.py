@@ -31,7 +31,7 @@ SWITCHES = {"plain": PLAIN_OPS, "kernels": ALL_KERNELS, "chunk": replace(ALL_KER
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gemma4_text"])
 def test_ring_equals_full_caches_through_rejected_drafts(family, switches, monkeypatch):
     """With the kernels on, the verify blocks' sliding layers read the ring through etspec::sdpa_midm
-    (its CPU implementation, the reference math) where they have no logit softcap; with `chunk`, the
+    (its CPU implementation, the reference math; Gemma 2's with its logit softcap); with `chunk`, the
     prefill chunks through etspec::sdpa_chunk too."""
     kernels = switches != "plain"
     full = random_target(family, MAX_SEQ, seed=3)
@@ -40,9 +40,9 @@ def test_ring_equals_full_caches_through_rejected_drafts(family, switches, monke
     rings_seen, chunk_rings = [], []
 
     def counting(op, seen):
-        def call(q, k, v, inv_freq, input_pos, scale, window=0, ring=0):
+        def call(q, k, v, inv_freq, input_pos, scale, window=0, ring=0, softcap=0.0):
             seen.append(ring)
-            return op(q, k, v, inv_freq, input_pos, scale, window, ring)
+            return op(q, k, v, inv_freq, input_pos, scale, window, ring, softcap)
 
         return call
 
@@ -70,11 +70,11 @@ def test_ring_equals_full_caches_through_rejected_drafts(family, switches, monke
             torch.testing.assert_close(got, _call(full, block, pos), atol=2e-5, rtol=1e-4)
             pos += max(kept, 1)
         assert pos > window + 2 * MAX_ROWS  # the ring has wrapped
-    # the ring layers without a softcap took the kernel, given their ring's rows (full layers: 0)
-    ringed = [a for a in (x.self_attn for x in ring.layers) if a.ring and a.softcap is None]
+    # the ring layers took the kernel, given their ring's rows (full layers: 0)
+    ringed = [a for a in (x.self_attn for x in ring.layers) if a.ring]
     assert set(rings_seen) - {0} == ({a.v_cache.shape[2] for a in ringed} if kernels else set())
     assert set(chunk_rings) - {0} == ({a.v_cache.shape[2] for a in ringed} if switches == "chunk" else set())
-    assert bool(ringed) == (family != "gemma2")
+    assert ringed
 
 
 def test_more_rows_than_the_bound_are_refused():

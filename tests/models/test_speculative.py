@@ -116,7 +116,7 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
     )
     prompt = random_prompt(21, 4)
     ref = speculative_greedy(pair, prompt, 30, chunk=8)
-    rows, shared_rows, linear_rows, norm_rows, argmax_rows = [], [], [], [], []
+    rows, caps, shared_rows, linear_rows, norm_rows, argmax_rows = [], [], [], [], [], []
     op, shared_op, lin, norm, add_norm, argmax = (
         torch.ops.etspec.sdpa_midm,
         torch.ops.etspec.sdpa_midm_shared_kv,
@@ -128,6 +128,7 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
 
     def counting(q, *args):
         rows.append(q.shape[2])
+        caps.append(args[7] if len(args) > 7 else 0.0)
         return op(q, *args)
 
     def counting_shared(q, *args):
@@ -156,13 +157,13 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
     monkeypatch.setattr(torch.ops.etspec, "sdpa_midm", counting)
     monkeypatch.setattr(torch.ops.etspec, "sdpa_midm_shared_kv", counting_shared)
     monkeypatch.setattr(torch.ops.etspec, "linear_rows", counting_linear)
-    # the construction rules of the few-rows kernels on: split-K attention in full-attention layers without
-    # a logit softcap, linear_rows everywhere but a biased MLP, the norm kernel for every weighted norm
-    # (the layers call it for the residual-stream norms only), the argmax kernel for greedy ids
+    # the construction rules of the few-rows kernels on: split-K attention in every layer (Gemma 2's with
+    # their logit softcap), linear_rows everywhere but a biased MLP, the norm kernel for every weighted
+    # norm (the layers call it for the residual-stream norms only), the argmax kernel for greedy ids
     flags = []
     for m in pair.modules():
         if isinstance(m, Attention):
-            flags += [(m, "use_sdpa_midm", m.softcap is None), (m, "rows_kernel", True)]
+            flags += [(m, "use_sdpa_midm", True), (m, "rows_kernel", True)]
         elif isinstance(m, MLP):
             flags.append((m, "rows_kernel", m.gate_proj.bias is None))
         elif isinstance(m, RMSNorm):
@@ -183,18 +184,19 @@ def test_few_rows_kernel_paths_are_lossless(monkeypatch, family):
     assert out.accepted == ref.accepted  # same drafts, round by round
     assert set(linear_rows) == {1, 5}  # draft rows and k+1-row verifies; never a prefill chunk
     assert set(norm_rows) == set(argmax_rows) == {1, 5}
-    # the split-K attention serves the draft, and the target's verify where some layer allows it
-    uncapped = [a for a in (x.self_attn for x in pair.target.layers) if a.softcap is None]
-    assert set(rows) == ({1, 5} if any(not a.shared_kv for a in uncapped) else {1})
+    # the split-K attention serves the draft and the target's verify, Gemma 2's with its softcap
+    layers = [x.self_attn for x in pair.target.layers]
+    assert set(rows) == ({1, 5} if any(not a.shared_kv for a in layers) else {1})
+    assert (family == "gemma2") == any(c > 0 for c in caps)
     # K = V layers (Gemma 4's full layers) verify through the one-tensor kernel
-    assert set(shared_rows) == ({5} if any(a.shared_kv for a in uncapped) else set())
+    assert set(shared_rows) == ({5} if any(a.shared_kv for a in layers) else set())
     assert (family == "gemma4_text") == bool(shared_rows)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma4_text"])
 def test_chunk_attention_is_lossless(monkeypatch, family):
-    """Prefill chunks through etspec::sdpa_chunk (its CPU kernel) give target-only's tokens (Gemma 4's
-    K = V full layers with keys rebuilt from the values); layers with a logit softcap keep SDPA, and
+    """Prefill chunks through etspec::sdpa_chunk (its CPU kernel) give target-only's tokens (Gemma 2's
+    layers with their logit softcap, Gemma 4's K = V full layers with keys rebuilt from the values);
     verify and draft never call it."""
     from etspec.kernels import register_ops
 
@@ -202,18 +204,18 @@ def test_chunk_attention_is_lossless(monkeypatch, family):
     pair = tiny_pair(family, max_seq_len=160, draft_len=4, seed=0, train_steps=30)
     prompt = random_prompt(21, 5)
     ref = target_greedy(pair, prompt, 24, chunk=8)
-    rows, op = [], torch.ops.etspec.sdpa_chunk
+    rows, caps, op = [], [], torch.ops.etspec.sdpa_chunk
 
     def counting(q, *args):
         rows.append(q.shape[2])
+        caps.append(args[7])
         return op(q, *args)
 
     monkeypatch.setattr(torch.ops.etspec, "sdpa_chunk", counting)
     layers = [x.self_attn for x in pair.target.layers]
-    served = [a.softcap is None for a in layers]
-    for a, on in zip(layers, served, strict=True):
-        monkeypatch.setattr(a, "use_sdpa_chunk", on)
+    for a in layers:
+        monkeypatch.setattr(a, "use_sdpa_chunk", True)
     out = speculative_greedy(pair, prompt, 24, chunk=8)
     assert out.tokens == ref.tokens
-    assert set(rows) == ({8, 5} if any(served) else set())  # the 21-token prompt's chunks: 8, 8, 5
-    assert any(served) == (family != "gemma2")
+    assert len(rows) == 3 * len(layers) and set(rows) == {8, 5}  # the 21-token prompt's chunks: 8, 8, 5
+    assert (family == "gemma2") == any(c > 0 for c in caps)
