@@ -44,6 +44,59 @@ class CachedAttn(torch.nn.Module):
         return o.transpose(1, 2).reshape(1, m, self.hq * self.d) if self.flat else o
 
 
+def cached_attn_inputs(d, m, pos0, bucket=0, gen=None):
+    """CachedAttn's bf16 CUDA inputs for `m` rows at pos0, kv_window `bucket` positions past them."""
+    x = torch.randn(1, m, d, device="cuda", generator=gen).to(torch.bfloat16)
+    pos = torch.arange(pos0, pos0 + m, device="cuda")
+    kvw = torch.empty(pos0 + m + bucket, device="cuda", dtype=torch.int8)
+    return x, pos, kvw
+
+
+def lower_cached_attn(out_dir, op, hq, hkv, d, max_seq, most_rows, method):
+    """A bf16 CachedAttn calling `op`, exported with up to `most_rows` rows and lowered through the
+    CudaPartitioner as `method`; returns (model, .pte path)."""
+    from tests.kernels.aoti_helpers import lower_for_cuda
+
+    torch.manual_seed(0)
+    model = CachedAttn(hq, hkv, d, max_seq, flat=True, op=op).to("cuda", torch.bfloat16).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dm = torch.export.Dim("m", min=1, max=most_rows)
+    dkv = torch.export.Dim("kv", min=1, max=max_seq)
+    example = cached_attn_inputs(d, most_rows, 0)
+    with torch.no_grad():
+        ep = torch.export.export(model, example, dynamic_shapes=({1: dm}, {0: dm}, {0: dkv}), strict=True)
+    return model, lower_for_cuda(ep, method, out_dir)
+
+
+def check_delegate_against_eager(model, pte_path, out_dir, plan):
+    """Run the lowered delegate through the AOTI container on the calls of `plan` ((rows, kv_window
+    bucket) in turn, positions following on) and compare each output with the eager model's."""
+    from tests.kernels.aoti_helpers import AotiMethod, delegate_input_order, named_blobs
+
+    program, blobs = named_blobs(pte_path, out_dir)
+    so_key = next(k for k in blobs if k.endswith("so_blob"))
+    w_key = next(k for k in blobs if k.endswith("weights_blob"))
+    meth = AotiMethod(blobs[so_key], blobs[w_key])
+    try:
+        order = delegate_input_order(program, meth.ni)
+        model.k_cache.zero_()
+        model.v_cache.zero_()
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        pos0 = 0
+        for m, bucket in plan:
+            args = cached_attn_inputs(model.d, m, pos0, bucket, gen)
+            got = meth(*[args[i] for i in order])[0]
+            want = model(*args)
+            assert got.shape == want.shape
+            assert torch.isfinite(got).all()
+            err = rel_err(got, want.double())
+            assert err < 1e-2, (m, pos0, err)
+            pos0 += m
+    finally:
+        meth.close()
+
+
 def rope64(x, positions, inv_freq):
     """Float64 RoPE of x [1, H, N, D] at `positions` [N], written independently of the kernel module:
     the pair (d, d + D/2) as one complex number, turned by the angle position * inv_freq[d] (inv_freq

@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from etspec.kernels import register_ops
-from tests.kernels.aoti_helpers import AotiMethod, delegate_input_order, lower_for_cuda, named_blobs
-from tests.kernels.midm_helpers import CachedAttn, make_case, make_freq, ref64, rel_err, to_ring
+from tests.kernels.midm_helpers import (
+    check_delegate_against_eager,
+    lower_cached_attn,
+    make_case,
+    make_freq,
+    ref64,
+    rel_err,
+    to_ring,
+)
 
 register_ops()
 
@@ -103,27 +110,10 @@ def test_ring_matches_float64(m, L):
 HQ, HKV, HD, MAXS, CHUNK = 8, 2, 128, 4096, 256
 
 
-def _inputs(m, pos0, bucket=0, gen=None):
-    x = torch.randn(1, m, HD, device="cuda", generator=gen).to(BF16)
-    pos = torch.arange(pos0, pos0 + m, device="cuda")
-    kvw = torch.empty(pos0 + m + bucket, device="cuda", dtype=torch.int8)
-    return x, pos, kvw
-
-
 @pytest.fixture(scope="module")
 def lowered(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("chunk_lower"))
-    torch.manual_seed(0)
-    model = CachedAttn(HQ, HKV, HD, MAXS, flat=True, op="sdpa_chunk").to("cuda", BF16).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    dm = torch.export.Dim("m", min=1, max=CHUNK)
-    dkv = torch.export.Dim("kv", min=1, max=MAXS)
-    with torch.no_grad():
-        ep = torch.export.export(
-            model, _inputs(CHUNK, 0), dynamic_shapes=({1: dm}, {0: dm}, {0: dkv}), strict=True
-        )
-    pte_path = lower_for_cuda(ep, "prefill", out_dir)
+    model, pte_path = lower_cached_attn(out_dir, "sdpa_chunk", HQ, HKV, HD, MAXS, CHUNK, "prefill")
     return model, pte_path, out_dir
 
 
@@ -134,26 +124,6 @@ def test_lowers_through_cuda_partitioner(lowered):
 
 
 def test_lowered_delegate_matches_eager(lowered):
-    model, pte_path, out_dir = lowered
-    program, blobs = named_blobs(pte_path, out_dir)
-    so_key = next(k for k in blobs if k.endswith("so_blob"))
-    w_key = next(k for k in blobs if k.endswith("weights_blob"))
-    meth = AotiMethod(blobs[so_key], blobs[w_key])
-    try:
-        order = delegate_input_order(program, meth.ni)
-        model.k_cache.zero_()
-        model.v_cache.zero_()
-        gen = torch.Generator(device="cuda").manual_seed(3)
-        pos0 = 0
-        # full chunks, a ragged one, single rows, with bucketed kv_window bounds
-        for m, bucket in [(256, 0)] * 6 + [(100, 0), (1, 0), (256, 37), (3, 500), (1, 1), (256, 0)]:
-            args = _inputs(m, pos0, bucket, gen)
-            got = meth(*[args[i] for i in order])[0]
-            want = model(*args)
-            assert got.shape == want.shape
-            assert torch.isfinite(got).all()
-            err = rel_err(got, want.double())
-            assert err < 1e-2, (m, pos0, err)
-            pos0 += m
-    finally:
-        meth.close()
+    # full chunks, a ragged one, single rows, with bucketed kv_window bounds
+    plan = [(256, 0)] * 6 + [(100, 0), (1, 0), (256, 37), (3, 500), (1, 1), (256, 0)]
+    check_delegate_against_eager(*lowered, plan)

@@ -13,9 +13,9 @@ import torch
 
 from etspec.kernels import register_ops
 from etspec.kernels.sdpa_midm import MAX_M, default_config, launch
-from tests.kernels.aoti_helpers import AotiMethod, delegate_input_order, lower_for_cuda, named_blobs
 from tests.kernels.midm_helpers import (
-    CachedAttn,
+    check_delegate_against_eager,
+    lower_cached_attn,
     make_case,
     make_freq,
     make_shared,
@@ -214,28 +214,10 @@ def test_cuda_graph_replay_inside_bucket():
 HQ, HKV, HD, MAXS = 8, 2, 128, 2048
 
 
-def _inputs(m, pos0, bucket=0, gen=None):
-    x = torch.randn(1, m, HD, device="cuda", generator=gen).to(BF16)
-    pos = torch.arange(pos0, pos0 + m, device="cuda")
-    kvw = torch.empty(pos0 + m + bucket, device="cuda", dtype=torch.int8)
-    return x, pos, kvw
-
-
 @pytest.fixture(scope="module")
 def lowered(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("midm_lower"))
-    torch.manual_seed(0)
-    model = CachedAttn(HQ, HKV, HD, MAXS, flat=True).to("cuda", BF16).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    dm = torch.export.Dim("m", min=1, max=MAX_M)
-    dkv = torch.export.Dim("kv", min=1, max=MAXS)
-    with torch.no_grad():
-        ep = torch.export.export(
-            model, _inputs(4, 10), dynamic_shapes=({1: dm}, {0: dm}, {0: dkv}), strict=True
-        )
-
-    pte_path = lower_for_cuda(ep, "verify", out_dir)
+    model, pte_path = lower_cached_attn(out_dir, "sdpa_midm", HQ, HKV, HD, MAXS, MAX_M, "verify")
     return model, pte_path, out_dir
 
 
@@ -246,26 +228,6 @@ def test_lowers_through_cuda_partitioner(lowered):
 
 
 def test_lowered_delegate_matches_eager(lowered):
-    model, pte_path, out_dir = lowered
-    program, blobs = named_blobs(pte_path, out_dir)
-    so_key = next(k for k in blobs if k.endswith("so_blob"))
-    w_key = next(k for k in blobs if k.endswith("weights_blob"))
-    meth = AotiMethod(blobs[so_key], blobs[w_key])
-    try:
-        order = delegate_input_order(program, meth.ni)
-        model.k_cache.zero_()
-        model.v_cache.zero_()
-        gen = torch.Generator(device="cuda").manual_seed(3)
-        pos0 = 0
-        # prefill-like blocks of MAX_M rows, then verify blocks, with bucketed kv_window bounds
-        for m, bucket in [(8, 0)] * 40 + [(5, 0), (1, 0), (8, 37), (3, 500), (1, 1)]:
-            args = _inputs(m, pos0, bucket, gen)
-            got = meth(*[args[i] for i in order])[0]
-            want = model(*args)
-            assert got.shape == want.shape
-            assert torch.isfinite(got).all()
-            err = rel_err(got, want.double())
-            assert err < 1e-2, (m, pos0, err)
-            pos0 += m
-    finally:
-        meth.close()
+    # prefill-like blocks of MAX_M rows, then verify blocks, with bucketed kv_window bounds
+    plan = [(8, 0)] * 40 + [(5, 0), (1, 0), (8, 37), (3, 500), (1, 1)]
+    check_delegate_against_eager(*lowered, plan)
