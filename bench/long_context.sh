@@ -7,7 +7,8 @@
 #      against what --no-midm-sdpa runs (bench_sdpa_midm.py);
 #   3. Llama-3.2-1B's shape at max_seq_len 128K with a 120K-token prompt, same checks.
 # Each step logs to DIR/<step>.log; the results files land in DIR (default out/long_context). STEPS
-# picks some of gemma4 (1), sdpa (2), 1b (3); default all.
+# picks some of gemma4 (1), sdpa (2), 1b (3); default all. EXPORT_ARGS go to both exports (e.g.
+# "--linear-chunk --sdpa-chunk": prefill through the fixed-config kernels, nothing autotuned).
 #   bash bench/bg.sh start lc bash bench/long_context.sh [DIR [STEPS...]]; then: bash bench/bg.sh wait 590
 set -u
 R=${1:-out/long_context}
@@ -21,13 +22,13 @@ l1=(--shape llama-3.2-1b --max-seq 131072 --ks 5 --work out/lc_1b)
 run=(--peers none --lossless --tag 128k --out "$R")
 if [[ " $steps " == *" gemma4 "* ]]; then
   # a failed export is not retried by the run step (it would export again)
-  step export_gemma4 python bench/bench_e2e.py "${g4[@]}" --phase export &&
+  step export_gemma4 python bench/bench_e2e.py "${g4[@]}" --phase export "--export-args=${EXPORT_ARGS:-}" &&
     step run_gemma4 python bench/bench_e2e.py "${g4[@]}" --contexts 4096,65536 "${run[@]}"
 fi
 if [[ " $steps " == *" sdpa "* ]]; then
   step sdpa_gemma4 python bench/bench_sdpa_midm.py --models gemma4-31b-full --out "$R"
 fi
 if [[ " $steps " == *" 1b "* ]]; then
-  step export_1b python bench/bench_e2e.py "${l1[@]}" --phase export &&
+  step export_1b python bench/bench_e2e.py "${l1[@]}" --phase export "--export-args=${EXPORT_ARGS:-}" &&
     step run_1b python bench/bench_e2e.py "${l1[@]}" --contexts 122880 "${run[@]}"
 fi
