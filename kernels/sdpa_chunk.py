@@ -32,10 +32,12 @@ from .sdpa_midm import (
     MidmConfig,
     SplitPlan,
     check_args,
+    key_span,
     num_sms,
     output_like,
     run_split_reduce,
     sdpa_midm_reference,
+    split_span,
 )
 
 __all__ = ["MAX_HEAD_DIM", "chunk_config", "launch_chunk", "plan_chunk_splits", "sdpa_chunk"]
@@ -67,11 +69,7 @@ def plan_chunk_splits(span, hkv: int, row_blocks, n_sm: int, block_n: int, ppsm:
     ``min_tiles``. ``bound``: a static upper bound of num_splits (a single row block's count)."""
     bound = max(1, ppsm * n_sm // hkv)
     want = torch.sym_max(1, ppsm * n_sm // (hkv * row_blocks))
-    nblk = (span + block_n - 1) // block_n
-    tiles = torch.sym_max((nblk + want - 1) // want, min_tiles)
-    split_len = tiles * block_n
-    nsplit = (span + split_len - 1) // split_len
-    return nsplit, split_len, bound
+    return (*split_span(span, want, block_n, min_tiles), bound)
 
 
 def launch_chunk(
@@ -97,7 +95,7 @@ def launch_chunk(
     c = config or chunk_config(d, q.element_size())
     block_r = c.rows
     r = (hq // hkv) * m
-    span = lb if window <= 0 else torch.sym_min(lb, window + m - 1)
+    span = key_span(lb, window, m)
     nsplit, split_len, bound = plan_chunk_splits(
         span, hkv, (r + block_r - 1) // block_r, n_sm or num_sms(q.device), c.block_n, c.ppsm, c.min_tiles
     )

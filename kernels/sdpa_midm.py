@@ -53,6 +53,7 @@ __all__ = [
     "SplitPlan",
     "check_args",
     "default_config",
+    "key_span",
     "launch",
     "num_sms",
     "output_like",
@@ -63,6 +64,7 @@ __all__ = [
     "sdpa_midm_reference",
     "sdpa_midm_shared_kv",
     "shared_kv_keys",
+    "split_span",
 ]
 
 MAX_M = 8
@@ -468,12 +470,23 @@ def plan_splits(span, hkv: int, n_sm: int, block_n: int, ppsm: int, min_tiles: i
     The split count aims at ``ppsm`` programs per SM over ``hkv`` KV heads; each split covers a multiple
     of ``block_n`` keys and at least ``min_tiles`` tiles. Depends only on the span bound, never on L.
     """
-    nblk = (span + block_n - 1) // block_n
     want = max(1, (ppsm * n_sm + hkv - 1) // hkv)
+    return (*split_span(span, want, block_n, min_tiles), want)  # want: a static upper bound of nsplit
+
+
+def split_span(span, want, block_n: int, min_tiles: int):
+    """(num_splits, split_len): the key span in about `want` splits of whole `block_n` tiles, at least
+    `min_tiles` each (ints or SymInts: SymInt-safe ops only)."""
+    nblk = (span + block_n - 1) // block_n
     tiles = torch.sym_max((nblk + want - 1) // want, min_tiles)
     split_len = tiles * block_n
-    nsplit = (span + split_len - 1) // split_len
-    return nsplit, split_len, want  # want: a static upper bound of nsplit
+    return (span + split_len - 1) // split_len, split_len
+
+
+def key_span(lb, window: int, m):
+    """How many keys a call of `m` rows can see in a cache slice of `lb` rows: all of them, or with a
+    window the window and the rows after the first one."""
+    return lb if window <= 0 else torch.sym_min(lb, window + m - 1)
 
 
 def launch(
@@ -519,7 +532,7 @@ def launch(
     block_r = max(16, _next_pow2(g * m_static))
     if c.rows:
         block_r = min(block_r, max(16, _next_pow2(c.rows)))
-    span = lb if window <= 0 else torch.sym_min(lb, window + m - 1)
+    span = key_span(lb, window, m)
     nsplit, split_len, max_splits = plan_splits(
         span, hkv, n_sm or num_sms(q.device), c.block_n, c.ppsm, c.min_tiles
     )

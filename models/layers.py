@@ -9,7 +9,7 @@ of the valid length (CUDA-graph buckets) without any row seeing a key past its o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,11 @@ class FewRowsKernels:
     `linear_rows`, the weight-streaming linear etspec::linear_rows (projections, MLPs, heads);
     `reductions`, fixed-config kernels in place of Inductor's reductions: etspec::(add_)rms_norm_rows
     for the hidden-state norms (with the residual add before them) and etspec::argmax_rows for the
-    greedy ids. Two switches are
-    for the calls of many rows instead, fixed-config kernels in place of what AOTInductor autotunes (off
-    in an export unless asked for): `linear_chunk`, the linear layers that linear_rows does not serve
-    (prefill chunks, the draft's catch-up rows) through etspec::linear_chunk; `sdpa_chunk`, prefill's
-    attention (the layers sdpa_midm serves) through etspec::sdpa_chunk."""
+    greedy ids. Two switches are for the calls of many rows instead, fixed-config kernels in place of
+    what AOTInductor autotunes (off in an export unless asked for): `linear_chunk`, the linear layers
+    that linear_rows does not serve (prefill chunks, the draft's catch-up rows) through
+    etspec::linear_chunk; `sdpa_chunk`, prefill's attention (the layers sdpa_midm serves) through
+    etspec::sdpa_chunk."""
 
     sdpa_midm: bool = False
     linear_rows: bool = False
@@ -40,7 +40,7 @@ class FewRowsKernels:
 
     @property
     def any(self) -> bool:
-        return self.sdpa_midm or self.linear_rows or self.reductions or self.linear_chunk or self.sdpa_chunk
+        return any(astuple(self))
 
 
 ALL_KERNELS = FewRowsKernels(sdpa_midm=True, linear_rows=True, reductions=True)
